@@ -1,0 +1,397 @@
+"""Typed, frozen, validated configuration; presets are TOML data; overrides are dotted `key=value` pairs.
+
+A `StudyConfig` describes one whole study (the sweep spec). Every artifact and result row is keyed by a hash of
+the part of the config that produced it, so configs must be frozen (hashable identity) and validated when built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The PLM architecture. `name_or_path` set = start M0 from that pretrained checkpoint and its tokenizer."""
+
+    name_or_path: str | None = None
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 64
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The built-in synthetic multi-domain world (see raysys/world.py). Sizes decide whether pre-training can
+    learn the world within the budget: enough mentions per entity, and task train sets too small to teach it."""
+
+    seed: int = 0
+    num_domains: int = 3
+    num_classes: int = 4
+    entities_per_class: int = 8
+    num_labels: int = 4
+    general_sentences: int = 20000
+    domain_sentences: int = 20000
+    fact_noise: float = 0.1
+    task_train: int = 128
+    task_dev: int = 256
+    task_test: int = 512
+
+    def __post_init__(self):
+        _check(1 <= self.num_domains <= 9, "world.num_domains", "must be in 1..9")
+        _check(self.num_classes >= 2, "world.num_classes", "must be >= 2")
+        _check(self.entities_per_class >= 2, "world.entities_per_class", "must be >= 2")
+        _check(2 <= self.num_labels <= self.num_classes**2, "world.num_labels", "must be in 2..num_classes**2")
+        for name in ("general_sentences", "domain_sentences", "task_train", "task_dev", "task_test"):
+            _check(getattr(self, name) > 0, f"world.{name}", "must be positive")
+        _check(0.0 <= self.fact_noise < 1.0, "world.fact_noise", "must be in [0, 1)")
+        entities = self.num_classes * self.entities_per_class
+        pairs = entities * (entities - 1)
+        _check(
+            self.task_train + self.task_dev + self.task_test <= pairs,
+            "world.task_train",
+            f"train+dev+test must fit in the {pairs} ordered entity pairs (disjoint splits)",
+        )
+
+
+CorpusSource = Literal["builtin", "text", "jsonl", "parquet", "hf"]
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """One domain's pre-training corpus. `builtin` = the synthetic world's domain `name`; `text`/`jsonl`/`parquet` =
+    local files (`path` is a glob); `hf` = a `datasets` dataset name in `path`."""
+
+    name: str
+    source: CorpusSource = "builtin"
+    path: str | None = None
+    text_field: str = "text"
+    split: str = "train"
+    max_documents: int | None = None
+
+    def __post_init__(self):
+        _check(bool(self.name), "corpus.name", "must not be empty")
+        _check(self.source == "builtin" or bool(self.path), f"corpus {self.name}.path", "required for non-builtin")
+        _check(self.max_documents is None or self.max_documents > 0, f"corpus {self.name}.max_documents", "must be > 0")
+
+
+TaskSource = Literal["builtin", "jsonl", "hf"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A classification task. `jsonl` = `<path>/<name>/{train,dev,test}.jsonl` (the official layout); `hf` = a
+    `datasets` name in `path` with `splits` naming its train/dev/test splits."""
+
+    name: str
+    domain: str
+    source: TaskSource = "builtin"
+    path: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    splits: tuple[str, str, str] = ("train", "dev", "test")
+
+    def __post_init__(self):
+        _check(bool(self.name), "task.name", "must not be empty")
+        _check(self.source == "builtin" or bool(self.path), f"task {self.name}.path", "required for non-builtin")
+        _check(len(self.splits) == 3, f"task {self.name}.splits", "must name train, dev and test splits")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masked-LM pre-training of M0 (from scratch) and continual pre-training of each later link."""
+
+    initial_steps: int = 500
+    continual_steps: int = 2000
+    batch_size: int = 128
+    sequence_length: int = 16
+    lr: float = 1e-3
+    continual_lr: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    mask_prob: float = 0.15
+    num_workers: int = 2
+    use_gpu: bool = False
+    log_every_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.initial_steps >= 0, "pretrain.initial_steps", "must be >= 0")
+        _check(self.continual_steps > 0, "pretrain.continual_steps", "must be > 0")
+        _check(self.batch_size > 0, "pretrain.batch_size", "must be > 0")
+        _check(self.sequence_length >= 8, "pretrain.sequence_length", "must be >= 8")
+        _check(self.lr > 0 and self.continual_lr > 0, "pretrain.lr", "learning rates must be > 0")
+        _check(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction", "must be in [0, 1)")
+        _check(0.0 < self.mask_prob < 1.0, "pretrain.mask_prob", "must be in (0, 1)")
+        _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
+        _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")
+
+
+TuningType = Literal["finetune"]
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Task tuning of a PLM. Evaluation on dev every `eval_every_steps`; the best-dev checkpoint is kept and tested."""
+
+    tuning_type: TuningType = "finetune"
+    max_steps: int = 300
+    batch_size: int = 16
+    max_length: int = 64
+    lr: float = 1e-3
+    warmup_fraction: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every_steps: int = 25
+    eval_batch_size: int = 256
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self):
+        _check(self.tuning_type in typing.get_args(TuningType), "tuning.tuning_type", "unknown tuning type")
+        _check(self.max_steps > 0, "tuning.max_steps", "must be > 0")
+        _check(self.batch_size > 0 and self.eval_batch_size > 0, "tuning.batch_size", "must be > 0")
+        _check(self.lr > 0, "tuning.lr", "must be > 0")
+        _check(self.max_length >= 8, "tuning.max_length", "must be >= 8")
+        _check(0.0 <= self.warmup_fraction < 1.0, "tuning.warmup_fraction", "must be in [0, 1)")
+        _check(0 < self.eval_every_steps <= self.max_steps, "tuning.eval_every_steps", "must be in 1..max_steps")
+        _check(self.cpus_per_trial > 0, "tuning.cpus_per_trial", "must be > 0")
+        _check(self.gpus_per_trial >= 0, "tuning.gpus_per_trial", "must be >= 0")
+
+
+def _default_alphas(points: int = 26) -> tuple[float, ...]:
+    return tuple(round(i / (points - 1), 6) for i in range(points))
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    """Compatibility and interpolation between tuned models of consecutive PLMs (hop i -> i+1)."""
+
+    alphas: tuple[float, ...] = field(default_factory=_default_alphas)
+    eval_batch_size: int = 256
+    cpus_per_trial: float = 1.0
+
+    def __post_init__(self):
+        _check(len(self.alphas) >= 2, "pilot.alphas", "needs at least two values")
+        _check(all(0.0 <= a <= 1.0 for a in self.alphas), "pilot.alphas", "every alpha must be in [0, 1]")
+        _check(len(set(self.alphas)) == len(self.alphas), "pilot.alphas", "values must be distinct")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The sweep spec: the PLM chain (corpora[0] is D0 for M0, corpora[i] the data that makes M_i), the tasks,
+    which PLM versions to tune each task on, seeds, and the stage configs."""
+
+    name: str
+    model: ModelConfig
+    world: WorldConfig
+    corpora: tuple[CorpusConfig, ...]
+    tasks: tuple[TaskConfig, ...]
+    pretrain: PretrainConfig = PretrainConfig()
+    tuning: TuningConfig = TuningConfig()
+    pilot: PilotConfig = PilotConfig()
+    seeds: tuple[int, ...] = (20, 30)
+    tune_plms: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _check(len(self.corpora) >= 2, "corpora", "a chain needs D0 and at least one further domain")
+        names = [c.name for c in self.corpora]
+        _check(len(set(names)) == len(names), "corpora", f"domain names must be unique, got {names}")
+        task_names = [t.name for t in self.tasks]
+        _check(len(self.tasks) >= 1, "tasks", "at least one task is needed")
+        _check(len(set(task_names)) == len(task_names), "tasks", f"task names must be unique, got {task_names}")
+        for task in self.tasks:
+            _check(task.domain in names, f"task {task.name}.domain", f"'{task.domain}' is not one of {names}")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", "must be distinct, >= 1")
+        for i in self.plms_to_tune:
+            _check(0 <= i < len(self.corpora), "tune_plms", f"PLM index {i} outside 0..{len(self.corpora) - 1}")
+        builtin = [c.name for c in self.corpora if c.source == "builtin"]
+        expected = [f"d{i}" for i in range(self.world.num_domains + 1)]
+        for name in builtin:
+            _check(name in expected, f"corpus {name}", f"builtin domains are {expected}")
+        for task in self.tasks:
+            if task.source == "builtin":
+                _check(task.domain in builtin and task.domain != "d0", f"task {task.name}.domain",
+                       "a builtin task belongs to a builtin domain d1..dN")
+
+    @property
+    def plms_to_tune(self) -> tuple[int, ...]:
+        return tuple(range(len(self.corpora))) if self.tune_plms is None else self.tune_plms
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a plain (JSON/TOML) value to type `tp`, naming `where` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def build(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types are errors naming the field."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """Plain, JSON-able view of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable identity of the work described by `parts` (configs, strings, upstream hashes)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"--preset: unknown preset '{name}'; available: {available_presets()}")
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `a.b.c=value` override to a plain config dict (value parsed as JSON, else taken as a string).
+    List elements are addressed by index (`corpora.1.path=...`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set: expected key=value, got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _descend(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _list_index(node, last, key)
+        node[index] = _parse_value(raw)
+    else:
+        node[last] = _parse_value(raw)
+    return data
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {where}: '{part}' is not an index into a list of {len(node)}")
+    return int(part)
+
+
+def _descend(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {where}: cannot descend into a value")
+    return node.setdefault(part, {})
+
+
+def load_study(preset: str, overrides: typing.Sequence[str] = ()) -> StudyConfig:
+    """Code defaults <- preset <- command-line overrides, validated."""
+    data = load_preset(preset)
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return build(StudyConfig, data)

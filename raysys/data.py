@@ -1,0 +1,207 @@
+"""Corpora and tasks from the built-in world, local files, or `datasets`; tokenization, packing, MLM masking,
+batching. Everything returns plain Python/torch objects so the training loops know nothing of where data came from."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raysys import world as world_mod
+from raysys.config import CorpusConfig, TaskConfig, WorldConfig
+
+SPLITS = ("train", "dev", "test")
+
+
+class DataError(ValueError):
+    """Input data is missing or malformed; the message names the file or field."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    labels: tuple[str, ...]  # label names; the index is the class id
+    splits: dict  # split -> list[(text, label_id)]
+
+
+# ------------------------------------------------------------------------------------------------------ corpora
+
+
+def _hf_rows(loader: str, files_or_name: str | list[str], split: str) -> list[dict]:
+    import datasets  # heavy import, only on the real-data path
+
+    if loader == "hf":
+        ds = datasets.load_dataset(files_or_name, split=split)
+    else:
+        ds = datasets.load_dataset(loader, data_files=files_or_name, split="train")
+    return list(ds)
+
+
+def _local_files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"{what}: no files match '{pattern}'")
+    return files
+
+
+def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
+    """The documents (lines/sentences) of one domain corpus."""
+    if spec.source == "builtin":
+        texts = world_mod.domain_corpus(world_mod.build_world(world_config), spec.name)
+    else:
+        if spec.source == "hf":
+            rows = _hf_rows("hf", spec.path, spec.split)
+        else:
+            loader = {"text": "text", "jsonl": "json", "parquet": "parquet"}[spec.source]
+            rows = _hf_rows(loader, _local_files(spec.path, f"corpus {spec.name}"), "train")
+        field = "text" if spec.source == "text" else spec.text_field
+        if rows and field not in rows[0]:
+            raise DataError(f"corpus {spec.name}: field '{field}' not in records (have {sorted(rows[0])})")
+        texts = [r[field] for r in rows if r[field] and r[field].strip()]
+    if spec.max_documents is not None:
+        texts = texts[: spec.max_documents]
+    if not texts:
+        raise DataError(f"corpus {spec.name}: no documents")
+    return texts
+
+
+# -------------------------------------------------------------------------------------------------------- tasks
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
+    if not path.is_file():
+        raise DataError(f"missing task file {path}")
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            for key in (text_field, label_field):
+                if key not in record:
+                    raise DataError(f"{path}:{lineno}: missing field '{key}'")
+            rows.append((record[text_field], record[label_field]))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict, list | None]:
+    if spec.source == "builtin":
+        w = world_mod.build_world(world_config)
+        splits = world_mod.task_splits(w, spec.domain)
+        return {s: [(r["text"], r["label"]) for r in rows] for s, rows in splits.items()}, world_mod.task_label_names(w)
+    if spec.source == "jsonl":
+        root = Path(spec.path) / spec.name
+        return {s: _read_jsonl(root / f"{name}.jsonl", spec.text_field, spec.label_field)
+                for s, name in zip(SPLITS, spec.splits)}, None
+    out = {}
+    for split, name in zip(SPLITS, spec.splits):
+        rows = _hf_rows("hf", spec.path, name)
+        for key in (spec.text_field, spec.label_field):
+            if rows and key not in rows[0]:
+                raise DataError(f"task {spec.name} ({spec.path}:{name}): missing field '{key}'")
+        out[split] = [(r[spec.text_field], r[spec.label_field]) for r in rows]
+    return out, None
+
+
+def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:
+    """Load train/dev/test and map labels to ids. The label set comes from the training split (sorted), so the
+    same task always maps labels identically; a dev/test label unseen in training is an error."""
+    raw, label_names = _raw_task_splits(spec, world_config)
+    if label_names is None:
+        label_names = sorted({label for _, label in raw["train"]}, key=str)
+    index = {label: i for i, label in enumerate(label_names)}
+    splits = {}
+    for split, rows in raw.items():
+        unknown = {label for _, label in rows if label not in index}
+        if unknown:
+            raise DataError(f"task {spec.name}/{split}: labels {sorted(map(str, unknown))} not in training labels")
+        splits[split] = [(text, index[label]) for text, label in rows]
+    return TaskData(spec.name, tuple(str(x) for x in label_names), splits)
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def pack_sequences(token_lists: list[list[int]], max_length: int, bos_id: int, eos_id: int) -> list[list[int]]:
+    """RoBERTa's FULL-SENTENCES packing: consecutive whole documents in one sequence of at most `max_length`
+    tokens, `<s> doc </s> doc </s> ...`. A document is never split across sequences unless it alone is longer
+    than the window, in which case it is cut into windows."""
+    sequences, current = [], [bos_id]
+    for tokens in token_lists:
+        piece = tokens + [eos_id]
+        if len(current) > 1 and len(current) + len(piece) > max_length:
+            sequences.append(current)
+            current = [bos_id]
+        while len(current) + len(piece) > max_length:
+            room = max_length - len(current)
+            sequences.append(current + piece[:room])
+            current, piece = [bos_id], piece[room:]
+        current = current + piece
+    if len(current) > 1:
+        sequences.append(current)
+    return sequences
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding to the longest sequence in the batch."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    first_regular_id: int,
+    mask_prob: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoBERTa's dynamic masking: choose `mask_prob` of the non-special tokens; of those 80% become <mask>, 10% a
+    random regular token, 10% stay. Returns (corrupted ids, labels with -100 where no prediction is made)."""
+    probs = torch.full(input_ids.shape, mask_prob)
+    probs.masked_fill_(special_mask.bool(), 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    corrupted = input_ids.clone()
+    u = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    corrupted[to_mask] = mask_id
+    random_ids = torch.randint(first_regular_id, vocab_size, input_ids.shape, generator=generator)
+    corrupted[to_random] = random_ids[to_random]
+    return corrupted, labels
+
+
+def encode_task(task: TaskData, tokenizer, max_length: int) -> dict:
+    """split -> (list of token id lists, label tensor)."""
+    out = {}
+    for split, rows in task.splits.items():
+        texts = [t for t, _ in rows]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        out[split] = (ids, torch.tensor([y for _, y in rows], dtype=torch.long))
+    return out
+
+
+def iterate_batches(ids: list[list[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
+                    generator: torch.Generator | None = None):
+    """Yield (input_ids, attention_mask, labels) batches; shuffled when a generator is given."""
+    order = torch.randperm(len(ids), generator=generator).tolist() if generator is not None else range(len(ids))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in chunk], pad_id)
+        yield input_ids, mask, labels[chunk]

@@ -1,0 +1,141 @@
+"""Masked-LM (continual) pre-training: the loop, and the Ray Train job that walks a PLM chain M0 -> M1 -> ... -> Mk.
+
+The loop knows nothing of Ray; `chain_worker` is the Ray Train worker function that runs it under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from raysys import data, models
+from raysys.config import PretrainConfig
+
+
+class MaskedLMObjective(torch.nn.Module):
+    """MLM loss with vocabulary logits computed only at the masked positions: at small model sizes the output
+    projection over every position is most of the cost (shared/notes/speed.md: 2.4-3.2x). A module, so that
+    DDP's forward hooks see the whole computation."""
+
+    def __init__(self, masked_lm):
+        super().__init__()
+        self.masked_lm = masked_lm
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.masked_lm.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        selected = labels != -100  # (batch, seq)
+        logits = self.masked_lm.lm_head(hidden[selected])  # (num_masked, vocab)
+        return F.cross_entropy(logits, labels[selected])
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """One link of the chain: train `steps` steps at peak `lr` on `sequences` (token-id lists, already packed)."""
+
+    steps: int
+    lr: float
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def sample_batch(sequences: list[list[int]], step: int, batch_per_worker: int, rank: int, world_size: int,
+                 seed: int) -> list[list[int]]:
+    """Deterministic sharded sampling: every worker walks the same seeded epoch permutation, each taking its own
+    slice, so workers never see the same sequence in a step and reruns see the same data."""
+    per_step = batch_per_worker * world_size
+    epoch_len = max(1, len(sequences) // per_step)
+    epoch, offset = divmod(step, epoch_len)
+    perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    start = offset * per_step + rank * batch_per_worker
+    return [sequences[perm[(start + i) % len(perm)]] for i in range(batch_per_worker)]
+
+
+def train_masked_lm(
+    model,
+    sequences: list[list[int]],
+    tokenizer,
+    cfg: PretrainConfig,
+    plan: LinkPlan,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    wrap=lambda m: m,
+) -> list[dict]:
+    """Train `model` (a RobertaForMaskedLM) in place; returns the loss curve: one row per `log_every_steps`
+    (mean loss over the interval, averaged over workers when distributed)."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"pretrain.batch_size={cfg.batch_size} is not divisible by {world_size} workers")
+    objective = wrap(MaskedLMObjective(model))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_fraction * plan.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, plan.steps, warmup))
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    first_regular = models.first_regular_token_id(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    batch_per_worker = cfg.batch_size // world_size
+    curve, window_loss, window_tokens, tokens_seen = [], 0.0, 0, 0
+    start = time.time()
+    objective.train()
+    for step in range(plan.steps):
+        batch = sample_batch(sequences, step, batch_per_worker, rank, world_size, cfg.seed)
+        input_ids, attention_mask = data.pad_batch(batch, tokenizer.pad_token_id)
+        special_mask = sum((input_ids == s) for s in special).bool()
+        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
+                                             first_regular, cfg.mask_prob, generator)
+        loss = objective(corrupted.to(device), attention_mask.to(device), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        window_loss += loss.item()
+        window_tokens += int(attention_mask.sum())
+        if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
+            steps_in_window = (step % cfg.log_every_steps) + 1
+            stats = torch.tensor([window_loss / steps_in_window, float(window_tokens)])
+            if world_size > 1:
+                torch.distributed.all_reduce(stats)
+                stats[0] /= world_size
+            tokens_seen += int(stats[1])
+            elapsed = time.time() - start
+            curve.append({"step": step + 1, "loss": float(stats[0]), "lr": scheduler.get_last_lr()[0],
+                          "tokens": tokens_seen, "seconds": elapsed, "tokens_per_second": tokens_seen / elapsed})
+            window_loss, window_tokens = 0.0, 0
+    if not all(math.isfinite(row["loss"]) for row in curve):
+        raise FloatingPointError("masked-LM loss became non-finite")
+    return curve
+
+
+@torch.no_grad()
+def masked_lm_loss(model, sequences: list[list[int]], tokenizer, mask_prob: float, seed: int = 0,
+                   batch_size: int = 64) -> float:
+    """Held-out MLM loss with a fixed masking (seeded), for comparing models on the same corpus."""
+    objective = MaskedLMObjective(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    first_regular = models.first_regular_token_id(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        input_ids, attention_mask = data.pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id)
+        special_mask = sum((input_ids == s) for s in special).bool()
+        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
+                                             first_regular, mask_prob, generator)
+        n = int((labels != -100).sum())
+        if n:
+            total += objective(corrupted, attention_mask, labels).item() * n
+            count += n
+    return total / max(1, count)
+
+
+def pack_corpus(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return data.pack_sequences(token_lists, max_length, tokenizer.bos_token_id, tokenizer.eos_token_id)
