@@ -1,0 +1,137 @@
+"""Result tables: one explicit `pyarrow` schema per table (documented in docs/results.md), one Parquet file per
+cell named by the cell's hash, written atomically. A table is the Parquet dataset `<storage>/results/<table>/`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import socket
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from raysys.store import Store, atomic_write_bytes
+
+SCHEMA_VERSION = 1
+
+_COMMON = [
+    ("cell_hash", pa.string()),
+    ("status", pa.string()),  # "ok" | "failed"
+    ("error", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("seconds", pa.float64()),
+    ("host", pa.string()),
+    ("code_version", pa.string()),
+    ("schema_version", pa.int32()),
+]
+_CURVE_COMMON = [("cell_hash", pa.string())]
+
+_TABLE_FIELDS = {
+    "pretrain_runs": _COMMON + [
+        ("link", pa.int32()), ("domain", pa.string()), ("parent_hash", pa.string()), ("init", pa.string()),
+        ("steps", pa.int64()), ("lr", pa.float64()), ("num_workers", pa.int32()), ("num_parameters", pa.int64()),
+        ("final_loss", pa.float64()), ("tokens", pa.int64()), ("tokens_per_second", pa.float64()),
+        ("config", pa.string()),
+    ],
+    "pretrain_curves": _CURVE_COMMON + [
+        ("link", pa.int32()), ("domain", pa.string()), ("step", pa.int64()), ("loss", pa.float64()),
+        ("lr", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64()), ("tokens_per_second", pa.float64()),
+    ],
+    "tuning_runs": _COMMON + [
+        ("plm_hash", pa.string()), ("plm_index", pa.int32()), ("plm_domain", pa.string()), ("task", pa.string()),
+        ("task_domain", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("lr", pa.float64()),
+        ("max_steps", pa.int64()), ("num_train", pa.int64()), ("num_labels", pa.int32()), ("best_step", pa.int64()),
+        ("best_dev_accuracy", pa.float64()), ("best_dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
+        ("test_loss", pa.float64()), ("train_seconds", pa.float64()), ("config", pa.string()),
+    ],
+    "tuning_curves": _CURVE_COMMON + [
+        ("plm_index", pa.int32()), ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()),
+        ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()),
+        ("seconds", pa.float64()),
+    ],
+    "compatibility": _COMMON + [
+        ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("source_plm_index", pa.int32()),
+        ("target_plm_index", pa.int32()), ("source_tuned_hash", pa.string()), ("target_plm_hash", pa.string()),
+        ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
+        ("test_loss", pa.float64()),
+    ],
+    "interpolation": _COMMON + [
+        ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("plm_index_a", pa.int32()),
+        ("plm_index_b", pa.int32()), ("tuned_hash_a", pa.string()), ("tuned_hash_b", pa.string()),
+        ("alpha", pa.float64()), ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()),
+        ("test_accuracy", pa.float64()), ("test_loss", pa.float64()),
+    ],
+}
+SCHEMAS = {name: pa.schema(fields, metadata={"raysys_schema_version": str(SCHEMA_VERSION)})
+           for name, fields in _TABLE_FIELDS.items()}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of the code that produced a row (with '+dirty' for uncommitted changes), or 'unknown'."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def provenance(started_at: dt.datetime, status: str = "ok", error: str | None = None) -> dict:
+    """The outcome and provenance columns shared by every run table."""
+    return {
+        "status": status,
+        "error": error,
+        "started_at": started_at,
+        "seconds": (dt.datetime.now(dt.timezone.utc) - started_at).total_seconds(),
+        "host": socket.gethostname(),
+        "code_version": code_version(),
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def to_table(table: str, rows: list[dict]) -> pa.Table:
+    """Rows -> Arrow table of the declared schema. A key outside the schema is an error (catches typos); a
+    missing key is null."""
+    schema = SCHEMAS[table]
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise KeyError(f"table {table}: unknown column(s) {sorted(extra)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_rows(store: Store, table: str, cell_hash: str, rows: list[dict]) -> Path:
+    """All rows of one cell, as one Parquet file replacing any earlier attempt of the same cell."""
+    arrow = to_table(table, [{"cell_hash": cell_hash, **row} for row in rows])
+    buffer = io.BytesIO()
+    pq.write_table(arrow, buffer)
+    path = store.results_dir(table) / f"{cell_hash}.parquet"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole table (empty, with its schema, when nothing has been written)."""
+    directory = store.results_dir(table)
+    if not directory.is_dir():
+        return SCHEMAS[table].empty_table() if columns is None else SCHEMAS[table].empty_table().select(columns)
+    return ds.dataset(directory, format="parquet", schema=SCHEMAS[table]).to_table(columns=columns)
+
+
+def finished_cells(store: Store, table: str) -> set[str]:
+    """Hashes of the cells whose rows say `ok`: the source of truth for what a rerun may skip."""
+    t = read_table(store, table, ["cell_hash", "status"])
+    return {h for h, s in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()) if s == "ok"}

@@ -1,0 +1,267 @@
+"""The sweep: plan a study's cells, skip the finished ones, and run each stage as one Ray Tune experiment.
+
+Ray stays at this edge: trainables rebuild the typed config and call the plain functions of `raysys.stages`.
+Resume rests on the content-addressed store, not on Tune's experiment state (shared/notes/ray.md: Tune's restore
+recomputes finished trials): each run's grid is built from the cells whose rows are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+
+from raysys import data, pretrain, report, results, stages
+from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
+from raysys.store import Store
+
+STAGES = ("pretrain", "tuning", "compatibility", "interpolation")
+
+
+# ------------------------------------------------------------------------------------------ Ray Train: the chain
+
+
+def chain_train_worker(config: dict) -> None:
+    """Ray Train worker: walk the missing links of the chain in order; rank 0 saves each PLM before any worker
+    starts the next link."""
+    study, store = build(StudyConfig, config["study"]), Store(config["storage"])
+    chain = stages.plan_chain(study)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+    tokenizer = stages.ensure_tokenizer(study, store, chain)
+    for link in config["links"]:
+        started = results.now()
+        model = stages.link_initial_model(study, store, chain, link, tokenizer).to(device)
+        texts = data.load_corpus(study.corpora[link], study.world)
+        sequences = pretrain.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
+        curve = pretrain.train_masked_lm(model, sequences, tokenizer, study.pretrain, stages.link_plan(study, link),
+                                         rank, world_size, device, wrap=ray.train.torch.prepare_model)
+        if rank == 0:
+            stages.save_link(study, store, chain, link, model.cpu(), tokenizer, curve, started, world_size)
+        if world_size > 1:
+            torch.distributed.barrier()
+        ray.train.report({"link": link, "step": curve[-1]["step"], "loss": curve[-1]["loss"],
+                          "tokens_per_second": curve[-1]["tokens_per_second"]})
+
+
+def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    chain = stages.plan_chain(study)
+    links = config["group"]["links"]
+    started = results.now()
+    stages.ensure_tokenizer(study, store, chain)
+    workers = study.pretrain.num_workers
+    trainer = ray.train.torch.TorchTrainer(
+        chain_train_worker,
+        train_loop_config={"study": study_dict, "storage": storage, "links": links, "threads": 1},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=study.pretrain.use_gpu,
+                                               resources_per_worker={"CPU": 1}),
+        # A deterministic name, so that a restarted trial finds its Train run again.
+        run_config=ray.train.RunConfig(name=f"pretrain-{chain.chain_hash}-{'_'.join(map(str, links))}",
+                                       storage_path=str(store.ray_dir / "train"),
+                                       failure_config=ray.train.FailureConfig(max_failures=1)),
+    )
+    error = None
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 — recorded per link below
+        error = f"{type(err).__name__}: {err}"
+    failed = [i for i in links if not store.has_artifact("plm", chain.plm_hashes[i])]
+    for i in failed:
+        results.write_rows(store, "pretrain_runs", chain.plm_hashes[i], [{
+            **results.provenance(started, "failed", error or "link not produced"), "link": i,
+            "domain": study.corpora[i].name, "num_workers": workers}])
+    tune.report({"cells_ok": len(links) - len(failed), "cells_failed": len(failed)})
+
+
+# ---------------------------------------------------------------------------------------- Tune: per-cell stages
+
+
+def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner) -> None:
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    chain = stages.plan_chain(study)
+    torch.set_num_threads(max(1, int(study.tuning.cpus_per_trial)))
+    cells = config["group"]["cells"]
+    ok = sum(stages.run_guarded(store, table, cell, lambda c=cell: runner(study, store, chain, c)) for cell in cells)
+    tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
+
+
+def _tuning_trainable(config, study_dict, storage):
+    _run_group(config, study_dict, storage, "tuning_runs", stages.run_tuning_cell)
+
+
+def _compatibility_trainable(config, study_dict, storage):
+    _run_group(config, study_dict, storage, "compatibility", stages.run_compatibility_cell)
+
+
+def _interpolation_trainable(config, study_dict, storage):
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    torch.set_num_threads(max(1, int(study.pilot.cpus_per_trial)))
+    cells = config["group"]["cells"]
+    stages.run_interpolation_cells(study, store, stages.plan_chain(study), cells)
+    ok = len(results.finished_cells(store, "interpolation") & {c["cell_hash"] for c in cells})
+    tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
+
+
+def run_experiment(name: str, trainable, groups: list[dict], resources: dict, study: StudyConfig, store: Store,
+                   max_concurrent: int) -> float:
+    """One stage = one Tune experiment over the missing groups of cells (`grid_search` over them)."""
+    started = time.time()
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, study_dict=to_dict(study), storage=str(store.root)),
+                            resources),
+        param_space={"group": tune.grid_search(groups)},
+        # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (shared/notes/speed.md).
+        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, max_concurrent),
+                                    reuse_actors=not resources.get("gpu")),
+        run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", storage_path=str(store.ray_dir / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0),
+    )
+    tuner.fit()
+    return time.time() - started
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def _missing(cells: list[dict], done: set[str]) -> list[dict]:
+    return [c for c in cells if c["cell_hash"] not in done]
+
+
+def _hashes(cells: list[dict]) -> set[str]:
+    return {c["cell_hash"] for c in cells}
+
+
+def _group(cells: list[dict], key) -> list[dict]:
+    groups: dict = {}
+    for cell in cells:
+        groups.setdefault(key(cell), []).append(cell)
+    return [{"cells": v} for v in groups.values()]
+
+
+def _concurrency(per_trial_cpus: float) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
+
+
+def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, log=print) -> dict:
+    """Run every stage of the study whose inputs exist; return per stage the counts of cells (total, finished
+    before, ran, blocked) and the seconds it took."""
+    chain = stages.plan_chain(study)
+    ran: dict[str, dict] = {}
+
+    def stage(name, cells, finished, groups, trainable, resources, max_concurrent):
+        if name not in only:
+            return
+        n = sum(len(g.get("cells", g.get("links", []))) for g in groups)
+        blocked = len(cells) - finished - n
+        log(f"[{name}] {len(cells)} cells: {finished} finished, {n} to run in {len(groups)} trials"
+            + (f", {blocked} blocked (inputs missing)" if blocked else ""))
+        seconds = run_experiment(name, trainable, groups, resources, study, store, max_concurrent) if groups else 0.0
+        ran[name] = {"cells": len(cells), "finished_before": finished, "ran": n, "blocked": blocked,
+                     "seconds": seconds}
+        if groups:
+            log(f"[{name}] done in {seconds:.1f}s")
+
+    links = [i for i, h in enumerate(chain.plm_hashes) if not store.has_artifact("plm", h)]
+    stage("pretrain", chain.plm_hashes, len(chain.plm_hashes) - len(links), [{"links": links}] if links else [],
+          _pretrain_trainable,
+          {"cpu": 0, "memory": 1024**2}, 1)  # the trial only coordinates; its Train workers hold the CPUs
+
+    have_plm = {h for h in chain.plm_hashes if store.has_artifact("plm", h)}
+    cells = stages.plan_tuning(study, chain)
+    done = {c["cell_hash"] for c in cells if store.has_artifact("tuned", c["cell_hash"])} & \
+        results.finished_cells(store, "tuning_runs")
+    todo = [c for c in _missing(cells, done) if c["plm_hash"] in have_plm]
+    resources = {"cpu": study.tuning.cpus_per_trial, "gpu": study.tuning.gpus_per_trial}
+    stage("tuning", cells, len(done), [{"cells": [c]} for c in todo], _tuning_trainable, resources,
+          _concurrency(study.tuning.cpus_per_trial))
+
+    def tuned(h):
+        return store.has_artifact("tuned", h)
+
+    cells = stages.plan_compatibility(study, chain)
+    done = results.finished_cells(store, "compatibility")
+    todo = [c for c in _missing(cells, done) if tuned(c["source_tuned_hash"]) and c["target_plm_hash"] in have_plm]
+    stage("compatibility", cells, len(done & _hashes(cells)), [{"cells": [c]} for c in todo], _compatibility_trainable,
+          {"cpu": study.pilot.cpus_per_trial}, _concurrency(study.pilot.cpus_per_trial))
+
+    cells = stages.plan_interpolation(study, chain)
+    done = results.finished_cells(store, "interpolation")
+    todo = [c for c in _missing(cells, done) if tuned(c["tuned_hash_a"]) and tuned(c["tuned_hash_b"])]
+    stage("interpolation", cells, len(done & _hashes(cells)), _group(todo, lambda c: (c["tuned_hash_a"], c["tuned_hash_b"])),
+          _interpolation_trainable, {"cpu": study.pilot.cpus_per_trial}, _concurrency(study.pilot.cpus_per_trial))
+    return ran
+
+
+def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
+    """Per stage, how many planned cells have no `ok` row yet."""
+    chain = stages.plan_chain(study)
+    planned = {"pretrain": ("pretrain_runs", [{"cell_hash": h} for h in chain.plm_hashes]),
+               "tuning": ("tuning_runs", stages.plan_tuning(study, chain)),
+               "compatibility": ("compatibility", stages.plan_compatibility(study, chain)),
+               "interpolation": ("interpolation", stages.plan_interpolation(study, chain))}
+    return {name: len(_missing(cells, results.finished_cells(store, table))) for name, (table, cells) in planned.items()}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the recyclable-tuning study on Ray.")
+    parser.add_argument("--preset", default="tiny", help=f"one of {available_presets()}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set tuning.lr=5e-4 --set seeds=[1,2]")
+    parser.add_argument("--storage", default=None, help="storage root (default: runs/<preset>)")
+    parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="run only these stages")
+    parser.add_argument("--address", default=None, help="address of a running Ray cluster (default: start one)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> None:
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if offline:
+        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    os.environ.update(env)
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, configure_logging=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        study = load_study(args.preset, args.overrides)
+        store = Store(args.storage or Path("runs") / args.preset)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import json
+
+        print(json.dumps(to_dict(study), indent=1))
+        return 0
+    print(f"raysys: study '{study.name}' (preset {args.preset}) -> {store.root}")
+    started = time.time()
+    init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
+    run_study(study, store, tuple(args.only))
+    print(report.summary(study, store))
+    print(f"\nresults: {store.root / 'results'} (Parquet; schemas in docs/results.md)")
+    print(f"total wall time: {time.time() - started:.1f}s")
+    incomplete = {k: v for k, v in missing_cells(study, store).items() if v and k in args.only}
+    if incomplete:
+        print(f"incomplete: {incomplete} — rerun the same command to retry failed or blocked cells", file=sys.stderr)
+        return 1
+    return 0
