@@ -1,0 +1,53 @@
+"""One Ray cluster per test session (starting Ray costs seconds), and one micro study run shared by the stage
+tests: it goes through every stage with real Ray Tune/Train, real HF models and real Parquet files."""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+
+from raysys.config import load_study  # noqa: E402
+
+MICRO_OVERRIDES = [
+    "world.general_sentences=2000", "world.domain_sentences=2000",
+    "world.task_train=48", "world.task_dev=48", "world.task_test=64",
+    "pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
+    "pretrain.log_every_steps=5",
+    "tuning.max_steps=12", "tuning.eval_every_steps=4",
+    "pilot.alphas=[0.0,0.5,1.0]",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, configure_logging=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in (
+                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
+                 "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_USAGE_STATS_ENABLED")}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def micro_study():
+    return load_study("tiny", MICRO_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def micro_run(ray_cluster, micro_study, tmp_path_factory):
+    """The whole micro study, run once: (study, store, what run_study reported)."""
+    from raysys.store import Store
+    from raysys.sweep import run_study
+
+    store = Store(tmp_path_factory.mktemp("micro"))
+    ran = run_study(micro_study, store, log=lambda *_: None)
+    return micro_study, store, ran
