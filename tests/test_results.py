@@ -1,0 +1,84 @@
+"""Result tables and the artifact store: explicit schemas, atomic files, one file per cell, plain pyarrow reads."""
+
+import pyarrow.dataset as ds
+import pytest
+
+from raysys import results
+from raysys.store import Store
+
+
+def _row(task="t1", acc=0.5, status="ok"):
+    return {**results.provenance(results.now(), status), "task": task, "tuning_type": "finetune", "seed": 1,
+            "source_plm_index": 0, "target_plm_index": 1, "test_accuracy": acc}
+
+
+def test_rows_round_trip_with_the_declared_schema(tmp_path):
+    store = Store(tmp_path)
+    results.write_rows(store, "compatibility", "abc", [_row()])
+    table = results.read_table(store, "compatibility")
+    assert table.schema.equals(results.SCHEMAS["compatibility"], check_metadata=False)
+    assert table.num_rows == 1 and table["test_accuracy"].to_pylist() == [0.5]
+    assert table["cell_hash"].to_pylist() == ["abc"]
+    assert table["schema_version"].to_pylist() == [results.SCHEMA_VERSION]
+    # readable with plain pyarrow.dataset, no raysys needed
+    plain = ds.dataset(tmp_path / "results" / "compatibility", format="parquet").to_table()
+    assert plain.num_rows == 1 and plain["task"].to_pylist() == ["t1"]
+
+
+def test_rewriting_a_cell_replaces_its_rows(tmp_path):
+    store = Store(tmp_path)
+    results.write_rows(store, "compatibility", "abc", [_row(status="failed")])
+    assert results.finished_cells(store, "compatibility") == set()
+    results.write_rows(store, "compatibility", "abc", [_row(acc=0.75)])
+    results.write_rows(store, "compatibility", "def", [_row(task="t2")])
+    table = results.read_table(store, "compatibility")
+    assert table.num_rows == 2
+    assert results.finished_cells(store, "compatibility") == {"abc", "def"}
+    assert sorted(table["test_accuracy"].to_pylist()) == [0.5, 0.75]
+
+
+def test_unknown_column_is_an_error_and_writes_nothing(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(KeyError, match="test_acuracy"):
+        results.write_rows(store, "compatibility", "abc", [{"test_acuracy": 0.5}])
+    assert results.read_table(store, "compatibility").num_rows == 0
+
+
+def test_empty_table_has_its_schema(tmp_path):
+    table = results.read_table(Store(tmp_path), "interpolation")
+    assert table.num_rows == 0 and "alpha" in table.schema.names
+
+
+def test_temporary_files_are_invisible_to_readers(tmp_path):
+    store = Store(tmp_path)
+    results.write_rows(store, "compatibility", "abc", [_row()])
+    (store.results_dir("compatibility") / ".tmp-half-written.parquet").write_bytes(b"not parquet")
+    assert results.read_table(store, "compatibility").num_rows == 1
+
+
+def test_artifact_appears_only_when_complete(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(RuntimeError):
+        with store.writing_artifact("plm", "h1") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("killed mid-write")
+    assert not store.has_artifact("plm", "h1")
+    assert list(store.artifact_path("plm", "h1").parent.iterdir()) == []  # no temporary left behind
+    with store.writing_artifact("plm", "h1") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    assert (store.artifact_path("plm", "h1") / "model.safetensors").read_bytes() == b"whole"
+
+
+def test_concurrent_identical_artifact_keeps_the_first(tmp_path):
+    store = Store(tmp_path)
+    with store.writing_artifact("tuned", "h") as first:
+        with store.writing_artifact("tuned", "h") as second:
+            (second / "x").write_text("second")
+        (first / "x").write_text("first")
+    assert (store.artifact_path("tuned", "h") / "x").read_text() == "second"
+    assert [p.name for p in store.artifact_path("tuned", "h").parent.iterdir()] == ["h"]
+
+
+def test_store_rejects_uris():
+    with pytest.raises(ValueError, match="--storage"):
+        Store("s3://bucket/run")
