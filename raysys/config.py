@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -155,36 +156,87 @@ class PretrainConfig:
         _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")
 
 
-TuningType = Literal["finetune"]
+TUNING_TYPES = ("finetune", "lora", "adapter")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (via `peft`): rank, scaling numerator (scale = alpha / rank), dropout on the LoRA input, and the
+    names of the linear modules it adapts."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "tuning.lora.rank", "must be >= 1")
+        _check(self.alpha > 0, "tuning.lora.alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "tuning.lora.dropout", "must be in [0, 1)")
+        _check(len(self.targets) >= 1, "tuning.lora.targets", "name at least one module")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The paper's bottleneck adapter after the attention and the feed-forward sub-layer of every layer."""
+
+    bottleneck: int = 24
+
+    def __post_init__(self):
+        _check(self.bottleneck >= 1, "tuning.adapter.bottleneck", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class TuningConfig:
-    """Task tuning of a PLM. Evaluation on dev every `eval_every_steps`; the best-dev checkpoint is kept and tested."""
+    """Task tuning of a PLM, for each tuning type in `types`. Evaluation on dev every `eval_every_steps`; the
+    best-dev checkpoint is kept and tested. PET types may use their own learning rate and step budget
+    (`pet_lr`, `pet_max_steps`; unset = the fine-tuning values), as the paper trains adapters longer."""
 
-    tuning_type: TuningType = "finetune"
+    types: tuple[str, ...] = ("finetune",)
     max_steps: int = 300
     batch_size: int = 16
     max_length: int = 64
     lr: float = 1e-3
+    pet_lr: float | None = None
+    pet_max_steps: int | None = None
     warmup_fraction: float = 0.0
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     eval_every_steps: int = 25
     eval_batch_size: int = 256
+    lora: LoraConfig = LoraConfig()
+    adapter: AdapterConfig = AdapterConfig()
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
 
     def __post_init__(self):
-        _check(self.tuning_type in typing.get_args(TuningType), "tuning.tuning_type", "unknown tuning type")
+        _check(len(self.types) >= 1, "tuning.types", f"name at least one of {list(TUNING_TYPES)}")
+        for t in self.types:
+            _check(t in TUNING_TYPES, "tuning.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
+        _check(len(set(self.types)) == len(self.types), "tuning.types", "must be distinct")
         _check(self.max_steps > 0, "tuning.max_steps", "must be > 0")
+        _check(self.pet_max_steps is None or self.pet_max_steps > 0, "tuning.pet_max_steps", "must be > 0")
         _check(self.batch_size > 0 and self.eval_batch_size > 0, "tuning.batch_size", "must be > 0")
         _check(self.lr > 0, "tuning.lr", "must be > 0")
+        _check(self.pet_lr is None or self.pet_lr > 0, "tuning.pet_lr", "must be > 0")
         _check(self.max_length >= 8, "tuning.max_length", "must be >= 8")
         _check(0.0 <= self.warmup_fraction < 1.0, "tuning.warmup_fraction", "must be in [0, 1)")
-        _check(0 < self.eval_every_steps <= self.max_steps, "tuning.eval_every_steps", "must be in 1..max_steps")
+        _check(0 < self.eval_every_steps <= min(self.max_steps, self.pet_max_steps or self.max_steps),
+               "tuning.eval_every_steps", "must be in 1..max_steps (and 1..pet_max_steps)")
         _check(self.cpus_per_trial > 0, "tuning.cpus_per_trial", "must be > 0")
         _check(self.gpus_per_trial >= 0, "tuning.gpus_per_trial", "must be >= 0")
+
+    def lr_for(self, tuning_type: str) -> float:
+        return self.lr if tuning_type == "finetune" or self.pet_lr is None else self.pet_lr
+
+    def max_steps_for(self, tuning_type: str) -> int:
+        return self.max_steps if tuning_type == "finetune" or self.pet_max_steps is None else self.pet_max_steps
+
+    def pet_spec(self, tuning_type: str) -> dict | None:
+        """The hyper-parameters of the PET module of `tuning_type` (None for full fine-tuning)."""
+        if tuning_type not in TUNING_TYPES:
+            raise ConfigError(f"tuning type: unknown '{tuning_type}'; known: {list(TUNING_TYPES)}")
+        return {"lora": to_dict(self.lora), "adapter": to_dict(self.adapter)}.get(tuning_type)
 
 
 def _default_alphas(points: int = 26) -> tuple[float, ...]:
@@ -193,9 +245,18 @@ def _default_alphas(points: int = 26) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class PilotConfig:
-    """Compatibility and interpolation between tuned models of consecutive PLMs (hop i -> i+1)."""
+    """The pilot studies: compatibility of Δ_i with every later M_j; interpolation, head similarity and distances
+    between the tuned M_i and the tuned M_{i+h} for each h in `hops`; and a control chain — a second M0 from
+    `control_seed` (or the independent checkpoint `control_name_or_path`), continually pre-trained the same way
+    for `control_length` links (None = as long as the main chain, 0 = no control) — whose tuned models share no
+    pre-training history with the main chain's."""
 
     alphas: tuple[float, ...] = field(default_factory=_default_alphas)
+    hops: tuple[int, ...] = (1, 2)
+    control_seed: int = 1
+    control_name_or_path: str | None = None
+    control_length: int | None = None
+    similarity_examples: int = 64
     eval_batch_size: int = 256
     cpus_per_trial: float = 1.0
 
@@ -203,6 +264,13 @@ class PilotConfig:
         _check(len(self.alphas) >= 2, "pilot.alphas", "needs at least two values")
         _check(all(0.0 <= a <= 1.0 for a in self.alphas), "pilot.alphas", "every alpha must be in [0, 1]")
         _check(len(set(self.alphas)) == len(self.alphas), "pilot.alphas", "values must be distinct")
+        _check(0.0 in self.alphas and 1.0 in self.alphas, "pilot.alphas",
+               "must include both ends, 0 and 1 (the barrier is measured against them)")
+        _check(len(self.hops) >= 1 and all(h >= 1 for h in self.hops), "pilot.hops", "hops must be >= 1")
+        _check(self.control_length is None or self.control_length >= 0, "pilot.control_length", "must be >= 0")
+        _check(self.similarity_examples >= 1, "pilot.similarity_examples", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "pilot.eval_batch_size", "must be >= 1")
+        _check(self.cpus_per_trial > 0, "pilot.cpus_per_trial", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -241,6 +309,18 @@ class StudyConfig:
             if task.source == "builtin":
                 _check(task.domain in builtin and task.domain != "d0", f"task {task.name}.domain",
                        "a builtin task belongs to a builtin domain d1..dN")
+        control = self.control_length
+        _check(control <= len(self.corpora), "pilot.control_length",
+               f"the control chain cannot be longer than the main chain ({len(self.corpora)} links)")
+        if control and self.model.name_or_path and not self.pilot.control_name_or_path:
+            raise ConfigError("pilot.control_name_or_path: the main chain starts from a pretrained checkpoint, so the "
+                              "control chain needs an independently pre-trained one of the same architecture "
+                              "(or set pilot.control_length = 0)")
+
+    @property
+    def control_length(self) -> int:
+        """How many links the control chain has (0 = none)."""
+        return len(self.corpora) if self.pilot.control_length is None else self.pilot.control_length
 
     @property
     def plms_to_tune(self) -> tuple[int, ...]:

@@ -93,3 +93,15 @@ def load_classifier(path: str | Path) -> RobertaForSequenceClassification:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings")
+
+
+def architecture(path_or_name: str | Path) -> dict:
+    """The fields that decide whether two checkpoints' weights can be subtracted, added or interpolated."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path_or_name))
+    return {k: getattr(config, k, None) for k in ARCHITECTURE_FIELDS}

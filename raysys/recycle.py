@@ -7,7 +7,7 @@ Non-floating entries (integer buffers such as position ids) must be equal in bot
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

@@ -23,51 +23,90 @@ def _mean_std(values: list[float]) -> str:
 
 def _table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def loss_barrier(alphas: list[float], losses: list[float]) -> float:
-    """max_α [L(θ(α)) − ((1 − α)·L(θ_0) + α·L(θ_1))] along a path sorted by α (0 for a convex/linear path)."""
-    pairs = sorted(zip(alphas, losses))
-    (a0, l0), (a1, l1) = pairs[0], pairs[-1]
-    return max(loss - ((1 - a) * l0 + a * l1) for a, loss in pairs) if a1 > a0 else 0.0
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "—" if value is None else f"{scale * value:.{digits}f}"
 
 
 def summary(study: StudyConfig, store: Store) -> str:
-    parts = []
-    runs = sorted(_ok_rows(store, "pretrain_runs"), key=lambda r: r["link"])
-    parts.append("Pre-training chain\n" + _table(
-        ["PLM", "domain", "steps", "final MLM loss", "tokens/s"],
-        [[f"M{r['link']}", r["domain"], r["steps"], f"{r['final_loss']:.3f}", f"{r['tokens_per_second']:.0f}"]
-         for r in runs]))
+    return "\n\n".join([_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
+                        _path_summary(store), _head_summary(store), _distance_summary(store)])
 
+
+def _pretrain_summary(store: Store) -> str:
+    runs = sorted(_ok_rows(store, "pretrain_runs"), key=lambda r: (r["chain"] != "main", r["link"]))
+    return "Pre-training chains (M = main, C = control: another origin, the same continual data)\n" + _table(
+        ["PLM", "domain", "init", "steps", "final MLM loss", "tokens/s"],
+        [[f"{'M' if r['chain'] == 'main' else 'C'}{r['link']}", r["domain"], r["init"], r["steps"],
+          _fmt(r["final_loss"], digits=3), _fmt(r["tokens_per_second"], digits=0)] for r in runs])
+
+
+def _tuning_summary(study: StudyConfig, store: Store) -> str:
     tuned = defaultdict(list)
     for r in _ok_rows(store, "tuning_runs"):
-        tuned[(r["task"], r["plm_index"])].append(r["test_accuracy"])
-    plms = sorted({p for _, p in tuned})
-    parts.append("Tuning: test accuracy % of the best-dev checkpoint (mean±std over seeds)\n" + _table(
-        ["task"] + [f"M{p}" for p in plms],
-        [[t.name] + [_mean_std(tuned[(t.name, p)]) for p in plms] for t in study.tasks]))
+        tuned[(r["chain"], r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
+    columns = sorted({(c, p) for c, _, _, p in tuned}, key=lambda x: (x[0] != "main", x[1]))
+    rows = [[task.name, t] + [_mean_std(tuned[(c, task.name, t, p)]) for c, p in columns]
+            for task in study.tasks for t in study.tuning.types]
+    return "Tuning: test accuracy % of the best-dev checkpoint (mean±std over seeds)\n" + _table(
+        ["task", "type"] + [f"{'M' if c == 'main' else 'C'}{p}" for c, p in columns], rows)
 
+
+def _compatibility_summary(store: Store) -> str:
+    tuned = defaultdict(list)
+    for r in _ok_rows(store, "tuning_runs"):
+        if r["chain"] == "main":
+            tuned[(r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
+    base = defaultdict(list)
+    for r in _ok_rows(store, "baselines"):
+        base[(r["task"], r["plm_index"], r["kind"])].append(r["test_accuracy"])
     compat = defaultdict(list)
     for r in _ok_rows(store, "compatibility"):
-        compat[(r["task"], r["source_plm_index"], r["target_plm_index"])].append(r["test_accuracy"])
-    parts.append("Compatibility: Δ tuned on M_i applied to M_j without training (test accuracy %)\n" + _table(
-        ["task", "hop", "tuned on M_i", "Δ_i on M_j", "tuned on M_j"],
-        [[t, f"M{i}->M{j}", _mean_std(tuned[(t, i)]), _mean_std(v), _mean_std(tuned[(t, j)])]
-         for (t, i, j), v in sorted(compat.items())]))
+        compat[(r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"])].append(r["test_accuracy"])
+    rows = [[task, t, f"M{i}->M{j}", _mean_std(v), _mean_std(tuned[(task, t, j)]),
+             _mean_std(base[(task, j, "untrained_head")]), _mean_std(base[(task, j, "majority")])]
+            for (task, t, i, j), v in sorted(compat.items())]
+    return "Compatibility: Δ_i tuned on M_i applied to M_j without training (test accuracy %)\n" + _table(
+        ["task", "type", "hop", "Δ_i on M_j", "tuned on M_j", "untrained head", "majority"], rows)
 
-    paths = defaultdict(list)
-    for r in _ok_rows(store, "interpolation"):
-        paths[(r["task"], r["plm_index_a"], r["plm_index_b"], r["seed"])].append(r)
-    rows = []
-    for (task, i, j, seed), path in sorted(paths.items()):
-        path.sort(key=lambda r: r["alpha"])
-        accs = [r["test_accuracy"] for r in path]
-        barrier = loss_barrier([r["alpha"] for r in path], [r["test_loss"] for r in path])
-        rows.append([task, f"M{i}->M{j}", seed, len(path), f"{100 * accs[0]:.1f}", f"{100 * min(accs):.1f}",
-                     f"{100 * accs[-1]:.1f}", f"{barrier:.3f}"])
-    parts.append("Linear interpolation between tuned M_i and tuned M_j (test)\n" + _table(
-        ["task", "hop", "seed", "alphas", "acc α=0", "min acc", "acc α=1", "loss barrier"], rows))
-    return "\n\n".join(parts)
+
+def _path_summary(store: Store) -> str:
+    groups = defaultdict(list)
+    for r in _ok_rows(store, "interpolation_paths"):
+        if r["split"] == "test":
+            groups[(r["tuning_type"], r["plm_index_b"] - r["plm_index_a"], r["pair_kind"])].append(r)
+    rows = [[t, f"i->i+{hop}", kind, len(v), _fmt(_mean(r["loss_barrier"] for r in v), digits=3),
+             _fmt(_mean(r["accuracy_drop"] for r in v), 100), _fmt(_mean(r["min_accuracy"] for r in v), 100)]
+            for (t, hop, kind), v in sorted(groups.items())]
+    return "Linear mode connectivity (test; means over tasks, seeds and pairs)\n" + _table(
+        ["type", "hop", "pair", "paths", "loss barrier", "acc drop %", "min acc %"], rows)
+
+
+def _head_summary(store: Store) -> str:
+    groups = defaultdict(list)
+    for r in _ok_rows(store, "head_similarity"):
+        groups[(r["tuning_type"], r["layer"], r["pair_kind"])].append(r)
+    rows = [[t, layer, kind, _fmt(_mean(r["similarity_corresponding"] for r in v), digits=3),
+             _fmt(_mean(r["similarity_noncorresponding"] for r in v), digits=3)]
+            for (t, layer, kind), v in sorted(groups.items())]
+    return "Attention-head similarity, 1 − JS/ln2 (means over heads, tasks, seeds, pairs)\n" + _table(
+        ["type", "layer", "pair", "corresponding heads", "non-corresponding heads"], rows)
+
+
+def _distance_summary(store: Store) -> str:
+    groups = defaultdict(list)
+    for r in _ok_rows(store, "distances"):
+        groups[(r["tuning_type"], r["what"], r["pair_kind"])].append(r)
+    rows = [[t, what, kind, _fmt(_mean(r["l2"] for r in v), digits=2),
+             _fmt(_mean(r["l2_per_parameter"] for r in v), digits=5), _fmt(_mean(r["cosine"] for r in v), digits=3)]
+            for (t, what, kind), v in sorted(groups.items())]
+    return "Distances between the two ends of each pair (means)\n" + _table(
+        ["type", "what", "pair", "L2", "L2/param", "cosine"], rows)

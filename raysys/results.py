@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from raysys.store import Store, atomic_write_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -30,40 +30,63 @@ _COMMON = [
 ]
 _CURVE_COMMON = [("cell_hash", pa.string())]
 
+_PAIR = [
+    ("pair_kind", pa.string()),  # "continual": tuned M_i vs tuned M_j of one chain; "control": vs the control chain
+    ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("plm_index_a", pa.int32()),
+    ("plm_index_b", pa.int32()), ("chain_b", pa.string()), ("tuned_hash_a", pa.string()),
+    ("tuned_hash_b", pa.string()),
+]
+_METRICS = [("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
+            ("test_loss", pa.float64())]
+
 _TABLE_FIELDS = {
     "pretrain_runs": _COMMON + [
-        ("link", pa.int32()), ("domain", pa.string()), ("parent_hash", pa.string()), ("init", pa.string()),
-        ("steps", pa.int64()), ("lr", pa.float64()), ("num_workers", pa.int32()), ("num_parameters", pa.int64()),
-        ("final_loss", pa.float64()), ("tokens", pa.int64()), ("tokens_per_second", pa.float64()),
-        ("config", pa.string()),
+        ("chain", pa.string()), ("link", pa.int32()), ("domain", pa.string()), ("parent_hash", pa.string()),
+        ("init", pa.string()), ("steps", pa.int64()), ("lr", pa.float64()), ("num_workers", pa.int32()),
+        ("num_parameters", pa.int64()), ("final_loss", pa.float64()), ("tokens", pa.int64()),
+        ("tokens_per_second", pa.float64()), ("config", pa.string()),
     ],
     "pretrain_curves": _CURVE_COMMON + [
-        ("link", pa.int32()), ("domain", pa.string()), ("step", pa.int64()), ("loss", pa.float64()),
-        ("lr", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64()), ("tokens_per_second", pa.float64()),
+        ("chain", pa.string()), ("link", pa.int32()), ("domain", pa.string()), ("step", pa.int64()),
+        ("loss", pa.float64()), ("lr", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
+        ("tokens_per_second", pa.float64()),
     ],
     "tuning_runs": _COMMON + [
-        ("plm_hash", pa.string()), ("plm_index", pa.int32()), ("plm_domain", pa.string()), ("task", pa.string()),
-        ("task_domain", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("lr", pa.float64()),
-        ("max_steps", pa.int64()), ("num_train", pa.int64()), ("num_labels", pa.int32()), ("best_step", pa.int64()),
+        ("chain", pa.string()), ("plm_hash", pa.string()), ("plm_index", pa.int32()), ("plm_domain", pa.string()),
+        ("task", pa.string()), ("task_domain", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()),
+        ("lr", pa.float64()), ("max_steps", pa.int64()), ("num_train", pa.int64()), ("num_labels", pa.int32()),
+        ("num_parameters", pa.int64()), ("num_trainable_parameters", pa.int64()), ("best_step", pa.int64()),
         ("best_dev_accuracy", pa.float64()), ("best_dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
         ("test_loss", pa.float64()), ("train_seconds", pa.float64()), ("config", pa.string()),
     ],
     "tuning_curves": _CURVE_COMMON + [
-        ("plm_index", pa.int32()), ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()),
-        ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()),
-        ("seconds", pa.float64()),
+        ("chain", pa.string()), ("plm_index", pa.int32()), ("task", pa.string()), ("tuning_type", pa.string()),
+        ("seed", pa.int64()), ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()),
+        ("dev_loss", pa.float64()), ("seconds", pa.float64()),
     ],
     "compatibility": _COMMON + [
         ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("source_plm_index", pa.int32()),
         ("target_plm_index", pa.int32()), ("source_tuned_hash", pa.string()), ("target_plm_hash", pa.string()),
-        ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
-        ("test_loss", pa.float64()),
+    ] + _METRICS,
+    "baselines": _COMMON + [
+        ("task", pa.string()), ("seed", pa.int64()), ("plm_index", pa.int32()), ("plm_hash", pa.string()),
+        ("kind", pa.string()),  # "majority" (most frequent training label) | "untrained_head" (PLM + fresh head)
+    ] + _METRICS,
+    "interpolation": _COMMON + _PAIR + [("alpha", pa.float64())] + _METRICS,
+    "interpolation_paths": _COMMON + _PAIR + [
+        ("split", pa.string()), ("num_alphas", pa.int32()), ("loss_a", pa.float64()), ("loss_b", pa.float64()),
+        ("accuracy_a", pa.float64()), ("accuracy_b", pa.float64()), ("min_accuracy", pa.float64()),
+        ("loss_barrier", pa.float64()), ("accuracy_drop", pa.float64()),
     ],
-    "interpolation": _COMMON + [
-        ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("plm_index_a", pa.int32()),
-        ("plm_index_b", pa.int32()), ("tuned_hash_a", pa.string()), ("tuned_hash_b", pa.string()),
-        ("alpha", pa.float64()), ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()),
-        ("test_accuracy", pa.float64()), ("test_loss", pa.float64()),
+    "head_similarity": _COMMON + _PAIR + [
+        ("layer", pa.int32()), ("head", pa.int32()), ("num_examples", pa.int32()),
+        ("js_corresponding", pa.float64()), ("js_noncorresponding", pa.float64()),
+        ("similarity_corresponding", pa.float64()), ("similarity_noncorresponding", pa.float64()),
+    ],
+    "distances": _COMMON + _PAIR + [
+        ("what", pa.string()),  # "plm" | "tuned" | "update" (Δ for fine-tuning, the PET module otherwise)
+        ("num_parameters", pa.int64()), ("l2", pa.float64()), ("l2_per_parameter", pa.float64()),
+        ("cosine", pa.float64()),
     ],
 }
 SCHEMAS = {name: pa.schema(fields, metadata={"raysys_schema_version": str(SCHEMA_VERSION)})
@@ -75,10 +98,10 @@ def code_version() -> str:
     """The git commit of the code that produced a row (with '+dirty' for uncommitted changes), or 'unknown'."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, check=False,
                                 timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+                               capture_output=True, text=True, check=False, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"

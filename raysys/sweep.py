@@ -21,17 +21,18 @@ from ray import tune
 
 from raysys import data, pretrain, report, results, stages
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
+from raysys.recycle import WeightMismatchError
 from raysys.store import Store
 
-STAGES = ("pretrain", "tuning", "compatibility", "interpolation")
+STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity")
 
 
 # ------------------------------------------------------------------------------------------ Ray Train: the chain
 
 
 def chain_train_worker(config: dict) -> None:
-    """Ray Train worker: walk the missing links of the chain in order; rank 0 saves each PLM before any worker
-    starts the next link."""
+    """Ray Train worker: walk the missing links (main chain, then control chain) in order; rank 0 saves each PLM
+    before any worker starts the next link."""
     study, store = build(StudyConfig, config["study"]), Store(config["storage"])
     chain = stages.plan_chain(study)
     ctx = ray.train.get_context()
@@ -39,19 +40,22 @@ def chain_train_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     tokenizer = stages.ensure_tokenizer(study, store, chain)
-    for link in config["links"]:
+    for plm_hash in config["links"]:
+        link = chain.link(plm_hash)
         started = results.now()
-        model = stages.link_initial_model(study, store, chain, link, tokenizer).to(device)
-        texts = data.load_corpus(study.corpora[link], study.world)
+        model = stages.link_initial_model(study, store, link, tokenizer).to(device)
+        texts = data.load_corpus(study.corpora[link.index], study.world)
         sequences = pretrain.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
-        curve = pretrain.train_masked_lm(model, sequences, tokenizer, study.pretrain, stages.link_plan(study, link),
-                                         rank, world_size, device, wrap=ray.train.torch.prepare_model)
+        curve = pretrain.train_masked_lm(model, sequences, tokenizer, stages.link_pretrain_config(study, link),
+                                         stages.link_plan(study, link), rank, world_size, device,
+                                         wrap=ray.train.torch.prepare_model)
         if rank == 0:
-            stages.save_link(study, store, chain, link, model.cpu(), tokenizer, curve, started, world_size)
+            stages.save_link(study, store, link, model.cpu(), tokenizer, curve, started, world_size)
         if world_size > 1:
             torch.distributed.barrier()
-        ray.train.report({"link": link, "step": curve[-1]["step"], "loss": curve[-1]["loss"],
-                          "tokens_per_second": curve[-1]["tokens_per_second"]})
+        last = curve[-1] if curve else {}
+        ray.train.report({"chain": link.chain, "link": link.index, "step": last.get("step", 0),
+                          "loss": last.get("loss"), "tokens_per_second": last.get("tokens_per_second")})
 
 
 def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
@@ -67,7 +71,7 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=study.pretrain.use_gpu,
                                                resources_per_worker={"CPU": 1}),
         # A deterministic name, so that a restarted trial finds its Train run again.
-        run_config=ray.train.RunConfig(name=f"pretrain-{chain.chain_hash}-{'_'.join(map(str, links))}",
+        run_config=ray.train.RunConfig(name=f"pretrain-{config_hash(links)}",
                                        storage_path=str(store.ray_dir / "train"),
                                        failure_config=ray.train.FailureConfig(max_failures=1)),
     )
@@ -76,11 +80,11 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 — recorded per link below
         error = f"{type(err).__name__}: {err}"
-    failed = [i for i in links if not store.has_artifact("plm", chain.plm_hashes[i])]
-    for i in failed:
-        results.write_rows(store, "pretrain_runs", chain.plm_hashes[i], [{
-            **results.provenance(started, "failed", error or "link not produced"), "link": i,
-            "domain": study.corpora[i].name, "num_workers": workers}])
+    failed = [chain.link(h) for h in links if not store.has_artifact("plm", h)]
+    for link in failed:
+        results.write_rows(store, "pretrain_runs", link.hash, [{
+            **results.provenance(started, "failed", error or "link not produced"), "chain": link.chain,
+            "link": link.index, "domain": study.corpora[link.index].name, "num_workers": workers}])
     tune.report({"cells_ok": len(links) - len(failed), "cells_failed": len(failed)})
 
 
@@ -101,14 +105,19 @@ def _tuning_trainable(config, study_dict, storage):
 
 
 def _compatibility_trainable(config, study_dict, storage):
-    _run_group(config, study_dict, storage, "compatibility", stages.run_compatibility_cell)
+    runner = {"compatibility": stages.run_compatibility_cell, "baselines": stages.run_baseline_cell}
+    _run_group(config, study_dict, storage, config["group"]["table"], runner[config["group"]["table"]])
+
+
+def _similarity_trainable(config, study_dict, storage):
+    _run_group(config, study_dict, storage, "head_similarity", stages.run_similarity_cell)
 
 
 def _interpolation_trainable(config, study_dict, storage):
     study, store = build(StudyConfig, study_dict), Store(storage)
     torch.set_num_threads(max(1, int(study.pilot.cpus_per_trial)))
-    cells = config["group"]["cells"]
-    stages.run_interpolation_cells(study, store, stages.plan_chain(study), cells)
+    pair, cells = config["group"]["pair"], config["group"]["cells"]
+    stages.run_interpolation_pair(study, store, stages.plan_chain(study), pair, cells)
     ok = len(results.finished_cells(store, "interpolation") & {c["cell_hash"] for c in cells})
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
@@ -159,58 +168,92 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     chain = stages.plan_chain(study)
     ran: dict[str, dict] = {}
 
-    def stage(name, cells, finished, groups, trainable, resources, max_concurrent):
+    def stage(name, total, finished, groups, trainable, resources, max_concurrent):
         if name not in only:
             return
-        n = sum(len(g.get("cells", g.get("links", []))) for g in groups)
-        blocked = len(cells) - finished - n
-        log(f"[{name}] {len(cells)} cells: {finished} finished, {n} to run in {len(groups)} trials"
-            + (f", {blocked} blocked (inputs missing)" if blocked else ""))
+        n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
+        blocked = total - finished - n
+        log(f"[{name}] {total} cells: {finished} finished, {n} to run in {len(groups)} trials"
+            + (f", {blocked} blocked (inputs missing)" if blocked > 0 else ""))
         seconds = run_experiment(name, trainable, groups, resources, study, store, max_concurrent) if groups else 0.0
-        ran[name] = {"cells": len(cells), "finished_before": finished, "ran": n, "blocked": blocked,
+        ran[name] = {"cells": total, "finished_before": finished, "ran": n, "blocked": max(0, blocked),
                      "seconds": seconds}
         if groups:
             log(f"[{name}] done in {seconds:.1f}s")
 
-    links = [i for i, h in enumerate(chain.plm_hashes) if not store.has_artifact("plm", h)]
-    stage("pretrain", chain.plm_hashes, len(chain.plm_hashes) - len(links), [{"links": links}] if links else [],
+    stages.preflight(study, store, chain)
+    links = [link.hash for link in chain.links if not store.has_artifact("plm", link.hash)]
+    stage("pretrain", len(chain.links), len(chain.links) - len(links), [{"links": links}] if links else [],
           _pretrain_trainable,
           {"cpu": 0, "memory": 1024**2}, 1)  # the trial only coordinates; its Train workers hold the CPUs
 
-    have_plm = {h for h in chain.plm_hashes if store.has_artifact("plm", h)}
-    cells = stages.plan_tuning(study, chain)
-    done = {c["cell_hash"] for c in cells if store.has_artifact("tuned", c["cell_hash"])} & \
-        results.finished_cells(store, "tuning_runs")
-    todo = [c for c in _missing(cells, done) if c["plm_hash"] in have_plm]
-    resources = {"cpu": study.tuning.cpus_per_trial, "gpu": study.tuning.gpus_per_trial}
-    stage("tuning", cells, len(done), [{"cells": [c]} for c in todo], _tuning_trainable, resources,
-          _concurrency(study.tuning.cpus_per_trial))
+    stages.preflight(study, store, chain)  # again, now over the PLMs this run produced
+
+    def has_plm(h):
+        return store.has_artifact("plm", h)
 
     def tuned(h):
         return store.has_artifact("tuned", h)
 
-    cells = stages.plan_compatibility(study, chain)
-    done = results.finished_cells(store, "compatibility")
-    todo = [c for c in _missing(cells, done) if tuned(c["source_tuned_hash"]) and c["target_plm_hash"] in have_plm]
-    stage("compatibility", cells, len(done & _hashes(cells)), [{"cells": [c]} for c in todo], _compatibility_trainable,
-          {"cpu": study.pilot.cpus_per_trial}, _concurrency(study.pilot.cpus_per_trial))
+    cells = stages.plan_tuning(study, chain)
+    done = {c["cell_hash"] for c in cells if tuned(c["cell_hash"])} & results.finished_cells(store, "tuning_runs")
+    todo = [c for c in _missing(cells, done) if has_plm(c["plm_hash"])]
+    resources = {"cpu": study.tuning.cpus_per_trial, "gpu": study.tuning.gpus_per_trial}
+    stage("tuning", len(cells), len(done), [{"cells": [c]} for c in todo], _tuning_trainable, resources,
+          _concurrency(study.tuning.cpus_per_trial))
 
+    pilot_resources = {"cpu": study.pilot.cpus_per_trial}
+    pilot_concurrency = _concurrency(study.pilot.cpus_per_trial)
+    compat = stages.plan_compatibility(study, chain)
+    baselines = stages.plan_baselines(study, chain)
+    done = (results.finished_cells(store, "compatibility") & _hashes(compat)) | \
+        (results.finished_cells(store, "baselines") & _hashes(baselines))
+    todo = [{"table": "compatibility", "cells": [c]} for c in _missing(compat, done)
+            if tuned(c["source_tuned_hash"]) and has_plm(c["target_plm_hash"])]
+    todo += [{"table": "baselines", "cells": [c]} for c in _missing(baselines, done) if has_plm(c["plm_hash"])]
+    stage("compatibility", len(compat) + len(baselines), len(done), todo, _compatibility_trainable,
+          pilot_resources, pilot_concurrency)
+
+    pairs = [p for p in stages.plan_pairs(study, chain)]
     cells = stages.plan_interpolation(study, chain)
-    done = results.finished_cells(store, "interpolation")
-    todo = [c for c in _missing(cells, done) if tuned(c["tuned_hash_a"]) and tuned(c["tuned_hash_b"])]
-    stage("interpolation", cells, len(done & _hashes(cells)), _group(todo, lambda c: (c["tuned_hash_a"], c["tuned_hash_b"])),
-          _interpolation_trainable, {"cpu": study.pilot.cpus_per_trial}, _concurrency(study.pilot.cpus_per_trial))
+    done = results.finished_cells(store, "interpolation") & _hashes(cells)
+    summarised = results.finished_cells(store, "interpolation_paths")
+    groups = []
+    for pair in pairs:
+        if not (tuned(pair["tuned_hash_a"]) and tuned(pair["tuned_hash_b"])):
+            continue
+        missing = [c for c in cells if c["pair_hash"] == pair["pair_hash"] and c["cell_hash"] not in done]
+        if missing or pair["pair_hash"] not in summarised:
+            groups.append({"pair": pair, "cells": missing})
+    stage("interpolation", len(cells), len(done), groups, _interpolation_trainable, pilot_resources,
+          pilot_concurrency)
+
+    cells = stages.plan_similarity(study, chain)
+    done = _similarity_done(store) & _hashes(cells)
+    todo = [{"cells": [c]} for c in _missing(cells, done) if tuned(c["tuned_hash_a"]) and tuned(c["tuned_hash_b"])]
+    stage("similarity", len(cells), len(done), todo, _similarity_trainable, pilot_resources, pilot_concurrency)
     return ran
+
+
+def _similarity_done(store: Store) -> set[str]:
+    return results.finished_cells(store, "head_similarity") & results.finished_cells(store, "distances")
 
 
 def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
     """Per stage, how many planned cells have no `ok` row yet."""
     chain = stages.plan_chain(study)
-    planned = {"pretrain": ("pretrain_runs", [{"cell_hash": h} for h in chain.plm_hashes]),
-               "tuning": ("tuning_runs", stages.plan_tuning(study, chain)),
-               "compatibility": ("compatibility", stages.plan_compatibility(study, chain)),
-               "interpolation": ("interpolation", stages.plan_interpolation(study, chain))}
-    return {name: len(_missing(cells, results.finished_cells(store, table))) for name, (table, cells) in planned.items()}
+    pairs = stages.plan_pairs(study, chain)
+    planned = {
+        "pretrain": (results.finished_cells(store, "pretrain_runs"), [link.hash for link in chain.links]),
+        "tuning": (results.finished_cells(store, "tuning_runs"), _hashes(stages.plan_tuning(study, chain))),
+        "compatibility": (results.finished_cells(store, "compatibility") | results.finished_cells(store, "baselines"),
+                          _hashes(stages.plan_compatibility(study, chain) + stages.plan_baselines(study, chain))),
+        "interpolation": (results.finished_cells(store, "interpolation") |
+                          results.finished_cells(store, "interpolation_paths"),
+                          _hashes(stages.plan_interpolation(study, chain)) | {p["pair_hash"] for p in pairs}),
+        "similarity": (_similarity_done(store), _hashes(stages.plan_similarity(study, chain))),
+    }
+    return {name: len(set(wanted) - done) for name, (done, wanted) in planned.items()}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -256,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raysys: study '{study.name}' (preset {args.preset}) -> {store.root}")
     started = time.time()
     init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
-    run_study(study, store, tuple(args.only))
+    try:
+        run_study(study, store, tuple(args.only))
+    except WeightMismatchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(report.summary(study, store))
     print(f"\nresults: {store.root / 'results'} (Parquet; schemas in docs/results.md)")
     print(f"total wall time: {time.time() - started:.1f}s")

@@ -7,7 +7,6 @@ built by the caller), which parameters train (everything for fine-tuning; a modu
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,13 @@ class TuningResult:
     test_accuracy: float
     test_loss: float
     train_seconds: float
-    best_state: dict = field(repr=False)
+    best_state: dict = field(repr=False)  # the trainable parameters at the best-dev step
+
+
+def _snapshot(model) -> dict:
+    """A copy of what training can change (the trainable parameters): for PET a few kB instead of the model."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
 
 
 @torch.no_grad()
@@ -93,10 +98,10 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
                               "seconds": time.time() - start})
                 window = []
                 if best is None or dev_acc > best[1]:
-                    best = (step, dev_acc, dev_loss, copy.deepcopy(model.state_dict()))
+                    best = (step, dev_acc, dev_loss, _snapshot(model))
             if step >= cfg.max_steps:
                 break
     train_seconds = time.time() - start
-    model.load_state_dict(best[3])
+    model.load_state_dict(best[3], strict=False)
     test_acc, test_loss = evaluate(model, *encoded["test"], cfg.eval_batch_size, pad_id, device)
     return TuningResult(curve, best[0], best[1], best[2], test_acc, test_loss, train_seconds, best[3])

@@ -21,9 +21,7 @@ from functools import lru_cache
 
 from raysys.config import WorldConfig
 
-FUNCTION_WORDS = (
-    "the a of and in with was is that to by from this it were as on for are be has not its which at"
-).split()
+FUNCTION_WORDS = ["the", "a", "of", "and", "in", "with", "was", "is", "that", "to", "by", "from", "this", "it", "were", "as", "on", "for", "are", "be", "has", "not", "its", "which", "at"]
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 

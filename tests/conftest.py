@@ -11,9 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from raysys.config import load_study  # noqa: E402
+from raysys.config import load_study
 
 MICRO_OVERRIDES = [
     "world.general_sentences=2000", "world.domain_sentences=2000",
@@ -21,7 +21,7 @@ MICRO_OVERRIDES = [
     "pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
     "pretrain.log_every_steps=5",
     "tuning.max_steps=12", "tuning.eval_every_steps=4",
-    "pilot.alphas=[0.0,0.5,1.0]",
+    "pilot.alphas=[0.0,0.5,1.0]", "seeds=[20]", "pilot.similarity_examples=16",
 ]
 
 

@@ -58,10 +58,9 @@ def test_temporary_files_are_invisible_to_readers(tmp_path):
 
 def test_artifact_appears_only_when_complete(tmp_path):
     store = Store(tmp_path)
-    with pytest.raises(RuntimeError):
-        with store.writing_artifact("plm", "h1") as tmp:
-            (tmp / "model.safetensors").write_bytes(b"partial")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), store.writing_artifact("plm", "h1") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("killed mid-write")
     assert not store.has_artifact("plm", "h1")
     assert list(store.artifact_path("plm", "h1").parent.iterdir()) == []  # no temporary left behind
     with store.writing_artifact("plm", "h1") as tmp:

@@ -17,43 +17,109 @@ def _ok(store, table):
 
 def test_every_stage_writes_its_rows(micro_run):
     study, store, ran = micro_run
-    n_plms, n_tasks, n_seeds, n_alphas = len(study.corpora), len(study.tasks), len(study.seeds), 3
-    assert ran["tuning"]["ran"] == n_plms * n_tasks * n_seeds
+    chain = stages.plan_chain(study)
+    n_plms, n_tasks, n_seeds, n_types, n_alphas = len(study.corpora), len(study.tasks), len(study.seeds), 3, 3
+    grid = n_tasks * n_seeds * n_types
+    assert study.tuning.types == ("finetune", "lora", "adapter")
+    assert len(chain.links) == n_plms + study.control_length
+    controls = len({j for i, j in stages._hops(study) if j < study.control_length})
     tuning = _ok(store, "tuning_runs")
-    assert len(tuning) == n_plms * n_tasks * n_seeds
+    assert ran["tuning"]["ran"] == len(tuning) == (n_plms + controls) * grid
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["best_step"] in (4, 8, 12) for r in tuning)
+    pet = [r for r in tuning if r["tuning_type"] != "finetune"]
+    assert all(r["num_trainable_parameters"] < r["num_parameters"] / 4 for r in pet)
     curves = results.read_table(store, "tuning_curves").to_pylist()
     assert len(curves) == len(tuning) * 3  # evaluations at steps 4, 8, 12
-    hops = n_plms - 1
-    assert len(_ok(store, "compatibility")) == hops * n_tasks * n_seeds
+    later_pairs = n_plms * (n_plms - 1) // 2
+    assert len(_ok(store, "compatibility")) == later_pairs * grid
+    baselines = _ok(store, "baselines")
+    assert len(baselines) == 2 * n_plms * n_tasks * n_seeds
+    pairs = stages.plan_pairs(study, chain)
+    kinds = {p["pair_kind"] for p in pairs}
+    assert kinds == {"continual", "control"}
     interp = _ok(store, "interpolation")
-    assert len(interp) == hops * n_tasks * n_seeds * n_alphas
+    assert len(interp) == len(pairs) * n_alphas
     assert len({r["cell_hash"] for r in interp}) == len(interp)
+    assert len(_ok(store, "interpolation_paths")) == 2 * len(pairs)
+    heads = _ok(store, "head_similarity")
+    assert len(heads) == len(pairs) * study.model.num_layers * study.model.num_heads
+    assert len(_ok(store, "distances")) == 3 * len(pairs)
 
 
 def test_interpolation_ends_reproduce_the_tuned_models(micro_run):
+    """α = 0 and α = 1 are the two tuned models exactly — for PET too, each end keeping its own backbone."""
     _, store, _ = micro_run
     tuned = {r["cell_hash"]: r for r in _ok(store, "tuning_runs")}
+    checked = set()
     for row in _ok(store, "interpolation"):
-        if row["alpha"] == 0.0:
-            assert row["test_accuracy"] == tuned[row["tuned_hash_a"]]["test_accuracy"]
-            assert abs(row["test_loss"] - tuned[row["tuned_hash_a"]]["test_loss"]) < 1e-5
-        if row["alpha"] == 1.0:
-            assert row["test_accuracy"] == tuned[row["tuned_hash_b"]]["test_accuracy"]
+        end = {0.0: "tuned_hash_a", 1.0: "tuned_hash_b"}.get(row["alpha"])
+        if end:
+            assert row["test_accuracy"] == tuned[row[end]]["test_accuracy"]
+            assert abs(row["test_loss"] - tuned[row[end]]["test_loss"]) < 1e-5
+            checked.add(row["tuning_type"])
+    assert checked == {"finetune", "lora", "adapter"}
+
+
+def test_path_summaries_match_their_rows(micro_run):
+    _, store, _ = micro_run
+    interp = _ok(store, "interpolation")
+    for path in _ok(store, "interpolation_paths"):
+        rows = sorted((r for r in interp if r["tuned_hash_a"] == path["tuned_hash_a"]
+                       and r["tuned_hash_b"] == path["tuned_hash_b"]), key=lambda r: r["alpha"])
+        losses = [r[f"{path['split']}_loss"] for r in rows]
+        assert path["num_alphas"] == len(rows) == 3
+        mid = losses[1] - (losses[0] + losses[2]) / 2
+        assert abs(path["loss_barrier"] - max(0.0, mid)) < 1e-9
+
+
+def test_similarity_of_a_model_with_itself_is_maximal(micro_run):
+    """Run the similarity cell on a pair made of one tuned model twice: every corresponding head has similarity
+    1, at least that of any real pair, and all distances are 0."""
+    study, store, _ = micro_run
+    chain = stages.plan_chain(study)
+    cell = next(c for c in stages.plan_similarity(study, chain) if c["tuning_type"] == "adapter")
+    same = {**cell, "cell_hash": "self-" + cell["cell_hash"], "tuned_hash_b": cell["tuned_hash_a"]}
+    stages.run_similarity_cell(study, store, chain, same)
+    rows = [r for r in _ok(store, "head_similarity") if r["cell_hash"] == same["cell_hash"]]
+    assert len(rows) == study.model.num_layers * study.model.num_heads
+    assert all(abs(r["similarity_corresponding"] - 1.0) < 1e-5 for r in rows)
+    real = [r for r in _ok(store, "head_similarity") if r["cell_hash"] == cell["cell_hash"]]
+    assert min(r["similarity_corresponding"] for r in rows) >= max(r["similarity_corresponding"] for r in real) - 1e-6
+    dist = [r for r in _ok(store, "distances") if r["cell_hash"] == same["cell_hash"]]
+    assert {r["what"] for r in dist} == {"plm", "tuned", "update"} and all(r["l2"] == 0.0 for r in dist)
+    for table in ("head_similarity", "distances"):
+        os.remove(store.results_dir(table) / f"{same['cell_hash']}.parquet")
 
 
 def test_compatibility_of_a_zero_hop_delta_is_the_tuned_model(micro_run):
-    """Sanity of the transplant on real checkpoints: Δ_i applied to M_i itself gives the tuned model back."""
+    """Sanity of the transplant on real checkpoints, for every tuning type: Δ_i applied to M_i itself gives the
+    tuned model back."""
     study, store, _ = micro_run
     chain = stages.plan_chain(study)
-    cell = stages.plan_compatibility(study, chain)[0]
-    same = {**cell, "cell_hash": "self-" + cell["cell_hash"], "target_plm_hash": cell["source_plm_hash"],
-            "target_plm_index": cell["source_plm_index"]}
-    stages.run_compatibility_cell(study, store, chain, same)
-    row = next(r for r in _ok(store, "compatibility") if r["cell_hash"] == same["cell_hash"])
-    tuned = next(r for r in _ok(store, "tuning_runs") if r["cell_hash"] == cell["source_tuned_hash"])
-    assert row["test_accuracy"] == tuned["test_accuracy"]
-    os.remove(store.results_dir("compatibility") / f"{same['cell_hash']}.parquet")
+    tuned = {r["cell_hash"]: r for r in _ok(store, "tuning_runs")}
+    for tuning_type in study.tuning.types:
+        cell = next(c for c in stages.plan_compatibility(study, chain) if c["tuning_type"] == tuning_type)
+        same = {**cell, "cell_hash": "self-" + cell["cell_hash"], "target_plm_hash": cell["source_plm_hash"],
+                "target_plm_index": cell["source_plm_index"]}
+        stages.run_compatibility_cell(study, store, chain, same)
+        row = next(r for r in _ok(store, "compatibility") if r["cell_hash"] == same["cell_hash"])
+        assert row["test_accuracy"] == tuned[cell["source_tuned_hash"]]["test_accuracy"]
+        os.remove(store.results_dir("compatibility") / f"{same['cell_hash']}.parquet")
+
+
+def test_pet_artifacts_hold_only_trainable_weights(micro_run):
+    from safetensors.torch import load_file
+
+    _, store, _ = micro_run
+    for row in _ok(store, "tuning_runs"):
+        path = store.artifact_path("tuned", row["cell_hash"])
+        if row["tuning_type"] == "finetune":
+            assert (path / "model.safetensors").is_file()
+            continue
+        assert not (path / "model.safetensors").exists()
+        weights = load_file(str(path / "trainable.safetensors"))
+        assert sum(v.numel() for v in weights.values()) == row["num_trainable_parameters"]
+        assert not any(k.endswith("attention.self.key.weight") for k in weights)
 
 
 def test_rerun_recomputes_nothing(micro_run):
@@ -84,9 +150,10 @@ def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
     extra = TaskConfig(name="d1_copy", domain="d1", source="jsonl", path=str(tmp_path))
     study2 = dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3))
     ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
-    assert ran["tuning"]["ran"] == 2 * len(study.seeds)
+    expected = 2 * len(study.seeds) * len(study.tuning.types)
+    assert ran["tuning"]["ran"] == expected
     failed = [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] == "failed"]
-    assert len(failed) == 2 * len(study.seeds)
+    assert len(failed) == expected
     assert all("no-such-label" in r["error"] and r["task"] == "d1_copy" for r in failed)
     assert sweep.missing_cells(study2, store)["tuning"] == len(failed)
 
@@ -111,8 +178,10 @@ def test_every_preset_builds_and_plans():
         study = load_study(preset)
         chain = stages.plan_chain(study)
         assert len(set(chain.plm_hashes)) == len(study.corpora)
+        assert len({link.hash for link in chain.links}) == len(chain.links)
         cells = stages.plan_tuning(study, chain)
-        assert len(cells) == len(study.plms_to_tune) * len(study.tasks) * len(study.seeds)
+        main = [c for c in cells if c["chain"] == "main"]
+        assert len(main) == len(study.plms_to_tune) * len(study.tasks) * len(study.seeds) * len(study.tuning.types)
 
 
 def test_micro_overrides_change_identity_but_resources_do_not():
