@@ -273,6 +273,108 @@ class PilotConfig:
         _check(self.cpus_per_trial > 0, "pilot.cpus_per_trial", "must be > 0")
 
 
+METHODS = ("vanilla", "init", "distill", "combined")
+REGIMES = ("full", "kshot")
+
+
+@dataclass(frozen=True)
+class KShotConfig:
+    """Training settings of the few-shot regime; unset fields inherit the tuning config's (the official scripts
+    train few-shot students with lr 1e-5, batch 2, 2,000 warm-up steps, evaluating every 1,000 steps)."""
+
+    batch_size: int | None = None
+    lr: float | None = None
+    pet_lr: float | None = None
+    max_steps: int | None = None
+    warmup_fraction: float | None = None
+    eval_every_steps: int | None = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "eval_every_steps"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"methods.kshot.{name}", "must be >= 1")
+        for name in ("lr", "pet_lr"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"methods.kshot.{name}", "must be > 0")
+        _check(self.warmup_fraction is None or 0.0 <= self.warmup_fraction < 1.0, "methods.kshot.warmup_fraction",
+               "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainingFreeConfig:
+    """The paper's appendix: a learned low-rank affine map of old PET weights, w' = w + w·W1·W2 + b (W2 and b
+    start at zero, so the untrained map is direct application), one map per module weight; trained with the
+    distillation loss on one task's old weights, applied to the other tasks' old weights without training."""
+
+    enabled: bool = True
+    rank: int = 8
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 16
+    temperature: float = 10.0
+    kd_weight: float = 0.9
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "methods.training_free.rank", "must be >= 1")
+        _check(self.steps >= 1, "methods.training_free.steps", "must be >= 1")
+        _check(self.lr > 0, "methods.training_free.lr", "must be > 0")
+        _check(self.batch_size >= 1, "methods.training_free.batch_size", "must be >= 1")
+        _check(self.temperature > 0, "methods.training_free.temperature", "must be > 0")
+        _check(0.0 <= self.kd_weight <= 1.0, "methods.training_free.kd_weight", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class MethodsConfig:
+    """Recycling the outdated Δ_i when tuning M_{i+h}: `vanilla` (fresh start, cross-entropy), `init` (start from
+    the old delta / module and head), `distill` (fresh start; teacher = the old tuned model on the old PLM; loss
+    (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init start, distillation loss). The grid: temperatures (T),
+    kd_weights (a) and betas (β) multiply only the distilling methods; upgrades are (i, i + h) for i in
+    `sources` (None = every tuned PLM with a successor) and h in `hops`; regimes `full` and `kshot` (K per class
+    for each K in `shots`). Convergence is measured against the vanilla run: the first evaluation reaching
+    `target_fraction` of its best dev accuracy."""
+
+    methods: tuple[str, ...] = METHODS
+    tasks: tuple[str, ...] | None = None  # None = every task
+    types: tuple[str, ...] | None = None  # None = every tuning type
+    sources: tuple[int, ...] | None = None
+    hops: tuple[int, ...] = (1,)
+    regimes: tuple[str, ...] = REGIMES
+    shots: tuple[int, ...] = (32,)
+    temperatures: tuple[float, ...] = (5.0, 10.0, 20.0)
+    kd_weights: tuple[float, ...] = (0.7, 0.9)
+    betas: tuple[float, ...] = (0.0, 5.0, 10.0, 50.0, 100.0)
+    teacher_dropout: bool = False
+    target_fraction: float = 0.95
+    kshot: KShotConfig = KShotConfig()
+    training_free: TrainingFreeConfig = TrainingFreeConfig()
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self):
+        _check(len(self.methods) >= 1 and len(set(self.methods)) == len(self.methods), "methods.methods",
+               "name each method once, at least one")
+        for m in self.methods:
+            _check(m in METHODS, "methods.methods", f"unknown method '{m}'; known: {list(METHODS)}")
+        for t in self.types or ():
+            _check(t in TUNING_TYPES, "methods.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
+        _check(self.types is None or len(self.types) >= 1, "methods.types", "name at least one tuning type")
+        _check(len(self.hops) >= 1 and all(h >= 1 for h in self.hops), "methods.hops", "hops must be >= 1")
+        _check(len(self.regimes) >= 1, "methods.regimes", f"name at least one of {list(REGIMES)}")
+        for r in self.regimes:
+            _check(r in REGIMES, "methods.regimes", f"unknown regime '{r}'; known: {list(REGIMES)}")
+        _check(len(self.shots) >= 1 and all(k >= 1 for k in self.shots), "methods.shots",
+               "K (examples per class) must be >= 1")
+        _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "methods.temperatures",
+               "every temperature T must be > 0")
+        _check(len(self.kd_weights) >= 1 and all(0.0 <= a <= 1.0 for a in self.kd_weights), "methods.kd_weights",
+               "every distillation weight a must be in [0, 1]")
+        _check(len(self.betas) >= 1 and all(b >= 0 for b in self.betas), "methods.betas",
+               "every hidden-state weight beta must be >= 0")
+        _check(0.0 < self.target_fraction <= 1.0, "methods.target_fraction", "must be in (0, 1]")
+        _check(self.cpus_per_trial > 0, "methods.cpus_per_trial", "must be > 0")
+        _check(self.gpus_per_trial >= 0, "methods.gpus_per_trial", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """The sweep spec: the PLM chain (corpora[0] is D0 for M0, corpora[i] the data that makes M_i), the tasks,
@@ -286,6 +388,7 @@ class StudyConfig:
     pretrain: PretrainConfig = PretrainConfig()
     tuning: TuningConfig = TuningConfig()
     pilot: PilotConfig = PilotConfig()
+    methods: MethodsConfig = MethodsConfig()
     seeds: tuple[int, ...] = (20, 30)
     tune_plms: tuple[int, ...] | None = None
 
@@ -309,6 +412,7 @@ class StudyConfig:
             if task.source == "builtin":
                 _check(task.domain in builtin and task.domain != "d0", f"task {task.name}.domain",
                        "a builtin task belongs to a builtin domain d1..dN")
+        self._check_methods()
         control = self.control_length
         _check(control <= len(self.corpora), "pilot.control_length",
                f"the control chain cannot be longer than the main chain ({len(self.corpora)} links)")
@@ -316,6 +420,36 @@ class StudyConfig:
             raise ConfigError("pilot.control_name_or_path: the main chain starts from a pretrained checkpoint, so the "
                               "control chain needs an independently pre-trained one of the same architecture "
                               "(or set pilot.control_length = 0)")
+
+    def _check_methods(self) -> None:
+        for name in self.methods.tasks or ():
+            _check(name in [t.name for t in self.tasks], "methods.tasks", f"unknown task '{name}'")
+        for t in self.methods.types or ():
+            _check(t in self.tuning.types, "methods.types", f"'{t}' is not tuned (tuning.types = "
+                   f"{list(self.tuning.types)}), so it has no outdated weights to recycle")
+        for i in self.methods.sources or ():
+            _check(i in self.plms_to_tune, "methods.sources", f"M{i} is not tuned (tune_plms), so it has no "
+                   "outdated weights to recycle")
+            _check(any(i + h < len(self.corpora) for h in self.methods.hops), "methods.sources",
+                   f"M{i} has no successor M{i}+h for h in {list(self.methods.hops)} in a chain of "
+                   f"{len(self.corpora)}")
+
+    @property
+    def upgrades(self) -> tuple[tuple[int, int], ...]:
+        """(i, j): the outdated weights tuned on M_i, recycled for M_j."""
+        sources = self.methods.sources
+        if sources is None:
+            sources = self.plms_to_tune
+        return tuple((i, i + h) for h in self.methods.hops for i in sources if i + h < len(self.corpora))
+
+    @property
+    def method_tasks(self) -> tuple[TaskConfig, ...]:
+        names = self.methods.tasks
+        return self.tasks if names is None else tuple(t for t in self.tasks if t.name in names)
+
+    @property
+    def method_types(self) -> tuple[str, ...]:
+        return self.methods.types or self.tuning.types
 
     @property
     def control_length(self) -> int:
@@ -447,6 +581,8 @@ def apply_override(data: dict, assignment: str) -> dict:
     for i, part in enumerate(parts[:-1]):
         node = _descend(node, part, ".".join(parts[: i + 1]))
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"--set {'.'.join(parts[:-1])}: cannot descend into a value")
     if isinstance(node, list):
         index = _list_index(node, last, key)
         node[index] = _parse_value(raw)

@@ -83,6 +83,8 @@ def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
             for key in (text_field, label_field):
                 if key not in record:
                     raise DataError(f"{path}:{lineno}: missing field '{key}'")
@@ -111,12 +113,18 @@ def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict,
     return out, None
 
 
+def _label_order(label) -> tuple:
+    """Numbers in numeric order (0, 1, 2, …, 10), anything else by its text, numbers first."""
+    numeric = isinstance(label, (int, float)) and not isinstance(label, bool)
+    return (0, label, "") if numeric else (1, 0, str(label))
+
+
 def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:
     """Load train/dev/test and map labels to ids. The label set comes from the training split (sorted), so the
     same task always maps labels identically; a dev/test label unseen in training is an error."""
     raw, label_names = _raw_task_splits(spec, world_config)
     if label_names is None:
-        label_names = sorted({label for _, label in raw["train"]}, key=str)
+        label_names = sorted({label for _, label in raw["train"]}, key=_label_order)
     index = {label: i for i, label in enumerate(label_names)}
     splits = {}
     for split, rows in raw.items():
@@ -125,6 +133,34 @@ def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:
             raise DataError(f"task {spec.name}/{split}: labels {sorted(map(str, unknown))} not in training labels")
         splits[split] = [(text, index[label]) for text, label in rows]
     return TaskData(spec.name, tuple(str(x) for x in label_names), splits)
+
+
+def sample_per_class(rows: list[tuple[str, int]], k: int, seed: int) -> list[tuple[str, int]]:
+    """K examples of every class, drawn without replacement with `seed`; a class with <= K examples is taken
+    whole. The result keeps the rows' original order, so it depends only on (rows, k, seed)."""
+    if k < 1:
+        raise ValueError(f"K: must be >= 1, got {k}")
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(rows):
+        by_class.setdefault(label, []).append(i)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) <= k:
+            chosen += members
+        else:
+            chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:k].tolist()]
+    return [rows[i] for i in sorted(chosen)]
+
+
+def k_shot(task: TaskData, k: int, seed: int) -> TaskData:
+    """The paper's few-shot regime: K per class for train and for dev (seeded), the full test set; the full dev
+    set is kept as `full_dev` so model selection can be reported both ways."""
+    splits = {"train": sample_per_class(task.splits["train"], k, seed),
+              "dev": sample_per_class(task.splits["dev"], k, seed + 1),
+              "test": task.splits["test"], "full_dev": task.splits["dev"]}
+    return TaskData(task.name, task.labels, splits)
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -197,11 +233,15 @@ def encode_task(task: TaskData, tokenizer, max_length: int) -> dict:
 
 
 def iterate_batches(ids: list[list[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
-                    generator: torch.Generator | None = None):
-    """Yield (input_ids, attention_mask, labels) batches; shuffled when a generator is given."""
+                    generator: torch.Generator | None = None, with_index: bool = False):
+    """Yield (input_ids, attention_mask, labels) batches, plus the examples' indices with `with_index` (to look
+    up per-example cached values such as teacher outputs); shuffled when a generator is given."""
     order = torch.randperm(len(ids), generator=generator).tolist() if generator is not None else range(len(ids))
     order = list(order)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = pad_batch([ids[i] for i in chunk], pad_id)
-        yield input_ids, mask, labels[chunk]
+        if with_index:
+            yield input_ids, mask, labels[chunk], torch.tensor(chunk, dtype=torch.long)
+        else:
+            yield input_ids, mask, labels[chunk]

@@ -13,8 +13,13 @@ from transformers import (
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
 )
+from transformers.utils import logging as hf_logging
 
 from raysys.config import ModelConfig
+
+# Load reports and progress bars for every checkpoint would bury the sweep's own output.
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 

@@ -38,7 +38,8 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def summary(study: StudyConfig, store: Store) -> str:
     return "\n\n".join([_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
-                        _path_summary(store), _head_summary(store), _distance_summary(store)])
+                        _path_summary(store), _head_summary(store), _distance_summary(store),
+                        _methods_summary(store), _grid_summary(store), _training_free_summary(store)])
 
 
 def _pretrain_summary(store: Store) -> str:
@@ -110,3 +111,74 @@ def _distance_summary(store: Store) -> str:
             for (t, what, kind), v in sorted(groups.items())]
     return "Distances between the two ends of each pair (means)\n" + _table(
         ["type", "what", "pair", "L2", "L2/param", "cosine"], rows)
+
+
+def _setting(r: dict) -> tuple:
+    regime = "full" if r["regime"] == "full" else f"{r['shots']}-shot"
+    return r["task"], r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", regime
+
+
+def _knobs(r: dict) -> tuple:
+    return r["temperature"], r["kd_weight"], r["beta"]
+
+
+def methods_table(store: Store) -> list[dict]:
+    """Per setting (task, type, upgrade, regime) and method: test accuracy, steps to target and area under the dev
+    curve over seeds; for the distilling methods the (T, a, β) with the best mean dev accuracy (K-shot dev in the
+    few-shot regime, as the paper selects) stands for the method."""
+    runs = defaultdict(lambda: defaultdict(list))
+    for r in _ok_rows(store, "methods_runs"):
+        runs[_setting(r)][(r["method"], _knobs(r))].append(r)
+    table = []
+    for setting, by_variant in sorted(runs.items()):
+        for method in ("vanilla", "init", "distill", "combined"):
+            variants = {k: v for k, v in by_variant.items() if k[0] == method}
+            if not variants:
+                continue
+            knobs, rows = max(variants.items(), key=lambda kv: _mean(r["best_dev_accuracy"] for r in kv[1]))
+            reached = [r["steps_to_target"] for r in rows if r["steps_to_target"] is not None]
+            table.append({"task": setting[0], "tuning_type": setting[1], "upgrade": setting[2], "regime": setting[3],
+                          "method": method, "knobs": knobs[1], "seeds": len(rows),
+                          "test": [r["test_accuracy"] for r in rows],
+                          "test_full_dev_selection": [r["full_dev_test_accuracy"] for r in rows],
+                          "steps_to_target": reached, "reached": f"{len(reached)}/{len(rows)}",
+                          "auc": [r["dev_auc"] for r in rows], "start": [r["start_dev_accuracy"] for r in rows]})
+    return table
+
+
+def _knob_text(knobs: tuple) -> str:
+    return "" if knobs[0] is None else f"T={knobs[0]:g} a={knobs[1]:g} β={knobs[2]:g}"
+
+
+def _methods_summary(store: Store) -> str:
+    rows = [[r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"], _knob_text(r["knobs"]),
+             _mean_std(r["test"]), _mean_std(r["test_full_dev_selection"]),
+             _fmt(_mean(r["steps_to_target"]), digits=0) + f" ({r['reached']})", _mean_std(r["auc"]),
+             _mean_std(r["start"])] for r in methods_table(store)]
+    return ("Recycling methods: test accuracy % (dev selection / full-dev selection), steps to 95% of vanilla's best "
+            "dev (runs that reached it), area under the dev curve %, dev accuracy % at step 0 (mean±std over seeds)\n"
+            + _table(["task", "type", "upgrade", "regime", "method", "best T, a, β", "test", "test (full dev)",
+                      "steps to target", "dev AUC", "start"], rows))
+
+
+def _grid_summary(store: Store) -> str:
+    groups = defaultdict(list)
+    for r in _ok_rows(store, "methods_runs"):
+        if r["temperature"] is not None:
+            groups[(r["tuning_type"], _setting(r)[3], r["method"]) + _knobs(r)].append(r)
+    rows = [[t, regime, m, f"{temp:g}", f"{a:g}", f"{beta:g}", len(v), _mean_std([r["best_dev_accuracy"] for r in v]),
+             _mean_std([r["test_accuracy"] for r in v])] for (t, regime, m, temp, a, beta), v in sorted(groups.items())]
+    return "Distillation grid: dev / test accuracy % (means over tasks, upgrades and seeds)\n" + _table(
+        ["type", "regime", "method", "T", "a", "β", "runs", "best dev", "test"], rows)
+
+
+def _training_free_summary(store: Store) -> str:
+    groups = defaultdict(list)
+    for r in _ok_rows(store, "training_free"):
+        kind = "same task" if r["map_task"] == r["task"] else "other task"
+        groups[(r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", kind)].append(r)
+    rows = [[t, up, kind, len(v), _mean_std([r["direct_test_accuracy"] for r in v]),
+             _mean_std([r["mapped_test_accuracy"] for r in v])] for (t, up, kind), v in sorted(groups.items())]
+    return ("Training-free recycling: old PET weights on the new PLM, directly vs through a map trained on "
+            "another (or the same) task — test accuracy %\n"
+            + _table(["type", "upgrade", "map trained on", "rows", "direct", "mapped"], rows))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from raysys.store import Store, atomic_write_bytes
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -38,6 +38,14 @@ _PAIR = [
 ]
 _METRICS = [("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
             ("test_loss", pa.float64())]
+
+_METHOD = [
+    ("method", pa.string()),  # vanilla | init | distill | combined
+    ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("source_plm_index", pa.int32()),
+    ("target_plm_index", pa.int32()), ("regime", pa.string()),  # "full" | "kshot"
+    ("shots", pa.int32()),  # K per class (null for full data)
+    ("temperature", pa.float64()), ("kd_weight", pa.float64()), ("beta", pa.float64()),  # null unless distilling
+]
 
 _TABLE_FIELDS = {
     "pretrain_runs": _COMMON + [
@@ -89,6 +97,38 @@ _TABLE_FIELDS = {
         ("cosine", pa.float64()),
     ],
 }
+_TABLE_FIELDS.update({
+    "methods_runs": _COMMON + _METHOD + [
+        ("old_tuned_hash", pa.string()), ("target_plm_hash", pa.string()), ("vanilla_hash", pa.string()),
+        ("lr", pa.float64()), ("max_steps", pa.int64()), ("num_train", pa.int64()), ("num_dev", pa.int64()),
+        ("start_dev_accuracy", pa.float64()),  # step 0: what the start point scores before any training
+        # selection on `dev` (the K-shot dev set in the few-shot regime, as the paper selects)
+        ("best_step", pa.int64()), ("best_dev_accuracy", pa.float64()), ("test_accuracy", pa.float64()),
+        ("test_loss", pa.float64()), ("dev_auc", pa.float64()), ("target_dev_accuracy", pa.float64()),
+        ("steps_to_target", pa.int64()), ("seconds_to_target", pa.float64()),
+        # the same on the full dev set (equal to the above for full data)
+        ("full_dev_best_step", pa.int64()), ("full_dev_best_accuracy", pa.float64()),
+        ("full_dev_test_accuracy", pa.float64()), ("full_dev_auc", pa.float64()),
+        ("full_dev_target_accuracy", pa.float64()), ("full_dev_steps_to_target", pa.int64()),
+        ("full_dev_seconds_to_target", pa.float64()),
+        ("teacher", pa.string()),  # "cache-hit" | "cache-miss" | "live" | null (no teacher)
+        ("train_seconds", pa.float64()), ("config", pa.string()),
+    ],
+    "methods_curves": _CURVE_COMMON + _METHOD + [
+        ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()),
+        ("dev_loss", pa.float64()), ("full_dev_accuracy", pa.float64()), ("full_dev_loss", pa.float64()),
+        ("seconds", pa.float64()),
+    ],
+    "training_free": _COMMON + [
+        ("tuning_type", pa.string()), ("seed", pa.int64()), ("source_plm_index", pa.int32()),
+        ("target_plm_index", pa.int32()),
+        ("map_task", pa.string()),  # the task whose old weights the map was trained on
+        ("task", pa.string()),  # the task whose old weights were mapped and evaluated
+        ("rank", pa.int32()), ("map_steps", pa.int64()), ("map_final_loss", pa.float64()),
+        ("mapped_dev_accuracy", pa.float64()), ("mapped_test_accuracy", pa.float64()),
+        ("direct_dev_accuracy", pa.float64()), ("direct_test_accuracy", pa.float64()),
+    ],
+})
 SCHEMAS = {name: pa.schema(fields, metadata={"raysys_schema_version": str(SCHEMA_VERSION)})
            for name, fields in _TABLE_FIELDS.items()}
 
@@ -158,3 +198,9 @@ def finished_cells(store: Store, table: str) -> set[str]:
     """Hashes of the cells whose rows say `ok`: the source of truth for what a rerun may skip."""
     t = read_table(store, table, ["cell_hash", "status"])
     return {h for h, s in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()) if s == "ok"}
+
+
+def read_cell(store: Store, table: str, cell_hash: str) -> list[dict]:
+    """The rows one cell wrote (empty if it has not run): a single file, no dataset scan."""
+    path = store.results_dir(table) / f"{cell_hash}.parquet"
+    return pq.read_table(path, schema=SCHEMAS[table]).to_pylist() if path.is_file() else []

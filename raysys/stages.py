@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from raysys import data, models, pet, pilot, pretrain, recycle, results
 from raysys.config import StudyConfig, TaskConfig, TuningConfig, config_hash, to_dict
@@ -314,7 +314,7 @@ def _save_tuned(directory, model, meta: dict) -> None:
     if meta["tuning_type"] == "finetune":
         model.save_pretrained(str(directory))
     else:
-        save_file(pet.trainable_state_dict(model), str(directory / "trainable.safetensors"))
+        pet.save_pet(model, directory)
     (directory / "raysys.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -336,7 +336,7 @@ def load_tuned(study: StudyConfig, store: Store, tuned: str, on_plm: str | None 
             state = recycle.transplant_delta(state, _plm_state(store, meta["plm_hash"]), _plm_state(store, target))
         model.load_state_dict(state, strict=True)
     else:
-        pet.load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+        pet.load_trainable_state(model, load_file(str(path / pet.WEIGHTS_FILE)))
     return model.eval(), meta
 
 
@@ -352,6 +352,7 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
     cfg = dataclasses.replace(study.tuning, types=(tuning_type,), lr=study.tuning.lr_for(tuning_type),
                               max_steps=study.tuning.max_steps_for(tuning_type))
     result = train_classifier(model, encoded, cfg, seed, tokenizer.pad_token_id)
+    best = result.primary
     meta = {"tuning_type": tuning_type, "plm_hash": cell["plm_hash"], "task": task.name, "seed": seed,
             "labels": list(task.labels), "pet": study.tuning.pet_spec(tuning_type)}
     with store.writing_artifact("tuned", cell["cell_hash"]) as tmp:
@@ -367,8 +368,8 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
         "lr": cfg.lr, "max_steps": cfg.max_steps, "num_train": len(task.splits["train"]),
         "num_labels": len(task.labels), "num_parameters": models.count_parameters(model),
         "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "best_step": result.best_step, "best_dev_accuracy": result.best_dev_accuracy,
-        "best_dev_loss": result.best_dev_loss, "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+        "best_step": best.best_step, "best_dev_accuracy": best.best_dev_accuracy,
+        "best_dev_loss": best.best_dev_loss, "test_accuracy": best.test_accuracy, "test_loss": best.test_loss,
         "train_seconds": result.train_seconds, "config": json.dumps(tuning_identity(study.tuning, tuning_type)),
     }])
 

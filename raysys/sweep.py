@@ -19,12 +19,12 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from raysys import data, pretrain, report, results, stages
+from raysys import data, methods, pretrain, report, results, stages
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
 from raysys.store import Store
 
-STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity")
+STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity", "methods", "training_free")
 
 
 # ------------------------------------------------------------------------------------------ Ray Train: the chain
@@ -113,6 +113,14 @@ def _similarity_trainable(config, study_dict, storage):
     _run_group(config, study_dict, storage, "head_similarity", stages.run_similarity_cell)
 
 
+def _methods_trainable(config, study_dict, storage):
+    _run_group(config, study_dict, storage, "methods_runs", methods.run_method_cell)
+
+
+def _training_free_trainable(config, study_dict, storage):
+    _run_group(config, study_dict, storage, "training_free", methods.run_training_free_cell)
+
+
 def _interpolation_trainable(config, study_dict, storage):
     study, store = build(StudyConfig, study_dict), Store(storage)
     torch.set_num_threads(max(1, int(study.pilot.cpus_per_trial)))
@@ -168,17 +176,27 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     chain = stages.plan_chain(study)
     ran: dict[str, dict] = {}
 
-    def stage(name, total, finished, groups, trainable, resources, max_concurrent):
+    def stage(name, total, finished, groups, trainable, resources, max_concurrent, then=None):
+        """Run one stage; `then`, if given, is called after the first experiment and returns the groups of a
+        second one whose inputs the first produced (the methods stage: vanilla runs, then what compares to
+        them)."""
         if name not in only:
             return
-        n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
-        blocked = total - finished - n
-        log(f"[{name}] {total} cells: {finished} finished, {n} to run in {len(groups)} trials"
-            + (f", {blocked} blocked (inputs missing)" if blocked > 0 else ""))
-        seconds = run_experiment(name, trainable, groups, resources, study, store, max_concurrent) if groups else 0.0
-        ran[name] = {"cells": total, "finished_before": finished, "ran": n, "blocked": max(0, blocked),
+        seconds, n_total = 0.0, 0
+        for phase in range(2 if then is not None else 1):
+            if phase:
+                groups = then()
+            n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
+            log(f"[{name}] {total} cells: {finished + n_total} finished, {n} to run in {len(groups)} trials")
+            if groups:
+                seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent)
+            n_total += n
+        blocked = max(0, total - finished - n_total)
+        if blocked:
+            log(f"[{name}] {blocked} cells blocked: their inputs are missing")
+        ran[name] = {"cells": total, "finished_before": finished, "ran": n_total, "blocked": blocked,
                      "seconds": seconds}
-        if groups:
+        if n_total:
             log(f"[{name}] done in {seconds:.1f}s")
 
     stages.preflight(study, store, chain)
@@ -232,6 +250,28 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     done = _similarity_done(store) & _hashes(cells)
     todo = [{"cells": [c]} for c in _missing(cells, done) if tuned(c["tuned_hash_a"]) and tuned(c["tuned_hash_b"])]
     stage("similarity", len(cells), len(done), todo, _similarity_trainable, pilot_resources, pilot_concurrency)
+
+    method_cells, free_cells = methods.plan_methods(study, chain), methods.plan_training_free(study, chain)
+    if {"methods", "training_free"} & set(only):
+        methods.check_inputs(study, store, chain, method_cells, free_cells, tuning_planned="tuning" in only)
+    resources = {"cpu": study.methods.cpus_per_trial, "gpu": study.methods.gpus_per_trial}
+    concurrency = _concurrency(study.methods.cpus_per_trial)
+
+    def methods_todo(vanilla: bool) -> list[dict]:
+        done = results.finished_cells(store, "methods_runs")
+        vanilla_done = done if not vanilla else set()
+        return [{"cells": [c]} for c in _missing(method_cells, done) if has_plm(c["target_plm_hash"]) and (
+            c["method"] == "vanilla" if vanilla else
+            (c["vanilla_hash"] in vanilla_done or "vanilla" not in study.methods.methods) and
+            tuned(c["old_tuned_hash"]))]
+
+    done = results.finished_cells(store, "methods_runs") & _hashes(method_cells)
+    stage("methods", len(method_cells), len(done), methods_todo(vanilla=True), _methods_trainable, resources,
+          concurrency, then=lambda: methods_todo(vanilla=False))
+    done = results.finished_cells(store, "training_free") & _hashes(free_cells)
+    todo = [{"cells": [c]} for c in _missing(free_cells, done)
+            if has_plm(c["target_plm_hash"]) and all(tuned(h) for h in c["old_tuned"].values())]
+    stage("training_free", len(free_cells), len(done), todo, _training_free_trainable, resources, concurrency)
     return ran
 
 
@@ -252,6 +292,9 @@ def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
                           results.finished_cells(store, "interpolation_paths"),
                           _hashes(stages.plan_interpolation(study, chain)) | {p["pair_hash"] for p in pairs}),
         "similarity": (_similarity_done(store), _hashes(stages.plan_similarity(study, chain))),
+        "methods": (results.finished_cells(store, "methods_runs"), _hashes(methods.plan_methods(study, chain))),
+        "training_free": (results.finished_cells(store, "training_free"),
+                          _hashes(methods.plan_training_free(study, chain))),
     }
     return {name: len(set(wanted) - done) for name, (done, wanted) in planned.items()}
 
@@ -301,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
     try:
         run_study(study, store, tuple(args.only))
-    except WeightMismatchError as err:
+    except (WeightMismatchError, methods.MissingInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary(study, store))

@@ -1,12 +1,13 @@
 """Task tuning: the one training loop every tuning method runs through.
 
-Methods differ only in what they hand the loop: the starting model (fresh head on a PLM, or a recycled delta —
+Methods differ only in what they hand the loop: the starting model (a fresh head on a PLM, or a recycled delta —
 built by the caller), which parameters train (everything for fine-tuning; a module for PET), and the objective
-(cross-entropy; later distillation). The loop itself is method-agnostic.
+(cross-entropy, or distillation from an outdated model). The loop itself is method-agnostic.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,27 +19,126 @@ from raysys import data
 from raysys.config import TuningConfig
 from raysys.pretrain import linear_schedule
 
+# ------------------------------------------------------------------------------------------------- objectives
+
 
 class CrossEntropyObjective:
-    """Plain supervised loss. An objective maps (model, batch) -> (loss, {name: float}) so that other losses
-    (distillation) can plug in and log their parts."""
+    """Plain supervised loss. An objective maps (model, batch, example indices) -> (loss, {name: float}) so that
+    other losses (distillation) plug in and log their parts."""
 
-    def __call__(self, model, input_ids, attention_mask, labels):
+    def __call__(self, model, input_ids, attention_mask, labels, index=None):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, num_labels)
         loss = F.cross_entropy(logits, labels)
         return loss, {"ce": loss.item()}
 
 
+def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float, a: float, beta: float, student_hidden: torch.Tensor | None = None,
+                      teacher_hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """(1 − a)·CE + a·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + β·½·MSE(h_s, h_t).
+
+    The KL is summed over classes and averaged over the batch (the official code's per-element mean shrinks it by
+    the number of classes). h are first-token hidden states stacked as (batch, layers, hidden) — the embedding
+    output and every layer but the last — and the MSE is the mean over all their elements. a = 0 and β = 0 give
+    exactly the cross-entropy."""
+    ce = F.cross_entropy(student_logits, labels)
+    loss, parts = (1.0 - a) * ce if a else ce, {"ce": ce.item()}
+    if a:
+        log_student = F.log_softmax(student_logits / temperature, dim=-1)
+        log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+        loss = loss + a * temperature**2 * kl
+        parts["kl"] = kl.item()
+    if beta:
+        mse = F.mse_loss(student_hidden, teacher_hidden)
+        loss = loss + beta * 0.5 * mse
+        parts["mse"] = mse.item()
+    return loss, parts
+
+
+def first_token_states(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(batch, layers, hidden): the <s> position of the embedding output and of every layer but the last."""
+    return torch.stack([h[:, 0, :] for h in hidden_states[:-1]], dim=1)
+
+
 @dataclass
-class TuningResult:
-    curve: list[dict]
+class TeacherOutputs:
+    """What the teacher said about every training example, indexed like the training split."""
+
+    logits: torch.Tensor  # (examples, classes)
+    hidden: torch.Tensor | None  # (examples, layers, hidden), or None when no hidden-state loss needs it
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, ids: list[list[int]], batch_size: int, pad_id: int, with_hidden: bool,
+                    device="cpu") -> TeacherOutputs:
+    """One pass of the frozen teacher (eval mode) over a split, in order."""
+    teacher.eval()
+    logits, hidden = [], []
+    for input_ids, mask, _ in data.iterate_batches(ids, torch.zeros(len(ids), dtype=torch.long), batch_size, pad_id):
+        out = teacher(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=with_hidden)
+        logits.append(out.logits.float().cpu())
+        if with_hidden:
+            hidden.append(first_token_states(out.hidden_states).float().cpu())
+    return TeacherOutputs(torch.cat(logits), torch.cat(hidden) if with_hidden else None)
+
+
+class DistillationObjective:
+    """Distillation from an outdated adapted model. With `cached` teacher outputs (the default) the teacher never
+    runs during training; with `live_teacher` it runs on every batch in train mode (dropout on the teacher)."""
+
+    def __init__(self, temperature: float, a: float, beta: float, cached: TeacherOutputs | None = None,
+                 live_teacher=None):
+        if (cached is None) == (live_teacher is None):
+            raise ValueError("distillation needs exactly one of cached teacher outputs or a live teacher")
+        if beta and cached is not None and cached.hidden is None:
+            raise ValueError("beta > 0 needs the teacher's hidden states in the cache")
+        self.temperature, self.a, self.beta = temperature, a, beta
+        self.cached, self.live_teacher = cached, live_teacher
+
+    def _teacher(self, input_ids, attention_mask, index):
+        if self.cached is not None:
+            hidden = self.cached.hidden[index].to(input_ids.device) if self.beta else None
+            return self.cached.logits[index].to(input_ids.device), hidden
+        self.live_teacher.train()
+        with torch.no_grad():
+            out = self.live_teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                    output_hidden_states=bool(self.beta))
+        return out.logits.float(), first_token_states(out.hidden_states) if self.beta else None
+
+    def __call__(self, model, input_ids, attention_mask, labels, index=None):
+        teacher_logits, teacher_hidden = self._teacher(input_ids, attention_mask, index)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.beta))
+        student_hidden = first_token_states(out.hidden_states) if self.beta else None
+        return distillation_loss(out.logits.float(), labels, teacher_logits, self.temperature, self.a, self.beta,
+                                 student_hidden, teacher_hidden)
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Selection:
+    """The checkpoint chosen on one dev set, and its test score."""
+
     best_step: int
     best_dev_accuracy: float
     best_dev_loss: float
-    test_accuracy: float
-    test_loss: float
+    test_accuracy: float = float("nan")
+    test_loss: float = float("nan")
+    state: dict = field(default=None, repr=False)
+
+
+@dataclass
+class TuningResult:
+    curve: list[dict]
+    selections: dict  # dev-set name -> Selection; "dev" is the primary one
     train_seconds: float
-    best_state: dict = field(repr=False)  # the trainable parameters at the best-dev step
+
+    @property
+    def primary(self) -> Selection:
+        """The selection on `dev` (for a few-shot run, the K-shot dev set, as the paper selects)."""
+        return self.selections["dev"]
 
 
 def _snapshot(model) -> dict:
@@ -63,10 +163,17 @@ def evaluate(model, ids: list[list[int]], labels: torch.Tensor, batch_size: int,
     return correct / len(ids), loss_sum / len(ids)
 
 
+def _dev_sets(encoded: dict) -> list[str]:
+    """The dev sets checkpoints are selected on: `dev`, and `full_dev` when the run is few-shot."""
+    return ["dev"] + (["full_dev"] if "full_dev" in encoded else [])
+
+
 def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id: int, objective=None,
-                     device="cpu") -> TuningResult:
-    """Tune `model` on encoded["train"], evaluating on dev every `eval_every_steps` steps; restore the best-dev
-    state (ties keep the earlier step) and test it. `encoded` maps split -> (token id lists, labels)."""
+                     device="cpu", eval_at_start: bool = False) -> TuningResult:
+    """Tune `model` on encoded["train"], evaluating on every dev set every `eval_every_steps` steps (and before
+    the first step with `eval_at_start`, so that a recycled start shows on the curve); per dev set keep the best
+    state (ties keep the earlier step) and test it. The model ends in the primary ("dev") selection.
+    `encoded` maps split -> (token id lists, labels)."""
     objective = objective or CrossEntropyObjective()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -75,13 +182,27 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, cfg.max_steps, warmup))
     generator = torch.Generator().manual_seed(seed)
     train_ids, train_labels = encoded["train"]
-    dev_ids, dev_labels = encoded["dev"]
-    curve, best, window = [], None, []
+    dev_sets = _dev_sets(encoded)
+    curve, best, window = [], {}, []
     start = time.time()
+
+    def checkpoint(step: int, train_loss: float | None) -> None:
+        row = {"step": step, "train_loss": train_loss}
+        for name in dev_sets:
+            acc, loss = evaluate(model, *encoded[name], cfg.eval_batch_size, pad_id, device)
+            row[f"{name}_accuracy"], row[f"{name}_loss"] = acc, loss
+            if name not in best or acc > best[name].best_dev_accuracy:
+                best[name] = Selection(step, acc, loss, state=_snapshot(model))
+        row["seconds"] = time.time() - start
+        curve.append(row)
+
+    if eval_at_start:
+        checkpoint(0, None)
     step = 0
     while step < cfg.max_steps:
-        for input_ids, mask, y in data.iterate_batches(train_ids, train_labels, cfg.batch_size, pad_id, generator):
-            loss, _ = objective(model, input_ids.to(device), mask.to(device), y.to(device))
+        for input_ids, mask, y, index in data.iterate_batches(train_ids, train_labels, cfg.batch_size, pad_id,
+                                                              generator, with_index=True):
+            loss, _ = objective(model, input_ids.to(device), mask.to(device), y.to(device), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -90,18 +211,36 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
             window.append(loss.item())
             step += 1
             if step % cfg.eval_every_steps == 0 or step == cfg.max_steps:
-                dev_acc, dev_loss = evaluate(model, dev_ids, dev_labels, cfg.eval_batch_size, pad_id, device)
                 train_loss = sum(window) / len(window)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss became non-finite at step {step}")
-                curve.append({"step": step, "train_loss": train_loss, "dev_accuracy": dev_acc, "dev_loss": dev_loss,
-                              "seconds": time.time() - start})
+                checkpoint(step, train_loss)
                 window = []
-                if best is None or dev_acc > best[1]:
-                    best = (step, dev_acc, dev_loss, _snapshot(model))
             if step >= cfg.max_steps:
                 break
     train_seconds = time.time() - start
-    model.load_state_dict(best[3], strict=False)
-    test_acc, test_loss = evaluate(model, *encoded["test"], cfg.eval_batch_size, pad_id, device)
-    return TuningResult(curve, best[0], best[1], best[2], test_acc, test_loss, train_seconds, best[3])
+    for name in reversed(dev_sets):  # test every selection; "dev" last, so the model ends in it
+        model.load_state_dict(best[name].state, strict=False)
+        best[name].test_accuracy, best[name].test_loss = evaluate(model, *encoded["test"], cfg.eval_batch_size,
+                                                                  pad_id, device)
+    return TuningResult(curve, best, train_seconds)
+
+
+# ---------------------------------------------------------------------------------------- convergence metrics
+
+
+def steps_to_target(curve: list[dict], target: float, key: str = "dev_accuracy") -> tuple[int, float] | None:
+    """(step, seconds) of the first evaluation whose `key` reaches `target`; None if none does."""
+    for row in curve:
+        if row[key] >= target:
+            return row["step"], row["seconds"]
+    return None
+
+
+def area_under_curve(curve: list[dict], key: str = "dev_accuracy") -> float:
+    """The mean of `key` over the steps the curve spans (trapezoids between evaluations): 1.0 means perfect from
+    the first evaluation on, so a faster start scores higher at equal final accuracy."""
+    if len(curve) == 1:
+        return float(curve[0][key])
+    area = sum((b["step"] - a["step"]) * (a[key] + b[key]) / 2 for a, b in itertools.pairwise(curve))
+    return area / (curve[-1]["step"] - curve[0]["step"])

@@ -22,6 +22,8 @@ MICRO_OVERRIDES = [
     "pretrain.log_every_steps=5",
     "tuning.max_steps=12", "tuning.eval_every_steps=4",
     "pilot.alphas=[0.0,0.5,1.0]", "seeds=[20]", "pilot.similarity_examples=16",
+    'methods.tasks=["d1_rel","d2_rel"]', "methods.shots=[4]", "methods.temperatures=[5.0]",
+    "methods.kd_weights=[0.9]", "methods.betas=[10.0]", "methods.training_free.steps=6",
 ]
 
 

@@ -1,114 +1,400 @@
-"""Configs: validated when built, errors that name the field, presets as data, overrides, stable hashes."""
+"""raysys/config.py: typed, frozen, validated configs; presets; dotted overrides; stable hashes; and the command line's
+handling of bad overrides and --print-config (sweeps/full_paper.py, run as a subprocess)."""
 
+import copy
 import dataclasses
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from raysys.config import (
+    AdapterConfig,
     ConfigError,
+    CorpusConfig,
+    LoraConfig,
+    ModelConfig,
     PilotConfig,
     PretrainConfig,
     StudyConfig,
+    TaskConfig,
     TuningConfig,
+    WorldConfig,
+    apply_override,
+    available_presets,
     build,
     config_hash,
+    load_preset,
     load_study,
     to_dict,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 
-@pytest.mark.parametrize("override, field", [
-    ("pretrain.continual_steps=0", "pretrain.continual_steps"),
-    ("tuning.lr=-1", "tuning.lr"),
-    ("tuning.types=[\"finetune\",\"prefix\"]", "tuning.types"),
-    ("tuning.lora.rank=0", "tuning.lora.rank"),
-    ("tuning.adapter.bottleneck=0", "tuning.adapter.bottleneck"),
-    ("tuning.eval_every_steps=1000", "tuning.eval_every_steps"),
-    ("pilot.alphas=[0.0,0.5,1.5]", "pilot.alphas"),
-    ("pilot.alphas=[0.0,0.5]", "pilot.alphas"),
-    ("pilot.hops=[0]", "pilot.hops"),
-    ("pilot.control_length=9", "pilot.control_length"),
-    ("corpora.1.source=\"ftp\"", "corpora[1].source"),
-    ("tasks.0.domain=\"nowhere\"", "task d1_rel.domain"),
-    ("seeds=[1,1]", "seeds"),
-    ("tune_plms=[7]", "tune_plms"),
-    ("pretrain.batch_size=\"big\"", "pretrain.batch_size"),
-    ("pretrain.bogus=1", "pretrain"),
+
+# ---------------------------------------------------------------------------------------- field validation
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: PretrainConfig(continual_steps=-5), "pretrain.continual_steps"),
+    (lambda: PretrainConfig(initial_steps=-1), "pretrain.initial_steps"),
+    (lambda: PretrainConfig(mask_prob=1.0), "pretrain.mask_prob"),
+    (lambda: PretrainConfig(sequence_length=4), "pretrain.sequence_length"),
+    (lambda: TuningConfig(max_steps=0), "tuning.max_steps"),
+    (lambda: TuningConfig(types=("finetune", "prompt")), "tuning.types"),
+    (lambda: TuningConfig(types=("lora", "lora")), "tuning.types"),
+    (lambda: TuningConfig(max_steps=10, eval_every_steps=20), "tuning.eval_every_steps"),
+    (lambda: ModelConfig(num_layers=0), "model.num_layers"),
+    (lambda: ModelConfig(hidden_size=130, num_heads=4), "model.hidden_size"),
+    (lambda: ModelConfig(dropout=1.0), "model.dropout"),
+    (lambda: WorldConfig(num_domains=0), "world.num_domains"),
+    (lambda: WorldConfig(num_labels=17, num_classes=4), "world.num_labels"),
+    (lambda: WorldConfig(task_train=1000, task_dev=1000, task_test=1000), "world.task_train"),
+    (lambda: CorpusConfig("wb", source="text"), "corpus wb.path"),
+    (lambda: CorpusConfig("wb", max_documents=0), "corpus wb.max_documents"),
+    (lambda: CorpusConfig(""), "corpus.name"),
+    (lambda: TaskConfig("chemprot", "bio", source="jsonl"), "task chemprot.path"),
+    (lambda: PilotConfig(alphas=(0.0, 0.5)), "pilot.alphas"),
+    (lambda: PilotConfig(hops=(0,)), "pilot.hops"),
+    (lambda: PilotConfig(alphas=(0.0, 0.5, 1.5)), "pilot.alphas"),
+    (lambda: PilotConfig(alphas=(0.0, 0.5, 0.5, 1.0)), "pilot.alphas"),
+    (lambda: LoraConfig(rank=0), "tuning.lora.rank"),
+    (lambda: LoraConfig(targets=()), "tuning.lora.targets"),
+    (lambda: AdapterConfig(bottleneck=0), "tuning.adapter.bottleneck"),
 ])
-def test_invalid_values_name_their_field(override, field):
+def test_validation_errors_name_the_field(make, field):
     with pytest.raises(ConfigError) as err:
-        load_study("tiny", [override])
-    assert field in str(err.value)
+        make()
+    assert str(err.value).startswith(f"{field}: "), str(err.value)
 
 
-def test_overrides_reach_nested_fields_and_list_items():
-    study = load_study("tiny", ["tuning.lr=5e-4", "corpora.1.max_documents=100", "seeds=[1,2,3]",
-                                "tuning.lora.targets=[\"query\"]", "pilot.alphas=[0,0.25,1]"])
-    assert study.tuning.lr == 5e-4 and study.corpora[1].max_documents == 100 and study.seeds == (1, 2, 3)
-    assert study.tuning.lora.targets == ("query",) and study.pilot.alphas == (0.0, 0.25, 1.0)
-    with pytest.raises(ConfigError, match="not an index"):
-        load_study("tiny", ["corpora.9.name=x"])
-    with pytest.raises(ConfigError, match="expected key=value"):
-        load_study("tiny", ["tuning.lr"])
-    with pytest.raises(ConfigError, match="unknown preset"):
+def test_defaults_are_valid_and_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+    PretrainConfig(), TuningConfig(), ModelConfig(), WorldConfig(), PilotConfig()
+    assert PretrainConfig(initial_steps=0).initial_steps == 0  # 0 = start from a checkpoint
+
+
+def test_per_type_learning_rate_budget_and_pet_spec():
+    tuning = TuningConfig(types=("finetune", "adapter"), lr=1e-3, pet_lr=5e-3, max_steps=100, pet_max_steps=250)
+    assert (tuning.lr_for("finetune"), tuning.lr_for("adapter"), tuning.lr_for("lora")) == (1e-3, 5e-3, 5e-3)
+    assert (tuning.max_steps_for("finetune"), tuning.max_steps_for("lora")) == (100, 250)
+    plain = TuningConfig(lr=2e-4, max_steps=40)  # unset PET values fall back to fine-tuning's
+    assert (plain.lr_for("lora"), plain.max_steps_for("adapter")) == (2e-4, 40)
+    assert tuning.pet_spec("finetune") is None
+    assert tuning.pet_spec("adapter") == {"bottleneck": 24}
+    assert tuning.pet_spec("lora") == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["query", "value"]}
+    with pytest.raises(ConfigError, match=r"^tuning type: unknown 'prefix'"):
+        tuning.pet_spec("prefix")
+    with pytest.raises(ConfigError, match=r"^tuning\.eval_every_steps"):
+        TuningConfig(max_steps=100, pet_max_steps=10, eval_every_steps=25)
+
+
+def test_pretrained_chain_accepts_an_independent_control_checkpoint():
+    study = load_study("paper", ["pilot.control_length=2", 'pilot.control_name_or_path="/ckpt/roberta-seed2"'])
+    assert study.control_length == 2 and study.pilot.control_name_or_path == "/ckpt/roberta-seed2"
+    with pytest.raises(ConfigError, match=r"^pilot\.control_name_or_path: "):
+        load_study("paper", ["pilot.control_length=2"])
+
+
+def _tiny_dict() -> dict:
+    return load_preset("tiny")
+
+
+def test_build_rejects_unknown_keys_naming_them():
+    data = _tiny_dict()
+    data["colour"] = "blue"
+    with pytest.raises(ConfigError, match=r"^StudyConfig: unknown key\(s\) \['colour'\]"):
+        build(StudyConfig, data)
+    data = _tiny_dict()
+    data["tuning"]["lora"]["rnak"] = 4
+    with pytest.raises(ConfigError, match=r"^tuning\.lora: unknown key\(s\) \['rnak'\]; known: .*'rank'"):
+        build(StudyConfig, data)
+    data = _tiny_dict()
+    data["corpora"][2]["pth"] = "x"
+    with pytest.raises(ConfigError, match=r"^corpora\[2\]: unknown key\(s\) \['pth'\]"):
+        build(StudyConfig, data)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("pretrain", "batch_size"), "128", r"^pretrain\.batch_size: expected an integer, got '128'"),
+    (("pretrain", "batch_size"), True, r"^pretrain\.batch_size: expected an integer"),
+    (("pretrain", "batch_size"), 12.5, r"^pretrain\.batch_size: expected an integer"),
+    (("pretrain", "lr"), "fast", r"^pretrain\.lr: expected a number"),
+    (("pretrain", "use_gpu"), 1, r"^pretrain\.use_gpu: expected true/false"),
+    (("name",), 7, r"^name: expected a string"),
+    (("seeds",), 20, r"^seeds: expected a list"),
+    (("seeds",), [20, "30"], r"^seeds\[1\]: expected an integer"),
+    (("tuning",), 3, r"^tuning: expected a table"),
+    (("corpora", 1, "source"), "ftp", r"^corpora\[1\]\.source: 'ftp' is not one of \['builtin'"),
+    (("tasks", 0, "splits"), ["train", "dev"], r"^tasks\[0\]\.splits: expected 3 values, got 2"),
+    (("tuning", "pet_lr"), "x", r"^tuning\.pet_lr: expected a number"),
+])
+def test_build_wrong_type_names_the_field(path, value, message):
+    data = _tiny_dict()
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        build(StudyConfig, data)
+
+
+def test_build_coerces_plain_values():
+    data = _tiny_dict()
+    data["pretrain"]["lr"] = 1  # an int where a float is expected
+    data["tuning"]["pet_lr"] = None
+    study = build(StudyConfig, data)
+    assert study.pretrain.lr == 1.0 and isinstance(study.pretrain.lr, float)
+    assert study.tuning.pet_lr is None
+    assert study.seeds == (20, 30) and isinstance(study.seeds, tuple)
+    assert isinstance(study.corpora, tuple) and all(isinstance(c, CorpusConfig) for c in study.corpora)
+    assert study.tasks[0].splits == ("train", "dev", "test")
+
+
+def test_build_missing_required_field():
+    with pytest.raises(ConfigError, match=r"^CorpusConfig: .*'name'"):
+        build(CorpusConfig, {"source": "builtin"})
+    data = _tiny_dict()
+    del data["tasks"]
+    with pytest.raises(ConfigError, match=r"^StudyConfig: .*'tasks'"):
+        build(StudyConfig, data)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["tasks.0.domain=d9"], r"^task d1_rel\.domain: 'd9' is not one of \['d0', 'd1', 'd2', 'd3'\]"),
+    (["corpora.1.name=d0"], r"^corpora: domain names must be unique"),
+    (["corpora.3.name=d7", "tasks.2.domain=d7"], r"^corpus d7: builtin domains are \['d0', 'd1', 'd2', 'd3'\]"),
+    (["tasks.0.domain=d0"], r"^task d1_rel\.domain: a builtin task belongs to a builtin domain"),
+    (["seeds=[1,1]"], r"^seeds: must be distinct"),
+    (["tune_plms=[0,4]"], r"^tune_plms: PLM index 4 outside 0\.\.3"),
+    (["pilot.control_length=5"], r"^pilot\.control_length: the control chain cannot be longer"),
+    (['model.name_or_path="roberta-base"'], r"^pilot\.control_name_or_path: "),
+    (["corpora=[{\"name\": \"d0\"}]"], r"^corpora: a chain needs D0 and at least one further domain"),
+])
+def test_study_cross_field_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study("tiny", overrides)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+
+def test_apply_override_dotted_keys_list_indices_and_json_values():
+    data = _tiny_dict()
+    before = copy.deepcopy(data)
+    out = apply_override(data, "tuning.lr=5e-4")
+    assert out is data
+    assert data["tuning"]["lr"] == 5e-4
+    apply_override(data, "corpora.1.name=x")
+    assert data["corpora"][1] == {"name": "x"}  # a plain word is taken as a string
+    apply_override(data, 'corpora.2.name="123"')
+    assert data["corpora"][2]["name"] == "123"  # quoted JSON stays a string
+    apply_override(data, "seeds=[1, 2,3]")
+    assert data["seeds"] == [1, 2, 3]
+    apply_override(data, "seeds.1=7")
+    assert data["seeds"] == [1, 7, 3]
+    apply_override(data, "pretrain.use_gpu=true")
+    assert data["pretrain"]["use_gpu"] is True
+    apply_override(data, "tuning.pet_max_steps=null")
+    assert data["tuning"]["pet_max_steps"] is None
+    apply_override(data, "tuning.lora.targets=[\"query\",\"key\"]")
+    assert data["tuning"]["lora"]["targets"] == ["query", "key"]
+    apply_override(data, 'corpora.3={"name": "d3", "max_documents": 10}')
+    assert data["corpora"][3] == {"name": "d3", "max_documents": 10}
+    apply_override(data, "name=a=b")  # only the first '=' separates key and value
+    assert data["name"] == "a=b"
+    apply_override(data, " pilot.hops =[3]")
+    assert data["pilot"]["hops"] == [3]
+    apply_override(data, "pilot.control_seed=4")  # a new key inside an existing table
+    assert data["pilot"]["control_seed"] == 4
+    untouched = {k: v for k, v in before.items() if k not in ("tuning", "corpora", "seeds", "pretrain", "name",
+                                                               "pilot")}
+    assert untouched == {k: data[k] for k in untouched}
+
+
+def test_load_study_applies_overrides_in_order():
+    study = load_study("tiny", ["tuning.lr=5e-4", "corpora.1.max_documents=100", "seeds=[1,2,3]", "seeds.2=9",
+                                "pretrain.batch_size=8", "tuning.types=[\"lora\"]"])
+    assert study.tuning.lr == 5e-4
+    assert study.corpora[1] == CorpusConfig("d1", max_documents=100)
+    assert study.seeds == (1, 2, 9)
+    assert study.pretrain.batch_size == 8
+    assert study.tuning.types == ("lora",)
+    assert load_study("tiny") == build(StudyConfig, _tiny_dict())  # presets are re-read, never mutated
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("tuning.lr", r"^--set: expected key=value, got 'tuning\.lr'"),
+    ("corpora.4.name=x", r"^--set corpora\.4: '4' is not an index into a list of 4"),
+    ("corpora.-1.name=x", r"^--set corpora\.-1: '-1' is not an index into a list of 4"),
+    ("corpora.one.name=x", r"^--set corpora\.one: 'one' is not an index"),
+    ("seeds.5=1", r"^--set seeds\.5: '5' is not an index into a list of 2"),
+    ("pretrain.lr.a.b=1", r"^--set pretrain\.lr\.a: cannot descend into a value"),
+])
+def test_apply_override_bad_paths_are_config_errors(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_override(_tiny_dict(), assignment)
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("bad.key=1", r"^StudyConfig: unknown key\(s\) \['bad'\]"),
+    ("colour=1", r"^StudyConfig: unknown key\(s\) \['colour'\]"),
+    ("tuning.bogus=1", r"^tuning: unknown key\(s\) \['bogus'\]"),
+    ("tuning.lora.rnak=2", r"^tuning\.lora: unknown key\(s\) \['rnak'\]"),
+    ("corpora.0.bogus=1", r"^corpora\[0\]: unknown key\(s\) \['bogus'\]"),
+    ("pretrain.batch_size=big", r"^pretrain\.batch_size: expected an integer, got 'big'"),
+    ("pretrain.continual_steps=-1", r"^pretrain\.continual_steps: must be > 0"),
+    ("corpora.1.source=ftp", r"^corpora\[1\]\.source: 'ftp' is not one of"),
+])
+def test_unknown_or_invalid_override_names_the_field(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        load_study("tiny", [assignment])
+
+
+@pytest.mark.parametrize("assignment", ["name.x=1", "seeds.0.x=1", "pretrain.lr.x=1"])
+def test_override_below_a_scalar_is_a_config_error(assignment):
+    with pytest.raises(ConfigError, match=r"cannot descend into a value"):
+        load_study("tiny", [assignment])
+
+
+def test_unknown_preset_lists_the_available_ones():
+    assert available_presets() == ["paper", "tiny"]
+    with pytest.raises(ConfigError, match=r"^--preset: unknown preset 'huge'; available: \['paper', 'tiny'\]"):
         load_study("huge")
 
 
-def test_presets_build_and_differ_where_they_should():
-    tiny, paper = load_study("tiny"), load_study("paper")
-    assert tiny.model.name_or_path is None and paper.model.name_or_path == "roberta-base"
-    assert paper.model.hidden_size == 768 and paper.model.num_layers == 12
-    assert paper.tuning.lr == 2e-5 and paper.tuning.batch_size == 16 and paper.tuning.max_length == 128
-    assert paper.seeds == (20, 30, 40) and paper.tuning.adapter.bottleneck == 24
-    assert set(tiny.tuning.types) == set(paper.tuning.types) == {"finetune", "lora", "adapter"}
-    assert len(tiny.pilot.alphas) == 26 and tiny.control_length == 3 and paper.control_length == 0
+# ------------------------------------------------------------------------------------------------- presets
 
 
-def test_per_type_learning_rate_and_budget():
-    tuning = TuningConfig(types=("finetune", "adapter"), lr=1e-3, pet_lr=5e-3, max_steps=100, pet_max_steps=250)
-    assert (tuning.lr_for("finetune"), tuning.lr_for("adapter")) == (1e-3, 5e-3)
-    assert (tuning.max_steps_for("finetune"), tuning.max_steps_for("lora")) == (100, 250)
-    assert tuning.pet_spec("finetune") is None and tuning.pet_spec("adapter") == {"bottleneck": 24}
-    with pytest.raises(ConfigError, match="unknown 'prefix'"):
-        tuning.pet_spec("prefix")
+def test_tiny_preset_builds():
+    study = load_study("tiny")
+    assert study.name == "tiny"
+    assert [c.name for c in study.corpora] == ["d0", "d1", "d2", "d3"]
+    assert all(c.source == "builtin" for c in study.corpora)
+    assert [(t.name, t.domain) for t in study.tasks] == [("d1_rel", "d1"), ("d2_rel", "d2"), ("d3_rel", "d3")]
+    assert study.model.name_or_path is None and study.model.num_layers == 2
+    assert study.tuning.types == ("finetune", "lora", "adapter")
+    assert study.plms_to_tune == (0, 1, 2, 3)
+    assert study.control_length == 3
+    assert study.pilot.alphas[0] == 0.0 and study.pilot.alphas[-1] == 1.0 and len(study.pilot.alphas) == 26
 
 
-def test_pretrained_chain_needs_an_independent_control_checkpoint():
-    with pytest.raises(ConfigError, match="pilot.control_name_or_path"):
-        load_study("paper", ["pilot.control_length=2"])
-    study = load_study("paper", ["pilot.control_length=2", "pilot.control_name_or_path=\"/ckpt/roberta-seed2\""])
-    assert study.control_length == 2
+def test_paper_preset_builds():
+    study = load_study("paper")
+    assert study.name == "paper"
+    assert study.model.name_or_path == "roberta-base"
+    assert (study.model.hidden_size, study.model.num_layers, study.model.max_positions) == (768, 12, 512)
+    assert [(c.name, c.source, c.path) for c in study.corpora] == [
+        ("wb", "text", "data/corpora/wb/*.txt"), ("bio", "text", "data/corpora/bio/*.txt"),
+        ("reviews", "text", "data/corpora/reviews/*.txt")]
+    assert [(t.name, t.domain, t.source, t.path) for t in study.tasks] == [
+        ("chemprot", "bio", "jsonl", "data/tasks"), ("helpfulness", "reviews", "jsonl", "data/tasks")]
+    assert study.seeds == (20, 30, 40)
+    assert study.pretrain.initial_steps == 0 and study.pretrain.use_gpu is True
+    assert study.tuning.max_steps_for("finetune") == 2610 and study.tuning.max_steps_for("adapter") == 6525
+    assert study.tuning.lr_for("lora") == 2e-5
+    assert study.control_length == 0
 
 
-def test_configs_are_frozen_and_round_trip():
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_to_dict_round_trips_through_json_and_build(preset):
+    study = load_study(preset)
+    plain = json.loads(json.dumps(to_dict(study)))
+    assert build(StudyConfig, plain) == study
+    assert config_hash(build(StudyConfig, plain)) == config_hash(study)
+
+
+# --------------------------------------------------------------------------------------- frozen and hashing
+
+
+def test_configs_are_frozen_and_hashable():
     study = load_study("tiny")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        study.tuning.lr = 1.0
-    assert build(StudyConfig, to_dict(study)) == study
-    assert PilotConfig().alphas[0] == 0.0 and PilotConfig().alphas[-1] == 1.0 and len(PilotConfig().alphas) == 26
+        study.name = "other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.pretrain.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.corpora[0].path = "x"
+    with pytest.raises(TypeError):
+        study.seeds[0] = 1  # tuples, not lists
+    assert hash(study) == hash(load_study("tiny"))
+    assert {study.world: 1}[load_study("tiny").world] == 1
 
 
-def test_hash_is_stable_and_sensitive():
-    a = PretrainConfig()
-    assert config_hash(a, "x") == config_hash(PretrainConfig(), "x")
-    assert config_hash(a) != config_hash(dataclasses.replace(a, lr=2e-3))
-    assert config_hash({"b": 1, "a": 2}) == config_hash({"a": 2, "b": 1})
-    assert len(config_hash(a)) == 16
+def test_config_hash_is_stable_and_discriminating():
+    a, b = load_study("tiny"), load_study("tiny")
+    h = config_hash(a)
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert h == config_hash(b)
+    assert config_hash(a.pretrain, "link", 3) == config_hash(b.pretrain, "link", 3)
+    assert config_hash(load_study("tiny", ["tuning.lr=5e-4"])) != h
+    assert config_hash(load_study("tiny", ["seeds=[30,20]"])) != h  # list order matters
+    assert config_hash(a.pretrain, "x") != config_hash(a.pretrain, "y")
+    assert config_hash(a.pretrain, "x") != config_hash("x", a.pretrain)
+    assert config_hash(a.pretrain) != config_hash(a.tuning)
+    # a config hashes as its plain view: what a worker rebuilds from a dict keys the same artifacts
+    assert config_hash(PretrainConfig()) == config_hash(to_dict(PretrainConfig()))
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "sweeps/full_paper.py", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+def test_config_hash_is_independent_of_dict_key_order():
+    data = _tiny_dict()
+    reordered = {k: data[k] for k in reversed(list(data))}
+    reordered["pretrain"] = {k: data["pretrain"][k] for k in reversed(list(data["pretrain"]))}
+    reordered["corpora"] = [dict(reversed(list(c.items()))) for c in data["corpora"]]
+    assert list(reordered) != list(data)
+    assert config_hash(build(StudyConfig, reordered)) == config_hash(build(StudyConfig, data))
+    assert config_hash(reordered) == config_hash(data)
+    assert config_hash({"a": 1, "b": [1, {"x": 2, "y": 3}]}) == config_hash({"b": [1, {"y": 3, "x": 2}], "a": 1})
+    assert config_hash({"a": 1, "b": 2}) != config_hash({"a": 2, "b": 1})
 
 
-def test_cli_bad_override_exits_2_naming_the_field(tmp_path):
-    out = _cli("--storage", str(tmp_path / "never"), "--set", "tuning.lora.rank=0")
-    assert out.returncode == 2 and "tuning.lora.rank" in out.stderr
-    assert not (tmp_path / "never").exists()
+# ---------------------------------------------------------------------------------------------- command line
 
 
-def test_cli_prints_the_resolved_config():
-    out = _cli("--print-config", "--set", "tuning.lr=0.0005")
-    assert out.returncode == 0 and '"lr": 0.0005' in out.stdout and '"name": "tiny"' in out.stdout
+@pytest.fixture(scope="module")
+def bad_override_process(tmp_path_factory):
+    """`full_paper.py --set bad.key=1` as a real process (it costs seconds of imports), started here and awaited
+    by the test that checks it, so the in-process test below runs meanwhile."""
+    tmp = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "sweeps" / "full_paper.py"), "--set", "bad.key=1",
+               "--storage", str(tmp / "store")]
+    proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, tmp
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_cli_print_config_prints_the_resolved_config(bad_override_process, tmp_path, capsys):
+    from raysys import sweep
+
+    argv = ["--print-config", "--set", "tuning.lr=5e-4", "--set", "corpora.1.max_documents=50",
+            "--storage", str(tmp_path / "store")]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    expected = load_study("tiny", ["tuning.lr=5e-4", "corpora.1.max_documents=50"])
+    assert printed == json.loads(json.dumps(to_dict(expected)))
+    assert printed["tuning"]["lr"] == 5e-4 and printed["corpora"][1]["max_documents"] == 50
+    assert build(StudyConfig, printed) == expected
+    assert not (tmp_path / "store").exists()
+    assert sweep.main(["--preset", "paper", "--print-config"]) == 0
+    assert build(StudyConfig, json.loads(capsys.readouterr().out)) == load_study("paper")
+    # in-process, the same bad override returns 2 with the field named
+    assert sweep.main(["--set", "tuning.lora.rank=0", "--storage", str(tmp_path / "store")]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: tuning.lora.rank: must be >= 1")
+
+
+def test_cli_bad_override_exits_2_naming_the_field_without_starting_ray(bad_override_process):
+    proc, tmp = bad_override_process
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert "error: StudyConfig: unknown key(s) ['bad']" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""  # main prints "raysys: study ..." before it starts Ray; nothing got that far
+    assert not (tmp / "store").exists()

@@ -1,25 +1,34 @@
-"""PET modules on a tiny RoBERTa: identity at start, only trainable weights stored, exact round trips, frozen
-backbone, and clear errors for weights that do not fit."""
+"""PET modules on a tiny RoBERTa: identity at start, only trainable weights stored, exact round trips through
+files, a frozen backbone, plain backbone names, and clear errors for weights that do not fit."""
+
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from raysys import pet
 from raysys.recycle import WeightMismatchError
 
 PET_TYPES = ("lora", "adapter")
+LAYERS = 2
 
 
 def _model(hidden=32, seed=0):
     torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+    config = RobertaConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=LAYERS, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=40, num_labels=3)
     return RobertaForSequenceClassification(config).eval()
 
 
 def _inputs():
     return torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=_inputs()).logits
 
 
 def _train(model, steps=5):
@@ -34,52 +43,99 @@ def _train(model, steps=5):
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Matrices this small gain nothing from a second intra-op thread, and on a busy 2-core machine the threads'
+    contention turns a 10 ms training step into seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def plm_dir(tmp_path):
+    path = tmp_path / "plm"
+    _model().save_pretrained(str(path))
+    return path
+
+
 @pytest.mark.parametrize("tuning_type", PET_TYPES)
 def test_a_fresh_module_is_the_identity(tuning_type):
-    x = _inputs()
-    with torch.no_grad():
-        reference = _model()(input_ids=x).logits
-        adapted = pet.apply_pet(_model(), tuning_type, seed=3)(input_ids=x).logits
-    assert torch.equal(adapted, reference)
+    assert torch.equal(_logits(pet.apply_pet(_model(), tuning_type, seed=3)), _logits(_model()))
 
 
-@pytest.mark.parametrize("tuning_type, marker", [("lora", "lora_"), ("adapter", ".adapter.")])
-def test_only_module_norms_and_head_are_trainable(tuning_type, marker):
-    model = pet.apply_pet(_model(), tuning_type)
+@pytest.mark.parametrize("tuning_type", PET_TYPES)
+def test_module_init_is_seeded_and_leaves_the_global_rng_alone(tuning_type):
+    def module(seed):
+        return {k: v for k, v in pet.trainable_state_dict(pet.apply_pet(_model(), tuning_type, seed=seed)).items()
+                if "lora_A" in k or "adapter.down" in k}
+
+    assert all(torch.equal(a, b) for a, b in zip(module(3).values(), module(3).values()))
+    assert not all(torch.equal(a, b) for a, b in zip(module(3).values(), module(4).values()))
+    model = _model()
+    torch.manual_seed(7)
+    pet.apply_pet(model, tuning_type, seed=3)
+    after_apply = torch.rand(1)
+    torch.manual_seed(7)
+    assert torch.equal(after_apply, torch.rand(1))
+
+
+def test_only_adapters_layer_norms_and_head_are_trainable():
+    model = pet.apply_pet(_model(), "adapter")
     state = pet.trainable_state_dict(model)
-    for name in state:
-        assert marker in name or name.startswith("classifier.") or (tuning_type == "adapter" and "LayerNorm" in name)
-    assert any(marker in n for n in state) and any(n.startswith("classifier.") for n in state)
-    if tuning_type == "lora":
-        assert not any("LayerNorm" in n for n in state)
-        assert sum("lora_A" in n for n in state) == 2 * 2  # query and value of 2 layers
-    else:
-        assert sum(n.endswith("adapter.down.weight") for n in state) == 2 * 2  # attention and FFN of 2 layers
+    assert set(state) == {k for k in model.state_dict()
+                          if ".adapter." in k or "LayerNorm" in k or k.startswith("classifier.")}
+    assert sum(k.endswith(".output.dense.adapter.down.weight") for k in state) == 2 * LAYERS  # attention and FFN
+    assert sum("LayerNorm" in k for k in state) == 2 * (1 + 2 * LAYERS)  # embeddings + 2 per layer, weight and bias
+    assert "roberta.encoder.layer.0.attention.output.dense.adapter.up.weight" in state
+    assert state["roberta.encoder.layer.0.output.dense.adapter.down.weight"].shape == (24, 32)
     trainable = sum(v.numel() for v in state.values())
-    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable < 0.3 * sum(p.numel() for p in model.parameters())  # hidden 32 here: PET is relatively big
 
 
+def test_only_lora_and_head_are_trainable():
+    model = pet.apply_pet(_model(), "lora", lora_rank=4)
+    state = pet.trainable_state_dict(model)
+    assert set(state) == {k for k in model.state_dict() if "lora_" in k or k.startswith("classifier.")}
+    assert sum("lora_A" in k for k in state) == sum("lora_B" in k for k in state) == 2 * LAYERS  # query, value
+    assert state["roberta.encoder.layer.1.attention.self.value.lora_A.default.weight"].shape == (4, 32)
+    trainable = sum(v.numel() for v in state.values())
+    assert trainable < 0.1 * sum(p.numel() for p in model.parameters())
+
+
+def test_finetune_trains_everything_unchanged():
+    model = pet.apply_pet(_model(), "finetune")
+    assert all(p.requires_grad for p in model.parameters())
+    assert set(pet.trainable_state_dict(model)) == set(_model().state_dict())
+
+
 @pytest.mark.parametrize("tuning_type", PET_TYPES)
-def test_round_trip_and_frozen_backbone(tuning_type, tmp_path):
-    from safetensors.torch import load_file, save_file
-
+def test_training_moves_only_the_trainable_weights(tuning_type):
     model = pet.apply_pet(_model(), tuning_type, seed=1)
-    backbone_before = {k: v.clone() for k, v in pet.backbone_state_dict(model).items()}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = pet.trainable_state_dict(model)
     _train(model)
-    after = pet.backbone_state_dict(model)
-    trained_norms = [k for k in after if "LayerNorm" in k or k.startswith("classifier.")]
-    for k, v in backbone_before.items():
-        if k not in trained_norms:
-            assert torch.equal(after[k], v), k
-    assert any(not torch.equal(after[k], backbone_before[k]) for k in trained_norms if k.startswith("classifier."))
-    save_file(pet.trainable_state_dict(model), str(tmp_path / "trainable.safetensors"))
+    now = dict(model.named_parameters())
+    assert frozen and all(torch.equal(now[n], v) for n, v in frozen.items())
+    module = [n for n in trainable if "lora_B" in n or "adapter.up" in n]
+    assert module and all(not torch.equal(now[n], trainable[n]) for n in module)
 
-    rebuilt = pet.apply_pet(_model(), tuning_type, seed=99)  # same PLM weights, another module init
-    pet.load_trainable_state(rebuilt, load_file(str(tmp_path / "trainable.safetensors")))
-    x = _inputs()
-    with torch.no_grad():
-        assert torch.equal(rebuilt(input_ids=x).logits, model(input_ids=x).logits)
+
+@pytest.mark.parametrize("tuning_type", (*PET_TYPES, "finetune"))
+def test_save_and_rebuild_on_the_same_plm_gives_the_same_model(tuning_type, plm_dir, tmp_path):
+    model = pet.apply_pet(RobertaForSequenceClassification.from_pretrained(str(plm_dir), use_safetensors=True),
+                          tuning_type, lora_rank=4, bottleneck=8, seed=1)
+    _train(model)
+    pet.save_pet(model, tmp_path / "pet")
+
+    assert sorted(p.name for p in (tmp_path / "pet").iterdir()) == sorted([pet.SPEC_FILE, pet.WEIGHTS_FILE])
+    assert set(load_file(str(tmp_path / "pet" / pet.WEIGHTS_FILE))) == set(pet.trainable_state_dict(model))
+    spec = json.loads((tmp_path / "pet" / pet.SPEC_FILE).read_text())
+    assert spec["tuning_type"] == tuning_type and spec["num_labels"] == 3
+    rebuilt = pet.load_pet(plm_dir, tmp_path / "pet")
+    assert torch.equal(_logits(rebuilt), _logits(model))
+    assert not torch.equal(_logits(rebuilt), _logits(_model()))
 
 
 @pytest.mark.parametrize("tuning_type", PET_TYPES)
@@ -93,18 +149,39 @@ def test_backbone_names_match_a_plain_classifier(tuning_type):
 
 
 @pytest.mark.parametrize("tuning_type", PET_TYPES)
-def test_weights_for_another_backbone_shape_are_refused(tuning_type):
+def test_a_plain_state_loads_under_the_module(tuning_type):
+    model = _train(pet.apply_pet(_model(), tuning_type))
+    module = {k: v for k, v in pet.trainable_state_dict(model).items() if "lora_" in k or ".adapter." in k}
+    other = _model(seed=5).state_dict()
+    pet.load_backbone_state(model, other)
+    backbone = pet.backbone_state_dict(model)
+    assert all(torch.equal(backbone[k], v) for k, v in other.items())
+    assert all(torch.equal(pet.trainable_state_dict(model)[k], v) for k, v in module.items())
+    with pytest.raises(WeightMismatchError, match="word_embeddings.weight' has shape"):
+        pet.load_backbone_state(model, _model(hidden=48).state_dict())
+
+
+@pytest.mark.parametrize("tuning_type, key, shapes", [
+    ("lora", "roberta.encoder.layer.0.attention.self.query.lora_A.default.weight", r"\(8, 32\).*\(8, 48\)"),
+    ("adapter", "roberta.embeddings.LayerNorm.weight", r"\(32,\).*\(48,\)"),
+])
+def test_weights_for_another_backbone_shape_are_refused(tuning_type, key, shapes):
     small = pet.trainable_state_dict(pet.apply_pet(_model(hidden=32), tuning_type))
     wide = pet.apply_pet(_model(hidden=48), tuning_type)
-    with pytest.raises(WeightMismatchError, match=r"has shape \([\d, ]+\), the model expects"):
+    with pytest.raises(WeightMismatchError, match=f"'{key}' has shape {shapes}"):
         pet.load_trainable_state(wide, small)
-    with pytest.raises(WeightMismatchError, match="missing"):
-        pet.load_trainable_state(pet.apply_pet(_model(), "adapter"), pet.trainable_state_dict(
-            pet.apply_pet(_model(), "lora")))
 
 
-def test_unknown_tuning_type_and_targets_are_refused():
-    with pytest.raises(ValueError, match="prefix.*known: \\['finetune', 'lora', 'adapter'\\]"):
+def test_weights_of_another_module_are_refused():
+    lora = pet.trainable_state_dict(pet.apply_pet(_model(), "lora"))
+    with pytest.raises(WeightMismatchError, match=r"missing \['roberta.*adapter.*unexpected \['roberta.*lora_A"):
+        pet.load_trainable_state(pet.apply_pet(_model(), "adapter"), lora)
+
+
+def test_unknown_tuning_type_bad_targets_and_double_application_are_refused():
+    with pytest.raises(ValueError, match=r"'prefix'.*known: \['finetune', 'lora', 'adapter'\]"):
         pet.apply_pet(_model(), "prefix")
     with pytest.raises(ValueError, match="tuning.lora.targets"):
         pet.apply_pet(_model(), "lora", lora_targets=("no_such_module",))
+    with pytest.raises(ValueError, match="already prepared for 'adapter'"):
+        pet.apply_pet(pet.apply_pet(_model(), "adapter"), "lora")

@@ -40,7 +40,7 @@ def test_control_pairs_compare_against_the_control_chain():
 def test_a_tuning_types_identity_ignores_other_types_settings():
     study, chain = _plan()
     changed, chain2 = _plan("tuning.lora.rank=4")
-    by_type = lambda s, c: {(x["task"], x["tuning_type"], x["seed"], x["chain"], x["plm_index"]): x["cell_hash"]  # noqa: E731
+    by_type = lambda s, c: {(x["task"], x["tuning_type"], x["seed"], x["chain"], x["plm_index"]): x["cell_hash"]
                             for x in stages.plan_tuning(s, c)}
     before, after = by_type(study, chain), by_type(changed, chain2)
     for key, h in before.items():

@@ -148,7 +148,8 @@ def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
     broken = {**splits, "dev": splits["dev"] + [{"text": "x y", "label": "no-such-label"}]}
     _write_task(tmp_path, "d1_copy", broken)
     extra = TaskConfig(name="d1_copy", domain="d1", source="jsonl", path=str(tmp_path))
-    study2 = dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3))
+    study2 = dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3),
+                                 methods=dataclasses.replace(study.methods, sources=(2,)))
     ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
     expected = 2 * len(study.seeds) * len(study.tuning.types)
     assert ran["tuning"]["ran"] == expected

@@ -1,0 +1,129 @@
+"""The one training loop and its objectives: the distillation loss against a hand computation, cross-entropy as
+its a = 0, β = 0 case, cached vs live teachers, selection on two dev sets, and the convergence metrics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import RobertaConfig, RobertaForSequenceClassification
+
+from raysys import tune
+from raysys.config import TuningConfig
+
+LOGITS_S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+LOGITS_T = torch.tensor([[2.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
+LABELS = torch.tensor([0, 2])
+HIDDEN_S = torch.tensor([[[1.0, 2.0], [0.0, 1.0]], [[3.0, 0.0], [1.0, 1.0]]])  # (batch 2, layers 2, hidden 2)
+HIDDEN_T = torch.tensor([[[0.0, 2.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 3.0]]])
+
+
+def _softmax(row, t):
+    e = [math.exp(v / t) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_distillation_loss_equals_a_hand_computation():
+    t, a, beta = 2.0, 0.7, 5.0
+    ce = sum(-math.log(_softmax(row, 1.0)[y]) for row, y in zip(LOGITS_S.tolist(), LABELS.tolist())) / 2
+    kl = sum(sum(p * math.log(p / q) for p, q in zip(_softmax(rt, t), _softmax(rs, t)))
+             for rs, rt in zip(LOGITS_S.tolist(), LOGITS_T.tolist())) / 2  # batch mean of per-example sums
+    squares = [(s - h) ** 2 for s, h in zip(HIDDEN_S.flatten().tolist(), HIDDEN_T.flatten().tolist())]
+    mse = sum(squares) / len(squares)  # (1 + 0 + 1 + 0 + 4 + 0 + 0 + 4) / 8 = 1.25
+    expected = (1 - a) * ce + a * t * t * kl + beta * 0.5 * mse
+    loss, parts = tune.distillation_loss(LOGITS_S, LABELS, LOGITS_T, t, a, beta, HIDDEN_S, HIDDEN_T)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert parts["ce"] == pytest.approx(ce, rel=1e-6) and parts["kl"] == pytest.approx(kl, rel=1e-6)
+    assert parts["mse"] == pytest.approx(1.25)
+
+
+def test_a_zero_and_beta_zero_is_plain_cross_entropy_without_touching_the_teacher():
+    loss, parts = tune.distillation_loss(LOGITS_S, LABELS, None, 10.0, 0.0, 0.0, None, None)
+    assert torch.equal(loss, F.cross_entropy(LOGITS_S, LABELS))
+    assert set(parts) == {"ce"}
+
+
+def test_kl_of_a_student_equal_to_its_teacher_is_zero():
+    loss, parts = tune.distillation_loss(LOGITS_T, LABELS, LOGITS_T, 5.0, 1.0, 0.0)
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-7) and loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, num_labels=2,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return RobertaForSequenceClassification(config)
+
+
+def _split(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = [[0] + torch.randint(5, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist() + [2]
+           for _ in range(n)]
+    labels = torch.tensor([int(x[1] % 2) for x in ids])  # learnable from the first token
+    return ids, labels
+
+
+ENCODED = {"train": _split(32, 0), "dev": _split(8, 1), "full_dev": _split(24, 2), "test": _split(24, 3)}
+CFG = TuningConfig(max_steps=12, eval_every_steps=4, batch_size=8, lr=1e-2)
+
+
+def test_first_token_states_are_the_embedding_output_and_all_but_the_last_layer():
+    model = _model().eval()
+    ids, _ = ENCODED["train"]
+    out = model(input_ids=torch.tensor([ids[0]]), output_hidden_states=True)
+    states = tune.first_token_states(out.hidden_states)
+    assert states.shape == (1, 2, 16)  # embeddings + layer 1 (of 2)
+    assert torch.equal(states[0, 0], out.hidden_states[0][0, 0]) and torch.equal(states[0, 1], out.hidden_states[1][0, 0])
+
+
+def test_cached_teacher_matches_a_live_teacher_without_dropout():
+    teacher = _model(seed=5)
+    ids, labels = ENCODED["train"]
+    cached = tune.teacher_outputs(teacher, ids, 7, 1, with_hidden=True)
+    assert cached.logits.shape == (32, 2) and cached.hidden.shape == (32, 2, 16)
+    batch = [3, 10, 17]
+    from raysys import data
+    input_ids, mask = data.pad_batch([ids[i] for i in batch], 1)
+    student = _model(seed=6)
+    kwargs = {"temperature": 4.0, "a": 0.5, "beta": 2.0}
+    from_cache = tune.DistillationObjective(**kwargs, cached=cached)(student, input_ids, mask, labels[batch],
+                                                                     torch.tensor(batch))
+    live = tune.DistillationObjective(**kwargs, live_teacher=teacher)(student, input_ids, mask, labels[batch])
+    assert from_cache[0].item() == pytest.approx(live[0].item(), rel=1e-5)
+
+
+def test_distillation_objective_needs_exactly_one_teacher_and_hidden_states_for_beta():
+    cached = tune.TeacherOutputs(torch.zeros(2, 2), None)
+    with pytest.raises(ValueError, match="exactly one"):
+        tune.DistillationObjective(1.0, 0.5, 0.0)
+    with pytest.raises(ValueError, match="hidden states"):
+        tune.DistillationObjective(1.0, 0.5, 1.0, cached=cached)
+
+
+def test_loop_selects_on_each_dev_set_and_evaluates_at_the_start():
+    result = tune.train_classifier(_model(), ENCODED, CFG, seed=0, pad_id=1, eval_at_start=True)
+    assert [row["step"] for row in result.curve] == [0, 4, 8, 12]
+    assert set(result.selections) == {"dev", "full_dev"}
+    for name, selection in result.selections.items():
+        best = max(result.curve, key=lambda r: r[f"{name}_accuracy"])  # max keeps the first of ties
+        assert selection.best_step == best["step"]
+        assert selection.best_dev_accuracy == best[f"{name}_accuracy"]
+        assert 0.0 <= selection.test_accuracy <= 1.0
+    assert result.curve[0]["train_loss"] is None
+
+
+def test_the_loop_is_deterministic_in_the_seed():
+    a = tune.train_classifier(_model(), ENCODED, CFG, seed=3, pad_id=1)
+    b = tune.train_classifier(_model(), ENCODED, CFG, seed=3, pad_id=1)
+    assert [r["dev_loss"] for r in a.curve] == [r["dev_loss"] for r in b.curve]
+
+
+def test_convergence_metrics():
+    curve = [{"step": 0, "dev_accuracy": 0.2, "seconds": 0.0}, {"step": 10, "dev_accuracy": 0.6, "seconds": 1.0},
+             {"step": 30, "dev_accuracy": 0.8, "seconds": 3.0}]
+    assert tune.steps_to_target(curve, 0.6) == (10, 1.0)
+    assert tune.steps_to_target(curve, 0.81) is None
+    # (10 * 0.4 + 20 * 0.7) / 30
+    assert tune.area_under_curve(curve) == pytest.approx(18 / 30)
+    assert tune.area_under_curve(curve[:1]) == 0.2
