@@ -140,6 +140,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     mask_prob: float = 0.15
     num_workers: int = 2
+    cpus_per_worker: float = 1.0  # each worker runs this many torch threads
     use_gpu: bool = False
     log_every_steps: int = 10
     seed: int = 0
@@ -153,6 +154,7 @@ class PretrainConfig:
         _check(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction", "must be in [0, 1)")
         _check(0.0 < self.mask_prob < 1.0, "pretrain.mask_prob", "must be in (0, 1)")
         _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be > 0")
         _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")
 
 
@@ -304,9 +306,11 @@ class KShotConfig:
 class TrainingFreeConfig:
     """The paper's appendix: a learned low-rank affine map of old PET weights, w' = w + w·W1·W2 + b (W2 and b
     start at zero, so the untrained map is direct application), one map per module weight; trained with the
-    distillation loss on one task's old weights, applied to the other tasks' old weights without training."""
+    distillation loss on one task's old weights, applied to the other tasks' old weights without training.
+    `tasks`: the tasks whose old weights are mapped (None = every task; they must share one label count)."""
 
     enabled: bool = True
+    tasks: tuple[str, ...] | None = None
     rank: int = 8
     steps: int = 200
     lr: float = 1e-3
@@ -424,6 +428,8 @@ class StudyConfig:
     def _check_methods(self) -> None:
         for name in self.methods.tasks or ():
             _check(name in [t.name for t in self.tasks], "methods.tasks", f"unknown task '{name}'")
+        for name in self.methods.training_free.tasks or ():
+            _check(name in [t.name for t in self.tasks], "methods.training_free.tasks", f"unknown task '{name}'")
         for t in self.methods.types or ():
             _check(t in self.tuning.types, "methods.types", f"'{t}' is not tuned (tuning.types = "
                    f"{list(self.tuning.types)}), so it has no outdated weights to recycle")
@@ -441,6 +447,11 @@ class StudyConfig:
         if sources is None:
             sources = self.plms_to_tune
         return tuple((i, i + h) for h in self.methods.hops for i in sources if i + h < len(self.corpora))
+
+    @property
+    def training_free_tasks(self) -> tuple[TaskConfig, ...]:
+        names = self.methods.training_free.tasks
+        return self.tasks if names is None else tuple(t for t in self.tasks if t.name in names)
 
     @property
     def method_tasks(self) -> tuple[TaskConfig, ...]:

@@ -117,8 +117,9 @@ def plan_training_free(study: StudyConfig, chain: stages.ChainPlan) -> list[dict
         source_plm, target_plm = chain.plm_hashes[i], chain.plm_hashes[j]
         for tuning_type in (t for t in study.method_types if t != "finetune"):
             for seed in study.seeds:
-                old = {t.name: stages.tuned_hash(study, source_plm, t, tuning_type, seed) for t in study.method_tasks}
-                for map_task in study.method_tasks:
+                tasks = study.training_free_tasks
+                old = {t.name: stages.tuned_hash(study, source_plm, t, tuning_type, seed) for t in tasks}
+                for map_task in tasks:
                     cells.append({
                         "cell_hash": config_hash("training_free", old, map_task.name, target_plm,
                                                  study.methods.training_free, study.tuning.max_length, seed),
@@ -150,6 +151,10 @@ def check_inputs(study: StudyConfig, store: Store, chain: stages.ChainPlan, meth
             raise WeightMismatchError(
                 f"teacher {store.artifact_path('tuned', h)} was tuned with labels {meta['labels']}, but task "
                 f"'{meta['task']}' now has labels {labels[meta['task']]}: its outputs do not match the student's")
+    counts = {t: len(labels[t]) for t in {t for c in free_cells for t in c["old_tuned"]} if t in labels}
+    if len(set(counts.values())) > 1:
+        raise WeightMismatchError(f"methods.training_free.tasks: a weight map trained on one task's classifier "
+                                  f"applies only to tasks with as many labels, but the label counts are {counts}")
 
 
 # ------------------------------------------------------------------------------------------------------ data

@@ -21,7 +21,7 @@ from raysys.config import StudyConfig, TaskConfig, TuningConfig, config_hash, to
 from raysys.store import Store
 from raysys.tune import evaluate, train_classifier
 
-_RESOURCE_FIELDS = {"num_workers", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
+_RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
                     "eval_batch_size"}
 
 
@@ -443,27 +443,47 @@ def _clone_state(model) -> dict:
 
 def run_interpolation_pair(study: StudyConfig, store: Store, chain: ChainPlan, pair: dict,
                            cells: list[dict]) -> None:
-    """The missing α of one pair, then the pair's barriers once every α is there. Each end keeps its own backbone:
-    for PET the backbone and the module are interpolated together."""
+    """The missing α of one pair, then the pair's barriers. Each end keeps its own backbone: for PET the backbone
+    and the module are interpolated together. A path's rows share one file (keyed by the pair): one write per
+    path instead of one per α, and the barrier reads back one file, not the table."""
+    kept = [r for r in results.read_cell(store, "interpolation", pair["pair_hash"])
+            if r["status"] == "ok" and r["cell_hash"] not in _hashes(cells)]
+    if cells:
+        started = results.now()
+        try:
+            new = _interpolation_rows(study, store, chain, pair, cells)
+        except Exception as err:  # noqa: BLE001 — recorded; the path runs again next time
+            message = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
+            new = [{"cell_hash": c["cell_hash"], **results.provenance(started, "failed", message),
+                    **_columns(c, "interpolation")} for c in cells]
+        results.write_rows(store, "interpolation", pair["pair_hash"], kept + new)
+    write_path_summary(study, store, pair)
+
+
+def _interpolation_rows(study: StudyConfig, store: Store, chain: ChainPlan, pair: dict,
+                        cells: list[dict]) -> list[dict]:
     evaluator = _Evaluator(study, store, chain, pair["task"])
     model_a, _ = load_tuned(study, store, pair["tuned_hash_a"])
     model_b, _ = load_tuned(study, store, pair["tuned_hash_b"])
     state_a, state_b = _clone_state(model_a), _clone_state(model_b)
     del model_b
+    rows = []
     for cell in cells:
-        run_guarded(store, "interpolation", cell, lambda c=cell: results.write_rows(
-            store, "interpolation", c["cell_hash"], [{
-                **results.provenance(results.now()), **_columns(c, "interpolation"),
-                **evaluator.state_metrics(model_a, recycle.interpolate(state_a, state_b, c["alpha"]))}]))
-    write_path_summary(study, store, pair)
+        started = results.now()
+        metrics = evaluator.state_metrics(model_a, recycle.interpolate(state_a, state_b, cell["alpha"]))
+        rows.append({"cell_hash": cell["cell_hash"], **results.provenance(started), **_columns(cell, "interpolation"),
+                     **metrics})
+    return rows
+
+
+def _hashes(cells: list[dict]) -> set[str]:
+    return {c["cell_hash"] for c in cells}
 
 
 def write_path_summary(study: StudyConfig, store: Store, pair: dict) -> bool:
     """Loss barrier and largest accuracy drop of one pair's path, per split, once all its α have rows."""
     started = results.now()
-    rows = [r for r in results.read_table(store, "interpolation").to_pylist()
-            if r["status"] == "ok" and r["tuned_hash_a"] == pair["tuned_hash_a"]
-            and r["tuned_hash_b"] == pair["tuned_hash_b"]]
+    rows = [r for r in results.read_cell(store, "interpolation", pair["pair_hash"]) if r["status"] == "ok"]
     by_alpha = {r["alpha"]: r for r in rows}
     if set(by_alpha) != set(study.pilot.alphas):
         return False

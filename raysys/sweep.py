@@ -67,9 +67,10 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
     workers = study.pretrain.num_workers
     trainer = ray.train.torch.TorchTrainer(
         chain_train_worker,
-        train_loop_config={"study": study_dict, "storage": storage, "links": links, "threads": 1},
+        train_loop_config={"study": study_dict, "storage": storage, "links": links,
+                           "threads": max(1, int(study.pretrain.cpus_per_worker))},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=study.pretrain.use_gpu,
-                                               resources_per_worker={"CPU": 1}),
+                                               resources_per_worker={"CPU": study.pretrain.cpus_per_worker}),
         # A deterministic name, so that a restarted trial finds its Train run again.
         run_config=ray.train.RunConfig(name=f"pretrain-{config_hash(links)}",
                                        storage_path=str(store.ray_dir / "train"),
@@ -126,7 +127,8 @@ def _interpolation_trainable(config, study_dict, storage):
     torch.set_num_threads(max(1, int(study.pilot.cpus_per_trial)))
     pair, cells = config["group"]["pair"], config["group"]["cells"]
     stages.run_interpolation_pair(study, store, stages.plan_chain(study), pair, cells)
-    ok = len(results.finished_cells(store, "interpolation") & {c["cell_hash"] for c in cells})
+    ok = sum(r["status"] == "ok" and r["cell_hash"] in _hashes(cells)
+             for r in results.read_cell(store, "interpolation", pair["pair_hash"]))
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
 

@@ -154,7 +154,7 @@ def evaluate(model, ids: list[list[int]], labels: torch.Tensor, batch_size: int,
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
-    for input_ids, mask, y in data.iterate_batches(ids, labels, batch_size, pad_id):
+    for input_ids, mask, y in data.iterate_batches(ids, labels, batch_size, pad_id, by_length=True):
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         y = y.to(device)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

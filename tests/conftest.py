@@ -19,11 +19,13 @@ MICRO_OVERRIDES = [
     "world.general_sentences=2000", "world.domain_sentences=2000",
     "world.task_train=48", "world.task_dev=48", "world.task_test=64",
     "pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
-    "pretrain.log_every_steps=5",
+    "pretrain.log_every_steps=5", "pretrain.num_workers=2", "pretrain.cpus_per_worker=1", "pilot.control_length=3",
+    "pilot.hops=[1,2]", "methods.kshot.max_steps=12", "methods.kshot.eval_every_steps=4",
     "tuning.max_steps=12", "tuning.eval_every_steps=4",
     "pilot.alphas=[0.0,0.5,1.0]", "seeds=[20]", "pilot.similarity_examples=16",
     'methods.tasks=["d1_rel","d2_rel"]', "methods.shots=[4]", "methods.temperatures=[5.0]",
     "methods.kd_weights=[0.9]", "methods.betas=[10.0]", "methods.training_free.steps=6",
+    'methods.training_free.tasks=["d1_rel","d2_rel"]',
 ]
 
 

@@ -278,7 +278,7 @@ def test_tiny_preset_builds():
     assert study.model.name_or_path is None and study.model.num_layers == 2
     assert study.tuning.types == ("finetune", "lora", "adapter")
     assert study.plms_to_tune == (0, 1, 2, 3)
-    assert study.control_length == 3
+    assert study.control_length == 2 and study.pilot.hops == (1,)
     assert study.pilot.alphas[0] == 0.0 and study.pilot.alphas[-1] == 1.0 and len(study.pilot.alphas) == 26
 
 

@@ -346,6 +346,17 @@ def test_iterate_batches_in_order_without_generator():
     assert batches[2][0].shape == (2, 4)
 
 
+def test_iterate_batches_by_length_pads_less_and_keeps_labels_aligned():
+    ids = [[0] + [i + 10] * (i % 4 + 1) + [2] for i in range(10)]
+    labels = torch.arange(10)
+    batches = list(data.iterate_batches(ids, labels, 4, pad_id=1, by_length=True))
+    assert [b[0].shape for b in batches] == [(4, 4), (4, 5), (2, 6)]
+    assert sorted(torch.cat([b[2] for b in batches]).tolist()) == list(range(10))
+    for input_ids, mask, y in batches:
+        for row, m, label in zip(input_ids.tolist(), mask.tolist(), y.tolist()):
+            assert row[: sum(m)] == ids[label]
+
+
 def test_iterate_batches_shuffles_deterministically_each_example_once():
     n = 37
     ids = [[0] + [100 + i] * (i % 5 + 1) + [2] for i in range(n)]

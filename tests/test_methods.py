@@ -56,6 +56,7 @@ def test_kshot_settings_change_only_kshot_cells():
     ('methods.regimes=["half"]', "methods.regimes"), ("methods.sources=[3]", "methods.sources"),
     ('methods.tasks=["nope"]', "methods.tasks"), ("methods.target_fraction=0.0", "methods.target_fraction"),
     ("methods.kshot.lr=0.0", "methods.kshot.lr"), ("methods.training_free.rank=0", "methods.training_free.rank"),
+    ('methods.training_free.tasks=["nope"]', "methods.training_free.tasks"),
 ])
 def test_bad_method_settings_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -64,7 +64,7 @@ def test_chain_runs_on_ray_train_with_two_workers(micro_run):
 
 
 def test_control_chain_shares_nothing_but_the_recipe():
-    study = load_study("tiny")
+    study = load_study("tiny", ["pilot.control_length=3"])
     chain = plan_chain(study)
     main, control = chain.hashes("main"), chain.hashes("control")
     assert len(main) == 4 and len(control) == study.control_length == 3

@@ -16,6 +16,14 @@ def _plan(*overrides):
 def test_cell_counts_of_the_tiny_plan():
     study, chain = _plan()
     grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
+    assert len(stages.plan_tuning(study, chain)) == (4 + 1) * grid  # M0..M3 and the control C1
+    kinds = {(p["pair_kind"], p["plm_index_a"], p["plm_index_b"]) for p in stages.plan_pairs(study, chain)}
+    assert kinds == {("continual", 0, 1), ("continual", 1, 2), ("continual", 2, 3), ("control", 0, 1)}
+
+
+def test_cell_counts_of_the_multi_hop_plan():
+    study, chain = _plan("pilot.hops=[1,2]", "pilot.control_length=3")
+    grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
     assert len(stages.plan_tuning(study, chain)) == (4 + 2) * grid  # M0..M3 and the control C1, C2
     assert len(stages.plan_compatibility(study, chain)) == 6 * grid  # every i < j of M0..M3
     pairs = stages.plan_pairs(study, chain)
