@@ -1,13 +1,14 @@
-"""Summaries computed from the Parquet tables alone (the full Markdown/figure report is a later stage)."""
+"""Summaries computed from the Parquet tables alone: the console summary and the Markdown report."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from raysys import results
 from raysys.config import StudyConfig
-from raysys.store import Store
+from raysys.store import Store, atomic_write_bytes
 
 
 def _ok_rows(store: Store, table: str) -> list[dict]:
@@ -40,6 +41,19 @@ def summary(study: StudyConfig, store: Store) -> str:
     return "\n\n".join([_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
                         _path_summary(store), _head_summary(store), _distance_summary(store),
                         _methods_summary(store), _grid_summary(store), _training_free_summary(store)])
+
+
+def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
+    """`<out_dir>/report.md`: every summary table, regenerated from the Parquet tables alone (figures: issue 6)."""
+    sections = summary(study, store).split("\n\n")
+    body = [f"# raysys report: study '{study.name}'", "",
+            f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md)."]
+    for section in sections:
+        title, _, table = section.partition("\n")
+        body += ["", f"## {title}", "", "```", table, "```"]
+    path = Path(out_dir) / "report.md"
+    atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
+    return path
 
 
 def _pretrain_summary(store: Store) -> str:

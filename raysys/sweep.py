@@ -8,6 +8,7 @@ recomputes finished trials): each run's grid is built from the cells whose rows 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,8 +23,9 @@ from ray import tune
 from raysys import data, methods, pretrain, report, results, stages
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
-from raysys.store import Store
+from raysys.store import Store, atomic_write_bytes
 
+STUDY_FILE = "study.json"
 STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity", "methods", "training_free")
 
 
@@ -132,8 +134,54 @@ def _interpolation_trainable(config, study_dict, storage):
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
 
+PROGRESS_FILE = "progress.json"
+
+
+class Progress(tune.Callback):
+    """Console progress of one stage (cells done / total, failed, running trials, elapsed, ETA), at most every
+    `every` seconds, mirrored to `<storage>/progress.json` for `raysys status`. Done is counted from the store,
+    so it is right whatever the unit of a trial (a link, a cell, a path)."""
+
+    def __init__(self, stage: str, count_done, total: int, store_root: str, log=print, every: float = 15.0):
+        self.stage, self.count_done, self.total, self.log, self.every = stage, count_done, total, log, every
+        self.path = Path(store_root) / PROGRESS_FILE
+        self.started = self.last = time.time()
+        self.done_at_start = None
+        self.failed = 0
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += len(trial.config.get("group", {}).get("cells", [])) or 1
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.failed += int((trial.last_result or {}).get("cells_failed", 0))
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last >= self.every:
+            self.report(sum(t.status == "RUNNING" for t in trials))
+
+    def on_experiment_end(self, trials, **info):
+        self.report(0, final=True)
+
+    def report(self, running: int, final: bool = False) -> dict:
+        self.last = now = time.time()
+        done = self.count_done()
+        if self.done_at_start is None:
+            self.done_at_start = done
+        elapsed, new = now - self.started, done - self.done_at_start
+        left = self.total - done
+        eta = elapsed / new * left if new > 0 and left > 0 else None
+        state = {"stage": self.stage, "done": done, "total": self.total, "failed": self.failed, "running": running,
+                 "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
+                 "pid": os.getpid(), "updated": now, "final": final}
+        atomic_write_bytes(self.path, json.dumps(state).encode())
+        if not final:
+            self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
+                     f"{elapsed:.0f}s elapsed" + ("" if eta is None else f", ETA {eta:.0f}s"))
+        return state
+
+
 def run_experiment(name: str, trainable, groups: list[dict], resources: dict, study: StudyConfig, store: Store,
-                   max_concurrent: int) -> float:
+                   max_concurrent: int, progress: Progress | None = None) -> float:
     """One stage = one Tune experiment over the missing groups of cells (`grid_search` over them)."""
     started = time.time()
     tuner = tune.Tuner(
@@ -144,7 +192,8 @@ def run_experiment(name: str, trainable, groups: list[dict], resources: dict, st
         tune_config=tune.TuneConfig(max_concurrent_trials=max(1, max_concurrent),
                                     reuse_actors=not resources.get("gpu")),
         run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", storage_path=str(store.ray_dir / "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0),
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                  callbacks=[progress] if progress else None),
     )
     tuner.fit()
     return time.time() - started
@@ -172,11 +221,32 @@ def _concurrency(per_trial_cpus: float) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
 
 
+def save_study(study: StudyConfig, store: Store) -> None:
+    """The config of the study a storage holds, so that `raysys status|report` need only the storage."""
+    atomic_write_bytes(store.root / STUDY_FILE, json.dumps(to_dict(study), indent=1).encode())
+
+
+def load_saved_study(store: Store) -> StudyConfig:
+    path = store.root / STUDY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study here (not a raysys storage, or no sweep has started in it)")
+    try:
+        return build(StudyConfig, json.loads(path.read_text()))
+    except (json.JSONDecodeError, ConfigError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, log=print) -> dict:
     """Run every stage of the study whose inputs exist; return per stage the counts of cells (total, finished
     before, ran, blocked) and the seconds it took."""
     chain = stages.plan_chain(study)
+    save_study(study, store)
     ran: dict[str, dict] = {}
+    planned = _planned(study)
+
+    def _done(name: str) -> int:
+        tables, wanted = planned[name]
+        return len(wanted & set().union(*(results.finished_cells(store, t) for t in tables)))
 
     def stage(name, total, finished, groups, trainable, resources, max_concurrent, then=None):
         """Run one stage; `then`, if given, is called after the first experiment and returns the groups of a
@@ -191,7 +261,9 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
             n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
             log(f"[{name}] {total} cells: {finished + n_total} finished, {n} to run in {len(groups)} trials")
             if groups:
-                seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent)
+                progress = Progress(name, lambda: _done(name), len(planned[name][1]), str(store.root), log)
+                seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent,
+                                          progress)
             n_total += n
         blocked = max(0, total - finished - n_total)
         if blocked:
@@ -281,24 +353,102 @@ def _similarity_done(store: Store) -> set[str]:
     return results.finished_cells(store, "head_similarity") & results.finished_cells(store, "distances")
 
 
-def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
-    """Per stage, how many planned cells have no `ok` row yet."""
+def _planned(study: StudyConfig) -> dict[str, tuple[tuple[str, ...], set[str]]]:
+    """Per stage: the tables its rows land in and the hashes of its planned cells."""
     chain = stages.plan_chain(study)
     pairs = stages.plan_pairs(study, chain)
-    planned = {
-        "pretrain": (results.finished_cells(store, "pretrain_runs"), [link.hash for link in chain.links]),
-        "tuning": (results.finished_cells(store, "tuning_runs"), _hashes(stages.plan_tuning(study, chain))),
-        "compatibility": (results.finished_cells(store, "compatibility") | results.finished_cells(store, "baselines"),
+    return {
+        "pretrain": (("pretrain_runs",), {link.hash for link in chain.links}),
+        "tuning": (("tuning_runs",), _hashes(stages.plan_tuning(study, chain))),
+        "compatibility": (("compatibility", "baselines"),
                           _hashes(stages.plan_compatibility(study, chain) + stages.plan_baselines(study, chain))),
-        "interpolation": (results.finished_cells(store, "interpolation") |
-                          results.finished_cells(store, "interpolation_paths"),
+        "interpolation": (("interpolation", "interpolation_paths"),
                           _hashes(stages.plan_interpolation(study, chain)) | {p["pair_hash"] for p in pairs}),
-        "similarity": (_similarity_done(store), _hashes(stages.plan_similarity(study, chain))),
-        "methods": (results.finished_cells(store, "methods_runs"), _hashes(methods.plan_methods(study, chain))),
-        "training_free": (results.finished_cells(store, "training_free"),
-                          _hashes(methods.plan_training_free(study, chain))),
+        "similarity": (("head_similarity", "distances"), _hashes(stages.plan_similarity(study, chain))),
+        "methods": (("methods_runs",), _hashes(methods.plan_methods(study, chain))),
+        "training_free": (("training_free",), _hashes(methods.plan_training_free(study, chain))),
     }
-    return {name: len(set(wanted) - done) for name, (done, wanted) in planned.items()}
+
+
+def _statuses(store: Store, table: str) -> dict[str, set[str]]:
+    t = results.read_table(store, table, ["cell_hash", "status"])
+    out: dict[str, set[str]] = {}
+    for h, status in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()):
+        out.setdefault(status, set()).add(h)
+    return out
+
+
+def stage_status(study: StudyConfig, store: Store) -> dict[str, dict[str, int]]:
+    """Per stage: planned cells, done (an `ok` row), failed (only `failed` rows: retried by the next run) and
+    todo (no row yet). `similarity` is done when both of its tables hold the cell."""
+    out = {}
+    for name, (tables, wanted) in _planned(study).items():
+        statuses = [_statuses(store, t) for t in tables]
+        if name == "similarity":
+            ok = set.intersection(*(st.get("ok", set()) for st in statuses))
+        else:
+            ok = set().union(*(st.get("ok", set()) for st in statuses))
+        failed = set().union(*(st.get("failed", set()) for st in statuses)) - ok
+        out[name] = {"planned": len(wanted), "done": len(wanted & ok), "failed": len(wanted & failed),
+                     "todo": len(wanted - ok - failed)}
+    return out
+
+
+def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
+    """Per stage, how many planned cells have no `ok` row yet."""
+    return {name: s["planned"] - s["done"] for name, s in stage_status(study, store).items()}
+
+
+def _layer_parameters(study: StudyConfig) -> int:
+    """Weights of the transformer layers (what every token passes through; embeddings are lookups)."""
+    m = study.model
+    return m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
+
+
+def training_flops(study: StudyConfig) -> dict[str, float]:
+    """An upper bound of the training compute per stage, 6 · layer weights · tokens (tuning sequences counted at
+    `max_length`; evaluation and the MLM output layer not counted): enough to tell minutes from GPU-days."""
+    per_token = 6 * _layer_parameters(study)
+    chain = stages.plan_chain(study)
+    p, t = study.pretrain, study.tuning
+    tokens = {"pretrain": sum((p.initial_steps if link.index == 0 and not link.checkpoint else
+                               p.continual_steps if link.index else 0) * p.batch_size * p.sequence_length
+                              for link in chain.links)}
+    tokens["tuning"] = sum(t.max_steps_for(c["tuning_type"]) * t.batch_size * t.max_length
+                           for c in stages.plan_tuning(study, chain))
+    method_tokens = 0
+    for c in methods.plan_methods(study, chain):
+        cfg = methods.method_tuning_config(study, c["tuning_type"], c["regime"])
+        method_tokens += cfg.max_steps * cfg.batch_size * cfg.max_length
+    tokens["methods"] = method_tokens
+    tf = study.methods.training_free
+    tokens["training_free"] = len(methods.plan_training_free(study, chain)) * tf.steps * tf.batch_size * t.max_length
+    return {stage: per_token * n for stage, n in tokens.items()}
+
+
+def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
+    """The `--dry-run` plan: per stage the cells planned, done, failed and to do, and the training compute."""
+    status, flops = stage_status(study, store), training_flops(study)
+    lines = [f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to run':>7} {'train PFLOP':>12}"]
+    for name in STAGES:
+        st = status[name]
+        pf = flops.get(name)
+        lines.append(f"{name:<14} {st['planned']:>8} {st['done']:>8} {st['failed']:>7} "
+                     f"{st['planned'] - st['done']:>7} {'—' if pf is None else f'{pf / 1e15:.3g}':>12}")
+    total = sum(flops.values())
+    hours = total / (tflops * 1e12) / 3600
+    lines.append(f"training compute ≈ {total / 1e15:.3g} PFLOP (upper bound, evaluation not counted): "
+                 f"{hours:.3g} device-hours at a sustained {tflops:g} TFLOP/s (--assume-tflops)")
+    return "\n".join(lines)
+
+
+def fresh_start(store: Store) -> Path | None:
+    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time)."""
+    if not store.root.exists():
+        return None
+    aside = store.root.with_name(f"{store.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    store.root.rename(aside)
+    return aside
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -311,6 +461,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--address", default=None, help="address of a running Ray cluster (default: start one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, cell counts, training compute) and exit; starts no Ray work")
+    parser.add_argument("--assume-tflops", type=float, default=None,
+                        help="sustained TFLOP/s per device for the --dry-run estimate (default: 100 with GPUs, "
+                             "0.05 on CPU)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: move the storage aside to <storage>.old-<time>, then run")
     return parser.parse_args(argv)
 
 
@@ -341,6 +498,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(to_dict(study), indent=1))
         return 0
+    if args.dry_run:
+        tflops = args.assume_tflops or (100.0 if study.pretrain.use_gpu else 0.05)
+        print(f"raysys: plan of study '{study.name}' (preset {args.preset}) in {store.root}")
+        print(plan_text(study, store, tflops))
+        return 0
+    if args.fresh:
+        aside = fresh_start(store)
+        if aside:
+            print(f"raysys: --fresh: moved the old storage to {aside}")
     print(f"raysys: study '{study.name}' (preset {args.preset}) -> {store.root}")
     started = time.time()
     init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
@@ -350,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary(study, store))
+    print(f"\nreport: {report.write_report(study, store, store.root / 'report')}")
     print(f"\nresults: {store.root / 'results'} (Parquet; schemas in docs/results.md)")
     print(f"total wall time: {time.time() - started:.1f}s")
     incomplete = {k: v for k, v in missing_cells(study, store).items() if v and k in args.only}

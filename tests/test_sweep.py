@@ -4,9 +4,14 @@ that recompute nothing, failed cells recorded and retried."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from raysys import results, stages, sweep, world
-from raysys.config import TaskConfig, load_study
+from raysys.config import ConfigError, TaskConfig, load_study
 from raysys.store import Store
 from tests.conftest import MICRO_OVERRIDES
 
@@ -190,3 +195,48 @@ def test_micro_overrides_change_identity_but_resources_do_not():
     assert stages.plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.num_workers=1"])) == base
     assert stages.plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.lr=0.002"])) != base
     assert Store("/tmp/x").root.is_absolute()
+
+
+def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
+    storage = tmp_path / "plan"
+    script = Path(__file__).resolve().parent.parent / "sweeps" / "full_paper.py"
+    out = subprocess.run([sys.executable, str(script), "--dry-run", "--preset", "paper", "--storage", str(storage)],
+                         capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr
+    study = load_study("paper")
+    chain = stages.plan_chain(study)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("tuning"))
+    assert line.split()[1:5] == [str(len(stages.plan_tuning(study, chain))), "0", "0",
+                                 str(len(stages.plan_tuning(study, chain)))]
+    assert "device-hours" in out.stdout and "PFLOP" in out.stdout
+    assert not storage.exists()  # nothing written, no Ray session under it
+
+
+def test_training_flops_scale_with_the_steps():
+    base = sweep.training_flops(load_study("tiny"))
+    double = sweep.training_flops(load_study("tiny", ["pretrain.continual_steps=4000", "pretrain.initial_steps=600"]))
+    assert double["pretrain"] == 2 * base["pretrain"] and double["tuning"] == base["tuning"]
+
+
+def test_fresh_moves_the_old_storage_aside(tmp_path):
+    store = Store(tmp_path / "s")
+    (store.root / "results").mkdir(parents=True)
+    (store.root / "results" / "x").write_text("keep me")
+    aside = sweep.fresh_start(store)
+    assert not store.root.exists() and (aside / "results" / "x").read_text() == "keep me"
+    assert sweep.fresh_start(store) is None
+
+
+def test_progress_file_records_the_last_stage(micro_run):
+    _, store, _ = micro_run
+    state = json.loads((store.root / sweep.PROGRESS_FILE).read_text())
+    assert state["final"] and state["done"] == state["total"] > 0 and state["failed"] == 0
+
+
+def test_saved_study_round_trips(micro_run, tmp_path):
+    study, store, _ = micro_run
+    sweep.save_study(study, store)
+    assert sweep.load_saved_study(store) == study
+    (tmp_path / sweep.STUDY_FILE).write_text('{"seeds": "x"}')
+    with pytest.raises(ConfigError, match="study.json"):
+        sweep.load_saved_study(Store(tmp_path))

@@ -1,0 +1,155 @@
+"""The `raysys` command: look into a storage without Ray.
+
+    raysys status STORAGE                       per stage: planned, done, failed, to do; the running sweep
+    raysys results STORAGE TABLE [--where k=v]  print a table, or export it (--output x.csv|x.parquet|x.jsonl)
+    raysys report STORAGE [--out DIR]           regenerate the report from the Parquet tables alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from raysys import report, results
+from raysys.config import ConfigError
+from raysys.store import Store, atomic_write_bytes
+from raysys.sweep import PROGRESS_FILE, STAGES, load_saved_study, stage_status
+
+STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
+
+
+def _running_sweep(store: Store) -> dict | None:
+    path = store.root / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("final") or time.time() - state.get("updated", 0) > STALE_AFTER_S:
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+def status_text(store: Store) -> str:
+    study = load_saved_study(store)
+    status = stage_status(study, store)
+    running = _running_sweep(store)
+    lines = [f"study '{study.name}' in {store.root}",
+             f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to do':>7}  state"]
+    for name in STAGES:
+        s = status[name]
+        if running and running["stage"] == name:
+            state = f"running: {running['running']} trial(s), {running['elapsed_s']:.0f}s elapsed" + (
+                f", ETA {running['eta_s']:.0f}s" if running.get("eta_s") is not None else "")
+        elif s["done"] == s["planned"]:
+            state = "complete"
+        else:
+            state = "failed cells: rerun to retry" if s["failed"] else "pending"
+        lines.append(f"{name:<14} {s['planned']:>8} {s['done']:>8} {s['failed']:>7} {s['todo']:>7}  {state}")
+    if not running:
+        lines.append("no sweep is running on this storage")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def filter_table(table: pa.Table, where: list[str]) -> pa.Table:
+    """Keep the rows where every `column=value` holds (values parsed as JSON when they parse: 3, 0.5, true)."""
+    for clause in where:
+        column, sep, value = clause.partition("=")
+        if not sep:
+            raise ValueError(f"--where '{clause}': expected COLUMN=VALUE")
+        if column not in table.column_names:
+            raise ValueError(f"--where '{clause}': no column '{column}'; columns: {table.column_names}")
+        table = table.filter(pc.equal(table[column], pa.scalar(_parse_value(value), table.schema.field(column).type)))
+    return table
+
+
+def export_table(table: pa.Table, output: Path) -> None:
+    suffix = output.suffix.lower()
+    sink = pa.BufferOutputStream()
+    if suffix == ".parquet":
+        pq.write_table(table, sink)
+    elif suffix == ".csv":
+        plain = table.select([f.name for f in table.schema if not pa.types.is_nested(f.type)])
+        pa_csv.write_csv(plain, sink)
+    elif suffix == ".jsonl":
+        lines = "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
+        sink.write(lines.encode())
+    else:
+        raise ValueError(f"--output {output}: use .parquet, .csv or .jsonl")
+    atomic_write_bytes(output, sink.getvalue().to_pybytes())
+
+
+def results_command(store: Store, table_name: str, where: list[str], columns: list[str] | None,
+                    output: Path | None, limit: int) -> str:
+    if table_name not in results.SCHEMAS:
+        raise ValueError(f"unknown table '{table_name}'; tables: {sorted(results.SCHEMAS)}")
+    table = filter_table(results.read_table(store, table_name), where)
+    if columns:
+        unknown = [c for c in columns if c not in table.column_names]
+        if unknown:
+            raise ValueError(f"--columns: no column(s) {unknown} in '{table_name}'")
+        table = table.select(columns)
+    if output:
+        export_table(table, output)
+        return f"{table.num_rows} rows -> {output}"
+    shown = table.drop_columns([c for c in ("config", "error") if c in table.column_names and not columns])
+    return shown.slice(0, limit).to_pandas().to_string(max_colwidth=40) + f"\n({table.num_rows} rows)"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raysys", description="Inspect a raysys storage (no Ray needed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="per stage: planned, done, failed, to do; the running sweep")
+    p.add_argument("storage")
+    p = sub.add_parser("results", help="print or export one result table")
+    p.add_argument("storage")
+    p.add_argument("table")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE")
+    p.add_argument("--columns", type=lambda s: s.split(","), default=None, metavar="A,B,...")
+    p.add_argument("--output", type=Path, default=None, help="write .parquet, .csv or .jsonl instead of printing")
+    p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
+    p = sub.add_parser("report", help="regenerate the report from the Parquet tables")
+    p.add_argument("storage")
+    p.add_argument("--out", type=Path, default=None, help="folder for report.md (default <storage>/report)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        store = Store(args.storage)
+        if not store.root.is_dir():
+            raise FileNotFoundError(f"{store.root}: no such storage")
+        if args.command == "status":
+            print(status_text(store))
+        elif args.command == "results":
+            print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
+        else:
+            path = report.write_report(load_saved_study(store), store, args.out or store.root / "report")
+            print(f"report: {path}")
+    except (FileNotFoundError, ValueError, ConfigError, pa.ArrowInvalid) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
