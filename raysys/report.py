@@ -44,14 +44,30 @@ def summary(study: StudyConfig, store: Store) -> str:
 
 
 def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
-    """`<out_dir>/report.md`: every summary table, regenerated from the Parquet tables alone (figures: issue 6)."""
-    sections = summary(study, store).split("\n\n")
+    """`<out_dir>/report.md` and its PNG figures under `<out_dir>/figures/`: every summary table and figure,
+    regenerated from the Parquet tables alone."""
+    from raysys import figures
+
+    out_dir = Path(out_dir)
+    best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"]
+            for r in methods_table(store)}
+    drawn = {
+        "Continual pre-training": figures.pretrain_curves(store, out_dir / "figures"),
+        "Compatibility matrix": figures.compatibility_heatmaps(store, out_dir / "figures"),
+        "Interpolation paths": figures.interpolation_curves(store, out_dir / "figures"),
+        "Head similarity": figures.head_similarity_heatmaps(store, out_dir / "figures"),
+        "Convergence of the recycling methods": figures.convergence_curves(store, out_dir / "figures", best),
+    }
     body = [f"# raysys report: study '{study.name}'", "",
-            f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md)."]
-    for section in sections:
+            f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md).", "",
+            "## Figures"]
+    for title, path in drawn.items():
+        if path is not None:
+            body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
+    for section in summary(study, store).split("\n\n"):
         title, _, table = section.partition("\n")
         body += ["", f"## {title}", "", "```", table, "```"]
-    path = Path(out_dir) / "report.md"
+    path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path
 

@@ -51,6 +51,10 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
                   "Attention-head similarity", "Recycling methods", "Training-free recycling"):
         assert f"## {title}" in text
     assert str(tmp_path / "report.md") in capsys.readouterr().out
+    for name in ("pretrain_curves", "compatibility", "interpolation", "head_similarity", "convergence"):
+        png = tmp_path / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"](figures/{name}.png)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
