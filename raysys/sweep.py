@@ -149,6 +149,16 @@ class Progress(tune.Callback):
         self.done_at_start = None
         self.failed = 0
 
+    def __getstate__(self):
+        # Tune pickles its callbacks into the experiment state; the console and the store reader stay behind
+        # (this sweep resumes from the store, never from that state).
+        return {**self.__dict__, "log": None, "count_done": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.log = self.log or (lambda *_: None)
+        self.count_done = self.count_done or (lambda: 0)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed += len(trial.config.get("group", {}).get("cells", [])) or 1
 
