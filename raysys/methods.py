@@ -373,7 +373,7 @@ def train_weight_map(student, old_state: dict, md: MethodData, teacher: TeacherO
             step += 1
             if step >= steps:
                 break
-    return weight_map.eval(), float(loss)
+    return weight_map.eval(), float(loss.detach())
 
 
 def run_training_free_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, cell: dict) -> None:
