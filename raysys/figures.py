@@ -13,13 +13,10 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt
 
 from raysys import results
+from raysys.report import method_knobs, method_setting
 from raysys.store import Store
 
 METHOD_COLOURS = {"vanilla": "tab:gray", "init": "tab:blue", "distill": "tab:orange", "combined": "tab:green"}
-
-
-def _ok(store: Store, table: str) -> list[dict]:
-    return [r for r in results.read_table(store, table).to_pylist() if r.get("status", "ok") == "ok"]
 
 
 def _save(fig, path: Path) -> Path:
@@ -58,7 +55,7 @@ def pretrain_curves(store: Store, out: Path) -> Path | None:
 
 def compatibility_heatmaps(store: Store, out: Path) -> Path | None:
     """Per (task, type): test accuracy of Δ_i applied to M_j (i < j), with the model tuned on M_j on the diagonal."""
-    compat, tuned = _ok(store, "compatibility"), [r for r in _ok(store, "tuning_runs") if r["chain"] == "main"]
+    compat, tuned = results.ok_rows(store, "compatibility"), [r for r in results.ok_rows(store, "tuning_runs") if r["chain"] == "main"]
     if not compat:
         return None
     applied = _mean_by(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"]),
@@ -90,7 +87,7 @@ def compatibility_heatmaps(store: Store, out: Path) -> Path | None:
 
 def interpolation_curves(store: Store, out: Path) -> Path | None:
     """Accuracy and loss along θ(α), mean over tasks, seeds and pairs: continual pair vs control, per type."""
-    rows = _ok(store, "interpolation")
+    rows = results.ok_rows(store, "interpolation")
     if not rows:
         return None
     types = sorted({r["tuning_type"] for r in rows})
@@ -111,7 +108,7 @@ def interpolation_curves(store: Store, out: Path) -> Path | None:
 
 def head_similarity_heatmaps(store: Store, out: Path) -> Path | None:
     """1 − JS/ln2 between corresponding heads (layer × head), mean over tasks, seeds and pairs."""
-    rows = _ok(store, "head_similarity")
+    rows = results.ok_rows(store, "head_similarity")
     if not rows:
         return None
     types, kinds = sorted({r["tuning_type"] for r in rows}), sorted({r["pair_kind"] for r in rows})
@@ -135,12 +132,7 @@ def convergence_curves(store: Store, out: Path, best_knobs: dict) -> Path | None
     rows = results.read_table(store, "methods_curves").to_pylist()
     if not rows:
         return None
-
-    def setting(r):
-        regime = "full" if r["regime"] == "full" else f"{r['shots']}-shot"
-        return r["task"], r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", regime
-
-    settings = sorted({setting(r) for r in rows})
+    settings = sorted({method_setting(r) for r in rows})
     columns = 4
     lines = (len(settings) + columns - 1) // columns
     fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 2.8 * lines), squeeze=False, layout="constrained")
@@ -148,8 +140,7 @@ def convergence_curves(store: Store, out: Path, best_knobs: dict) -> Path | None
         ax = axes[index // columns][index % columns]
         for method, colour in METHOD_COLOURS.items():
             knobs = best_knobs.get((*s, method))
-            chosen = [r for r in rows if setting(r) == s and r["method"] == method
-                      and (r["temperature"], r["kd_weight"], r["beta"]) == knobs]
+            chosen = [r for r in rows if method_setting(r) == s and r["method"] == method and method_knobs(r) == knobs]
             if chosen:
                 curve = sorted(_mean_by(chosen, lambda r: r["step"], "dev_accuracy").items())
                 ax.plot([x for x, _ in curve], [y for _, y in curve], color=colour, label=method)

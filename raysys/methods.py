@@ -390,7 +390,8 @@ def run_training_free_cell(study: StudyConfig, store: Store, chain: stages.Chain
                                               tf.temperature, tf.kd_weight, tf.rank, cell["seed"])
     rows = []
     for task_name, tuned in cell["old_tuned"].items():
-        target = method_data(study, store, chain, task_name, "full", None, cell["seed"])
+        target = md if task_name == cell["map_task"] else method_data(study, store, chain, task_name, "full", None,
+                                                                      cell["seed"])
         model, _ = stages.load_tuned(study, store, tuned, on_plm=cell["target_plm_hash"])
         direct = {s: evaluate(model, *target.encoded[s], study.pilot.eval_batch_size, target.pad_id)[0]
                   for s in ("dev", "test")}

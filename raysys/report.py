@@ -11,10 +11,6 @@ from raysys.config import StudyConfig
 from raysys.store import Store, atomic_write_bytes
 
 
-def _ok_rows(store: Store, table: str) -> list[dict]:
-    return [r for r in results.read_table(store, table).to_pylist() if r.get("status", "ok") == "ok"]
-
-
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -73,7 +69,7 @@ def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
 
 
 def _pretrain_summary(store: Store) -> str:
-    runs = sorted(_ok_rows(store, "pretrain_runs"), key=lambda r: (r["chain"] != "main", r["link"]))
+    runs = sorted(results.ok_rows(store, "pretrain_runs"), key=lambda r: (r["chain"] != "main", r["link"]))
     return "Pre-training chains (M = main, C = control: another origin, the same continual data)\n" + _table(
         ["PLM", "domain", "init", "steps", "final MLM loss", "tokens/s"],
         [[f"{'M' if r['chain'] == 'main' else 'C'}{r['link']}", r["domain"], r["init"], r["steps"],
@@ -82,7 +78,7 @@ def _pretrain_summary(store: Store) -> str:
 
 def _tuning_summary(study: StudyConfig, store: Store) -> str:
     tuned = defaultdict(list)
-    for r in _ok_rows(store, "tuning_runs"):
+    for r in results.ok_rows(store, "tuning_runs"):
         tuned[(r["chain"], r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
     columns = sorted({(c, p) for c, _, _, p in tuned}, key=lambda x: (x[0] != "main", x[1]))
     rows = [[task.name, t] + [_mean_std(tuned[(c, task.name, t, p)]) for c, p in columns]
@@ -93,14 +89,14 @@ def _tuning_summary(study: StudyConfig, store: Store) -> str:
 
 def _compatibility_summary(store: Store) -> str:
     tuned = defaultdict(list)
-    for r in _ok_rows(store, "tuning_runs"):
+    for r in results.ok_rows(store, "tuning_runs"):
         if r["chain"] == "main":
             tuned[(r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
     base = defaultdict(list)
-    for r in _ok_rows(store, "baselines"):
+    for r in results.ok_rows(store, "baselines"):
         base[(r["task"], r["plm_index"], r["kind"])].append(r["test_accuracy"])
     compat = defaultdict(list)
-    for r in _ok_rows(store, "compatibility"):
+    for r in results.ok_rows(store, "compatibility"):
         compat[(r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"])].append(r["test_accuracy"])
     rows = [[task, t, f"M{i}->M{j}", _mean_std(v), _mean_std(tuned[(task, t, j)]),
              _mean_std(base[(task, j, "untrained_head")]), _mean_std(base[(task, j, "majority")])]
@@ -111,7 +107,7 @@ def _compatibility_summary(store: Store) -> str:
 
 def _path_summary(store: Store) -> str:
     groups = defaultdict(list)
-    for r in _ok_rows(store, "interpolation_paths"):
+    for r in results.ok_rows(store, "interpolation_paths"):
         if r["split"] == "test":
             groups[(r["tuning_type"], r["plm_index_b"] - r["plm_index_a"], r["pair_kind"])].append(r)
     rows = [[t, f"i->i+{hop}", kind, len(v), _fmt(_mean(r["loss_barrier"] for r in v), digits=3),
@@ -123,7 +119,7 @@ def _path_summary(store: Store) -> str:
 
 def _head_summary(store: Store) -> str:
     groups = defaultdict(list)
-    for r in _ok_rows(store, "head_similarity"):
+    for r in results.ok_rows(store, "head_similarity"):
         groups[(r["tuning_type"], r["layer"], r["pair_kind"])].append(r)
     rows = [[t, layer, kind, _fmt(_mean(r["similarity_corresponding"] for r in v), digits=3),
              _fmt(_mean(r["similarity_noncorresponding"] for r in v), digits=3)]
@@ -134,7 +130,7 @@ def _head_summary(store: Store) -> str:
 
 def _distance_summary(store: Store) -> str:
     groups = defaultdict(list)
-    for r in _ok_rows(store, "distances"):
+    for r in results.ok_rows(store, "distances"):
         groups[(r["tuning_type"], r["what"], r["pair_kind"])].append(r)
     rows = [[t, what, kind, _fmt(_mean(r["l2"] for r in v), digits=2),
              _fmt(_mean(r["l2_per_parameter"] for r in v), digits=5), _fmt(_mean(r["cosine"] for r in v), digits=3)]
@@ -143,12 +139,13 @@ def _distance_summary(store: Store) -> str:
         ["type", "what", "pair", "L2", "L2/param", "cosine"], rows)
 
 
-def _setting(r: dict) -> tuple:
+def method_setting(r: dict) -> tuple:
+    """(task, type, upgrade, regime) of a methods row: what the methods table and convergence figure group by."""
     regime = "full" if r["regime"] == "full" else f"{r['shots']}-shot"
     return r["task"], r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", regime
 
 
-def _knobs(r: dict) -> tuple:
+def method_knobs(r: dict) -> tuple:
     return r["temperature"], r["kd_weight"], r["beta"]
 
 
@@ -157,8 +154,8 @@ def methods_table(store: Store) -> list[dict]:
     curve over seeds; for the distilling methods the (T, a, β) with the best mean dev accuracy (K-shot dev in the
     few-shot regime, as the paper selects) stands for the method."""
     runs = defaultdict(lambda: defaultdict(list))
-    for r in _ok_rows(store, "methods_runs"):
-        runs[_setting(r)][(r["method"], _knobs(r))].append(r)
+    for r in results.ok_rows(store, "methods_runs"):
+        runs[method_setting(r)][(r["method"], method_knobs(r))].append(r)
     table = []
     for setting, by_variant in sorted(runs.items()):
         for method in ("vanilla", "init", "distill", "combined"):
@@ -193,9 +190,9 @@ def _methods_summary(store: Store) -> str:
 
 def _grid_summary(store: Store) -> str:
     groups = defaultdict(list)
-    for r in _ok_rows(store, "methods_runs"):
+    for r in results.ok_rows(store, "methods_runs"):
         if r["temperature"] is not None:
-            groups[(r["tuning_type"], _setting(r)[3], r["method"]) + _knobs(r)].append(r)
+            groups[(r["tuning_type"], method_setting(r)[3], r["method"]) + method_knobs(r)].append(r)
     rows = [[t, regime, m, f"{temp:g}", f"{a:g}", f"{beta:g}", len(v), _mean_std([r["best_dev_accuracy"] for r in v]),
              _mean_std([r["test_accuracy"] for r in v])] for (t, regime, m, temp, a, beta), v in sorted(groups.items())]
     return "Distillation grid: dev / test accuracy % (means over tasks, upgrades and seeds)\n" + _table(
@@ -204,7 +201,7 @@ def _grid_summary(store: Store) -> str:
 
 def _training_free_summary(store: Store) -> str:
     groups = defaultdict(list)
-    for r in _ok_rows(store, "training_free"):
+    for r in results.ok_rows(store, "training_free"):
         kind = "same task" if r["map_task"] == r["task"] else "other task"
         groups[(r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", kind)].append(r)
     rows = [[t, up, kind, len(v), _mean_std([r["direct_test_accuracy"] for r in v]),

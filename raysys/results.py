@@ -194,10 +194,23 @@ def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa
     return ds.dataset(directory, format="parquet", schema=SCHEMAS[table]).to_table(columns=columns)
 
 
+def cell_statuses(store: Store, table: str) -> dict[str, set[str]]:
+    """Status (`ok`, `failed`) -> the hashes of the cells with a row of that status."""
+    t = read_table(store, table, ["cell_hash", "status"])
+    out: dict[str, set[str]] = {}
+    for h, status in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()):
+        out.setdefault(status, set()).add(h)
+    return out
+
+
 def finished_cells(store: Store, table: str) -> set[str]:
     """Hashes of the cells whose rows say `ok`: the source of truth for what a rerun may skip."""
-    t = read_table(store, table, ["cell_hash", "status"])
-    return {h for h, s in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()) if s == "ok"}
+    return cell_statuses(store, table).get("ok", set())
+
+
+def ok_rows(store: Store, table: str) -> list[dict]:
+    """The rows of a table whose cell succeeded (tables without a status column: every row)."""
+    return [r for r in read_table(store, table).to_pylist() if r.get("status", "ok") == "ok"]
 
 
 def read_cell(store: Store, table: str, cell_hash: str) -> list[dict]:

@@ -442,22 +442,24 @@ def _clone_state(model) -> dict:
 
 
 def run_interpolation_pair(study: StudyConfig, store: Store, chain: ChainPlan, pair: dict,
-                           cells: list[dict]) -> None:
+                           cells: list[dict]) -> int:
     """The missing α of one pair, then the pair's barriers. Each end keeps its own backbone: for PET the backbone
     and the module are interpolated together. A path's rows share one file (keyed by the pair): one write per
-    path instead of one per α, and the barrier reads back one file, not the table."""
+    path instead of one per α, and the barrier reads back one file, not the table. Returns how many of `cells`
+    succeeded."""
     kept = [r for r in results.read_cell(store, "interpolation", pair["pair_hash"])
-            if r["status"] == "ok" and r["cell_hash"] not in _hashes(cells)]
+            if r["status"] == "ok" and r["cell_hash"] not in cell_hashes(cells)]
+    new = []
     if cells:
         started = results.now()
         try:
             new = _interpolation_rows(study, store, chain, pair, cells)
         except Exception as err:  # noqa: BLE001 — recorded; the path runs again next time
-            message = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
-            new = [{"cell_hash": c["cell_hash"], **results.provenance(started, "failed", message),
-                    **_columns(c, "interpolation")} for c in cells]
+            new = [{"cell_hash": c["cell_hash"], **_failed(started, err), **_columns(c, "interpolation")}
+                   for c in cells]
         results.write_rows(store, "interpolation", pair["pair_hash"], kept + new)
     write_path_summary(study, store, pair)
+    return sum(r["status"] == "ok" for r in new)
 
 
 def _interpolation_rows(study: StudyConfig, store: Store, chain: ChainPlan, pair: dict,
@@ -476,7 +478,7 @@ def _interpolation_rows(study: StudyConfig, store: Store, chain: ChainPlan, pair
     return rows
 
 
-def _hashes(cells: list[dict]) -> set[str]:
+def cell_hashes(cells: list[dict]) -> set[str]:
     return {c["cell_hash"] for c in cells}
 
 
@@ -551,6 +553,11 @@ def _columns(cell: dict, table: str) -> dict:
     return {k: v for k, v in cell.items() if k in names and k != "cell_hash"}
 
 
+def _failed(started, err: Exception) -> dict:
+    """The provenance columns of a failed cell, its error and traceback included."""
+    return results.provenance(started, "failed", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+
+
 def run_guarded(store: Store, table: str, cell: dict, fn) -> bool:
     """Run one cell; on failure record a `failed` row with the error (the cell runs again next time) and go on."""
     started = results.now()
@@ -558,7 +565,5 @@ def run_guarded(store: Store, table: str, cell: dict, fn) -> bool:
         fn()
         return True
     except Exception as err:  # noqa: BLE001 — any failure of a cell is recorded, not fatal to the sweep
-        message = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"
-        results.write_rows(store, table, cell["cell_hash"],
-                           [{**results.provenance(started, "failed", message), **_columns(cell, table)}])
+        results.write_rows(store, table, cell["cell_hash"], [{**_failed(started, err), **_columns(cell, table)}])
         return False

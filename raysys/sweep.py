@@ -128,9 +128,7 @@ def _interpolation_trainable(config, study_dict, storage):
     study, store = build(StudyConfig, study_dict), Store(storage)
     torch.set_num_threads(max(1, int(study.pilot.cpus_per_trial)))
     pair, cells = config["group"]["pair"], config["group"]["cells"]
-    stages.run_interpolation_pair(study, store, stages.plan_chain(study), pair, cells)
-    ok = sum(r["status"] == "ok" and r["cell_hash"] in _hashes(cells)
-             for r in results.read_cell(store, "interpolation", pair["pair_hash"]))
+    ok = stages.run_interpolation_pair(study, store, stages.plan_chain(study), pair, cells)
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
 
@@ -216,10 +214,6 @@ def _missing(cells: list[dict], done: set[str]) -> list[dict]:
     return [c for c in cells if c["cell_hash"] not in done]
 
 
-def _hashes(cells: list[dict]) -> set[str]:
-    return {c["cell_hash"] for c in cells}
-
-
 def _group(cells: list[dict], key) -> list[dict]:
     groups: dict = {}
     for cell in cells:
@@ -255,8 +249,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     planned = _planned(study)
 
     def _done(name: str) -> int:
-        tables, wanted = planned[name]
-        return len(wanted & set().union(*(results.finished_cells(store, t) for t in tables)))
+        return len(planned[name] & stage_outcomes(store, name)[0])
 
     def stage(name, total, finished, groups, trainable, resources, max_concurrent, then=None):
         """Run one stage; `then`, if given, is called after the first experiment and returns the groups of a
@@ -271,7 +264,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
             n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
             log(f"[{name}] {total} cells: {finished + n_total} finished, {n} to run in {len(groups)} trials")
             if groups:
-                progress = Progress(name, lambda: _done(name), len(planned[name][1]), str(store.root), log)
+                progress = Progress(name, lambda: _done(name), len(planned[name]), str(store.root), log)
                 seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent,
                                           progress)
             n_total += n
@@ -308,8 +301,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     pilot_concurrency = _concurrency(study.pilot.cpus_per_trial)
     compat = stages.plan_compatibility(study, chain)
     baselines = stages.plan_baselines(study, chain)
-    done = (results.finished_cells(store, "compatibility") & _hashes(compat)) | \
-        (results.finished_cells(store, "baselines") & _hashes(baselines))
+    done = stage_outcomes(store, "compatibility")[0] & stages.cell_hashes(compat + baselines)
     todo = [{"table": "compatibility", "cells": [c]} for c in _missing(compat, done)
             if tuned(c["source_tuned_hash"]) and has_plm(c["target_plm_hash"])]
     todo += [{"table": "baselines", "cells": [c]} for c in _missing(baselines, done) if has_plm(c["plm_hash"])]
@@ -318,7 +310,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
 
     pairs = [p for p in stages.plan_pairs(study, chain)]
     cells = stages.plan_interpolation(study, chain)
-    done = results.finished_cells(store, "interpolation") & _hashes(cells)
+    done = results.finished_cells(store, "interpolation") & stages.cell_hashes(cells)
     summarised = results.finished_cells(store, "interpolation_paths")
     groups = []
     for pair in pairs:
@@ -331,7 +323,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
           pilot_concurrency)
 
     cells = stages.plan_similarity(study, chain)
-    done = _similarity_done(store) & _hashes(cells)
+    done = stage_outcomes(store, "similarity")[0] & stages.cell_hashes(cells)
     todo = [{"cells": [c]} for c in _missing(cells, done) if tuned(c["tuned_hash_a"]) and tuned(c["tuned_hash_b"])]
     stage("similarity", len(cells), len(done), todo, _similarity_trainable, pilot_resources, pilot_concurrency)
 
@@ -349,56 +341,54 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
             (c["vanilla_hash"] in vanilla_done or "vanilla" not in study.methods.methods) and
             tuned(c["old_tuned_hash"]))]
 
-    done = results.finished_cells(store, "methods_runs") & _hashes(method_cells)
+    done = results.finished_cells(store, "methods_runs") & stages.cell_hashes(method_cells)
     stage("methods", len(method_cells), len(done), methods_todo(vanilla=True), _methods_trainable, resources,
           concurrency, then=lambda: methods_todo(vanilla=False))
-    done = results.finished_cells(store, "training_free") & _hashes(free_cells)
+    done = results.finished_cells(store, "training_free") & stages.cell_hashes(free_cells)
     todo = [{"cells": [c]} for c in _missing(free_cells, done)
             if has_plm(c["target_plm_hash"]) and all(tuned(h) for h in c["old_tuned"].values())]
     stage("training_free", len(free_cells), len(done), todo, _training_free_trainable, resources, concurrency)
     return ran
 
 
-def _similarity_done(store: Store) -> set[str]:
-    return results.finished_cells(store, "head_similarity") & results.finished_cells(store, "distances")
+STAGE_TABLES = {"pretrain": ("pretrain_runs",), "tuning": ("tuning_runs",),
+                "compatibility": ("compatibility", "baselines"),
+                "interpolation": ("interpolation", "interpolation_paths"),
+                "similarity": ("head_similarity", "distances"), "methods": ("methods_runs",),
+                "training_free": ("training_free",)}
 
 
-def _planned(study: StudyConfig) -> dict[str, tuple[tuple[str, ...], set[str]]]:
-    """Per stage: the tables its rows land in and the hashes of its planned cells."""
+def stage_outcomes(store: Store, name: str) -> tuple[set[str], set[str]]:
+    """(done, failed) cell hashes of a stage: done = an `ok` row (a similarity cell writes both of its tables, so
+    it needs both), failed = only `failed` rows (retried by the next run)."""
+    statuses = [results.cell_statuses(store, t) for t in STAGE_TABLES[name]]
+    combine = set.intersection if name == "similarity" else set.union
+    ok = combine(*(st.get("ok", set()) for st in statuses))
+    failed = set().union(*(st.get("failed", set()) for st in statuses)) - ok
+    return ok, failed
+
+
+def _planned(study: StudyConfig) -> dict[str, set[str]]:
+    """Per stage: the hashes of its planned cells."""
     chain = stages.plan_chain(study)
     pairs = stages.plan_pairs(study, chain)
+    hashes = stages.cell_hashes
     return {
-        "pretrain": (("pretrain_runs",), {link.hash for link in chain.links}),
-        "tuning": (("tuning_runs",), _hashes(stages.plan_tuning(study, chain))),
-        "compatibility": (("compatibility", "baselines"),
-                          _hashes(stages.plan_compatibility(study, chain) + stages.plan_baselines(study, chain))),
-        "interpolation": (("interpolation", "interpolation_paths"),
-                          _hashes(stages.plan_interpolation(study, chain)) | {p["pair_hash"] for p in pairs}),
-        "similarity": (("head_similarity", "distances"), _hashes(stages.plan_similarity(study, chain))),
-        "methods": (("methods_runs",), _hashes(methods.plan_methods(study, chain))),
-        "training_free": (("training_free",), _hashes(methods.plan_training_free(study, chain))),
+        "pretrain": {link.hash for link in chain.links},
+        "tuning": hashes(stages.plan_tuning(study, chain)),
+        "compatibility": hashes(stages.plan_compatibility(study, chain) + stages.plan_baselines(study, chain)),
+        "interpolation": hashes(stages.plan_interpolation(study, chain)) | {p["pair_hash"] for p in pairs},
+        "similarity": hashes(stages.plan_similarity(study, chain)),
+        "methods": hashes(methods.plan_methods(study, chain)),
+        "training_free": hashes(methods.plan_training_free(study, chain)),
     }
 
 
-def _statuses(store: Store, table: str) -> dict[str, set[str]]:
-    t = results.read_table(store, table, ["cell_hash", "status"])
-    out: dict[str, set[str]] = {}
-    for h, status in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist()):
-        out.setdefault(status, set()).add(h)
-    return out
-
-
 def stage_status(study: StudyConfig, store: Store) -> dict[str, dict[str, int]]:
-    """Per stage: planned cells, done (an `ok` row), failed (only `failed` rows: retried by the next run) and
-    todo (no row yet). `similarity` is done when both of its tables hold the cell."""
+    """Per stage: planned cells, done, failed and todo (no row yet)."""
     out = {}
-    for name, (tables, wanted) in _planned(study).items():
-        statuses = [_statuses(store, t) for t in tables]
-        if name == "similarity":
-            ok = set.intersection(*(st.get("ok", set()) for st in statuses))
-        else:
-            ok = set().union(*(st.get("ok", set()) for st in statuses))
-        failed = set().union(*(st.get("failed", set()) for st in statuses)) - ok
+    for name, wanted in _planned(study).items():
+        ok, failed = stage_outcomes(store, name)
         out[name] = {"planned": len(wanted), "done": len(wanted & ok), "failed": len(wanted & failed),
                      "todo": len(wanted - ok - failed)}
     return out

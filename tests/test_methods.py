@@ -73,15 +73,12 @@ def test_a_method_type_that_was_never_tuned_is_refused():
 # ------------------------------------------------------------------------------------ on the micro study
 
 
-def _ok(store, table):
-    return [r for r in results.read_table(store, table).to_pylist() if r["status"] == "ok"]
-
 
 def test_every_method_cell_and_training_free_cell_ran(micro_run):
     study, store, ran = micro_run
     chain = stages.plan_chain(study)
     planned = methods.plan_methods(study, chain)
-    rows = _ok(store, "methods_runs")
+    rows = results.ok_rows(store, "methods_runs")
     assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 4
     curves = results.read_table(store, "methods_curves").to_pylist()
     assert {r["step"] for r in curves} == {0, 4, 8, 12}  # the start point is on every curve
@@ -99,7 +96,7 @@ def test_every_method_cell_and_training_free_cell_ran(micro_run):
             curve = sorted((c for c in curves if c["cell_hash"] == row["cell_hash"]), key=lambda c: c["step"])
             first = next(c for c in curve if c["dev_accuracy"] >= row["target_dev_accuracy"])
             assert first["step"] == row["steps_to_target"]
-    free = _ok(store, "training_free")
+    free = results.ok_rows(store, "training_free")
     assert len(free) == len(methods.plan_training_free(study, chain)) * 2 == 2 * 2 * 2
     assert {r["tuning_type"] for r in free} == {"lora", "adapter"}
 
@@ -107,9 +104,9 @@ def test_every_method_cell_and_training_free_cell_ran(micro_run):
 def test_init_start_scores_the_compatibility_of_the_old_weights(micro_run):
     """Step 0 of an init run is Δ_i applied to M_j without training: the compatibility cell's dev accuracy."""
     _, store, _ = micro_run
-    compat = {(r["source_tuned_hash"], r["target_plm_index"]): r for r in _ok(store, "compatibility")}
+    compat = {(r["source_tuned_hash"], r["target_plm_index"]): r for r in results.ok_rows(store, "compatibility")}
     checked = 0
-    for row in _ok(store, "methods_runs"):
+    for row in results.ok_rows(store, "methods_runs"):
         if row["method"] == "init" and row["regime"] == "full":
             ref = compat[(row["old_tuned_hash"], row["target_plm_index"])]
             assert row["start_dev_accuracy"] == ref["dev_accuracy"]
@@ -172,7 +169,7 @@ def test_teacher_cache_hits_skip_the_teacher_forward(micro_run):
 
 def test_an_untrained_weight_map_is_direct_application(micro_run):
     _, store, _ = micro_run
-    free = _ok(store, "training_free")
+    free = results.ok_rows(store, "training_free")
     assert all(0.0 <= r["mapped_test_accuracy"] <= 1.0 for r in free)
     state = {"a.lora_A.default.weight": torch.randn(4, 6), "b.adapter.up.weight": torch.randn(6, 3)}
     weight_map = methods.WeightMap({k: v.shape for k, v in state.items()}, rank=2)

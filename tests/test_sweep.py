@@ -16,10 +16,6 @@ from raysys.store import Store
 from tests.conftest import MICRO_OVERRIDES
 
 
-def _ok(store, table):
-    return [r for r in results.read_table(store, table).to_pylist() if r["status"] == "ok"]
-
-
 def test_every_stage_writes_its_rows(micro_run):
     study, store, ran = micro_run
     chain = stages.plan_chain(study)
@@ -28,7 +24,7 @@ def test_every_stage_writes_its_rows(micro_run):
     assert study.tuning.types == ("finetune", "lora", "adapter")
     assert len(chain.links) == n_plms + study.control_length
     controls = len({j for i, j in stages._hops(study) if j < study.control_length})
-    tuning = _ok(store, "tuning_runs")
+    tuning = results.ok_rows(store, "tuning_runs")
     assert ran["tuning"]["ran"] == len(tuning) == (n_plms + controls) * grid
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["best_step"] in (4, 8, 12) for r in tuning)
     pet = [r for r in tuning if r["tuning_type"] != "finetune"]
@@ -36,27 +32,27 @@ def test_every_stage_writes_its_rows(micro_run):
     curves = results.read_table(store, "tuning_curves").to_pylist()
     assert len(curves) == len(tuning) * 3  # evaluations at steps 4, 8, 12
     later_pairs = n_plms * (n_plms - 1) // 2
-    assert len(_ok(store, "compatibility")) == later_pairs * grid
-    baselines = _ok(store, "baselines")
+    assert len(results.ok_rows(store, "compatibility")) == later_pairs * grid
+    baselines = results.ok_rows(store, "baselines")
     assert len(baselines) == 2 * n_plms * n_tasks * n_seeds
     pairs = stages.plan_pairs(study, chain)
     kinds = {p["pair_kind"] for p in pairs}
     assert kinds == {"continual", "control"}
-    interp = _ok(store, "interpolation")
+    interp = results.ok_rows(store, "interpolation")
     assert len(interp) == len(pairs) * n_alphas
     assert len({r["cell_hash"] for r in interp}) == len(interp)
-    assert len(_ok(store, "interpolation_paths")) == 2 * len(pairs)
-    heads = _ok(store, "head_similarity")
+    assert len(results.ok_rows(store, "interpolation_paths")) == 2 * len(pairs)
+    heads = results.ok_rows(store, "head_similarity")
     assert len(heads) == len(pairs) * study.model.num_layers * study.model.num_heads
-    assert len(_ok(store, "distances")) == 3 * len(pairs)
+    assert len(results.ok_rows(store, "distances")) == 3 * len(pairs)
 
 
 def test_interpolation_ends_reproduce_the_tuned_models(micro_run):
     """α = 0 and α = 1 are the two tuned models exactly — for PET too, each end keeping its own backbone."""
     _, store, _ = micro_run
-    tuned = {r["cell_hash"]: r for r in _ok(store, "tuning_runs")}
+    tuned = {r["cell_hash"]: r for r in results.ok_rows(store, "tuning_runs")}
     checked = set()
-    for row in _ok(store, "interpolation"):
+    for row in results.ok_rows(store, "interpolation"):
         end = {0.0: "tuned_hash_a", 1.0: "tuned_hash_b"}.get(row["alpha"])
         if end:
             assert row["test_accuracy"] == tuned[row[end]]["test_accuracy"]
@@ -67,8 +63,8 @@ def test_interpolation_ends_reproduce_the_tuned_models(micro_run):
 
 def test_path_summaries_match_their_rows(micro_run):
     _, store, _ = micro_run
-    interp = _ok(store, "interpolation")
-    for path in _ok(store, "interpolation_paths"):
+    interp = results.ok_rows(store, "interpolation")
+    for path in results.ok_rows(store, "interpolation_paths"):
         rows = sorted((r for r in interp if r["tuned_hash_a"] == path["tuned_hash_a"]
                        and r["tuned_hash_b"] == path["tuned_hash_b"]), key=lambda r: r["alpha"])
         losses = [r[f"{path['split']}_loss"] for r in rows]
@@ -85,12 +81,12 @@ def test_similarity_of_a_model_with_itself_is_maximal(micro_run):
     cell = next(c for c in stages.plan_similarity(study, chain) if c["tuning_type"] == "adapter")
     same = {**cell, "cell_hash": "self-" + cell["cell_hash"], "tuned_hash_b": cell["tuned_hash_a"]}
     stages.run_similarity_cell(study, store, chain, same)
-    rows = [r for r in _ok(store, "head_similarity") if r["cell_hash"] == same["cell_hash"]]
+    rows = [r for r in results.ok_rows(store, "head_similarity") if r["cell_hash"] == same["cell_hash"]]
     assert len(rows) == study.model.num_layers * study.model.num_heads
     assert all(abs(r["similarity_corresponding"] - 1.0) < 1e-5 for r in rows)
-    real = [r for r in _ok(store, "head_similarity") if r["cell_hash"] == cell["cell_hash"]]
+    real = [r for r in results.ok_rows(store, "head_similarity") if r["cell_hash"] == cell["cell_hash"]]
     assert min(r["similarity_corresponding"] for r in rows) >= max(r["similarity_corresponding"] for r in real) - 1e-6
-    dist = [r for r in _ok(store, "distances") if r["cell_hash"] == same["cell_hash"]]
+    dist = [r for r in results.ok_rows(store, "distances") if r["cell_hash"] == same["cell_hash"]]
     assert {r["what"] for r in dist} == {"plm", "tuned", "update"} and all(r["l2"] == 0.0 for r in dist)
     for table in ("head_similarity", "distances"):
         os.remove(store.results_dir(table) / f"{same['cell_hash']}.parquet")
@@ -101,13 +97,13 @@ def test_compatibility_of_a_zero_hop_delta_is_the_tuned_model(micro_run):
     tuned model back."""
     study, store, _ = micro_run
     chain = stages.plan_chain(study)
-    tuned = {r["cell_hash"]: r for r in _ok(store, "tuning_runs")}
+    tuned = {r["cell_hash"]: r for r in results.ok_rows(store, "tuning_runs")}
     for tuning_type in study.tuning.types:
         cell = next(c for c in stages.plan_compatibility(study, chain) if c["tuning_type"] == tuning_type)
         same = {**cell, "cell_hash": "self-" + cell["cell_hash"], "target_plm_hash": cell["source_plm_hash"],
                 "target_plm_index": cell["source_plm_index"]}
         stages.run_compatibility_cell(study, store, chain, same)
-        row = next(r for r in _ok(store, "compatibility") if r["cell_hash"] == same["cell_hash"])
+        row = next(r for r in results.ok_rows(store, "compatibility") if r["cell_hash"] == same["cell_hash"])
         assert row["test_accuracy"] == tuned[cell["source_tuned_hash"]]["test_accuracy"]
         os.remove(store.results_dir("compatibility") / f"{same['cell_hash']}.parquet")
 
@@ -116,7 +112,7 @@ def test_pet_artifacts_hold_only_trainable_weights(micro_run):
     from safetensors.torch import load_file
 
     _, store, _ = micro_run
-    for row in _ok(store, "tuning_runs"):
+    for row in results.ok_rows(store, "tuning_runs"):
         path = store.artifact_path("tuned", row["cell_hash"])
         if row["tuning_type"] == "finetune":
             assert (path / "model.safetensors").is_file()
