@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from raysys import results
+from raysys import findings, results
 from raysys.config import StudyConfig
 from raysys.store import Store, atomic_write_bytes
 
@@ -34,7 +34,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def summary(study: StudyConfig, store: Store) -> str:
-    return "\n\n".join([_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
+    return "\n\n".join([_findings_summary(store), _pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
                         _path_summary(store), _head_summary(store), _distance_summary(store),
                         _methods_summary(store), _grid_summary(store), _training_free_summary(store)])
 
@@ -56,16 +56,22 @@ def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
     }
     body = [f"# raysys report: study '{study.name}'", "",
             f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md).", "",
-            "## Figures"]
+            "## Findings: the paper's claims against this study's data", "",
+            findings.markdown(findings.findings(store, methods_table(store))), "", "## Figures"]
     for title, path in drawn.items():
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
-    for section in summary(study, store).split("\n\n"):
+    for section in summary(study, store).split("\n\n")[1:]:  # the findings are above, as a Markdown table
         title, _, table = section.partition("\n")
         body += ["", f"## {title}", "", "```", table, "```"]
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path
+
+
+def _findings_summary(store: Store) -> str:
+    return "Findings: the paper's claims against this study's data\n" + findings.text(
+        findings.findings(store, methods_table(store)))
 
 
 def _pretrain_summary(store: Store) -> str:
