@@ -144,6 +144,7 @@ class PretrainConfig:
     use_gpu: bool = False
     log_every_steps: int = 10
     seed: int = 0
+    checkpoint_every_seconds: float = 900.0  # mid-link checkpoints: at most this much training lost to a crash
 
     def __post_init__(self):
         _check(self.initial_steps >= 0, "pretrain.initial_steps", "must be >= 0")
@@ -156,6 +157,7 @@ class PretrainConfig:
         _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be > 0")
         _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")
+        _check(self.checkpoint_every_seconds >= 0, "pretrain.checkpoint_every_seconds", "must be >= 0")
 
 
 TUNING_TYPES = ("finetune", "lora", "adapter")
@@ -210,6 +212,7 @@ class TuningConfig:
     adapter: AdapterConfig = AdapterConfig()
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    checkpoint_every_seconds: float = 600.0  # mid-run checkpoints of tuning and method cells (0: every evaluation)
 
     def __post_init__(self):
         _check(len(self.types) >= 1, "tuning.types", f"name at least one of {list(TUNING_TYPES)}")
@@ -227,6 +230,7 @@ class TuningConfig:
                "tuning.eval_every_steps", "must be in 1..max_steps (and 1..pet_max_steps)")
         _check(self.cpus_per_trial > 0, "tuning.cpus_per_trial", "must be > 0")
         _check(self.gpus_per_trial >= 0, "tuning.gpus_per_trial", "must be >= 0")
+        _check(self.checkpoint_every_seconds >= 0, "tuning.checkpoint_every_seconds", "must be >= 0")
 
     def lr_for(self, tuning_type: str) -> float:
         return self.lr if tuning_type == "finetune" or self.pet_lr is None else self.pet_lr
@@ -327,6 +331,37 @@ class TrainingFreeConfig:
         _check(0.0 <= self.kd_weight <= 1.0, "methods.training_free.kd_weight", "must be in [0, 1]")
 
 
+SEARCH_ALGORITHMS = ("grid", "optuna")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the continuous knobs of the methods are chosen. `grid`: the T × a × β grid above, the tuning lr.
+    `optuna` (`--search optuna`): inside each grid cell (upgrade, task, tuning type, regime, seed, method) a seeded
+    Optuna TPE search over lr (log-uniform, every method) and T, a, β (uniform, the distilling methods) with a
+    budget of `trials` runs, maximising dev accuracy (K-shot dev in the few-shot regime); the fixed-lr vanilla
+    and init cells still run as the reference every convergence measure is taken against."""
+
+    algorithm: str = "grid"
+    trials: int = 8
+    lr: tuple[float, float] = (1e-5, 1e-2)
+    temperature: tuple[float, float] = (1.0, 20.0)
+    kd_weight: tuple[float, float] = (0.0, 1.0)
+    beta: tuple[float, float] = (0.0, 100.0)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.algorithm in SEARCH_ALGORITHMS, "methods.search.algorithm",
+               f"unknown '{self.algorithm}'; known: {list(SEARCH_ALGORITHMS)}")
+        _check(self.trials >= 1, "methods.search.trials", "must be >= 1")
+        for name, low in (("lr", 0.0), ("temperature", 0.0), ("kd_weight", 0.0), ("beta", 0.0)):
+            lo, hi = getattr(self, name)
+            _check(lo >= low and lo < hi, f"methods.search.{name}", f"must be a range [low, high) with low >= {low}"
+                   f" and low < high, got {[lo, hi]}")
+            _check(name != "lr" or lo > 0, "methods.search.lr", "the learning-rate range must start above 0")
+        _check(self.kd_weight[1] <= 1.0, "methods.search.kd_weight", "a must stay within [0, 1]")
+
+
 @dataclass(frozen=True)
 class MethodsConfig:
     """Recycling the outdated Δ_i when tuning M_{i+h}: `vanilla` (fresh start, cross-entropy), `init` (start from
@@ -351,6 +386,7 @@ class MethodsConfig:
     target_fraction: float = 0.95
     kshot: KShotConfig = KShotConfig()
     training_free: TrainingFreeConfig = TrainingFreeConfig()
+    search: SearchConfig = SearchConfig()
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
 
@@ -375,6 +411,8 @@ class MethodsConfig:
         _check(len(self.betas) >= 1 and all(b >= 0 for b in self.betas), "methods.betas",
                "every hidden-state weight beta must be >= 0")
         _check(0.0 < self.target_fraction <= 1.0, "methods.target_fraction", "must be in (0, 1]")
+        _check(self.search.algorithm == "grid" or "vanilla" in self.methods, "methods.search.algorithm",
+               "an Optuna search measures convergence against the vanilla run: keep 'vanilla' in methods.methods")
         _check(self.cpus_per_trial > 0, "methods.cpus_per_trial", "must be > 0")
         _check(self.gpus_per_trial >= 0, "methods.gpus_per_trial", "must be >= 0")
 

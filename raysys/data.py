@@ -233,17 +233,19 @@ def encode_task(task: TaskData, tokenizer, max_length: int) -> dict:
 
 
 def iterate_batches(ids: list[list[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
-                    generator: torch.Generator | None = None, with_index: bool = False, by_length: bool = False):
+                    generator: torch.Generator | None = None, with_index: bool = False, by_length: bool = False,
+                    skip: int = 0):
     """Yield (input_ids, attention_mask, labels) batches, plus the examples' indices with `with_index` (to look
     up per-example cached values such as teacher outputs); shuffled when a generator is given, else in order, or
-    shortest first with `by_length` (for evaluation: batches of similar length waste little on padding)."""
+    shortest first with `by_length` (for evaluation: batches of similar length waste little on padding).
+    `skip` drops the first batches of the order (a resumed run re-enters its epoch)."""
     if generator is not None:
         order = torch.randperm(len(ids), generator=generator).tolist()
     elif by_length:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     else:
         order = list(range(len(ids)))
-    for start in range(0, len(order), batch_size):
+    for start in range(skip * batch_size, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = pad_batch([ids[i] for i in chunk], pad_id)
         if with_index:

@@ -98,7 +98,9 @@ def plan_methods(study: StudyConfig, chain: stages.ChainPlan) -> list[dict]:
                                               shots)
                         variants = [("vanilla", {})] * ("vanilla" in study.methods.methods)
                         variants += [("init", {})] * ("init" in study.methods.methods)
-                        variants += [(m, g) for m in DISTILLING if m in study.methods.methods for g in _grid(study)]
+                        if study.methods.search.algorithm == "grid":  # else Optuna searches them: plan_searches
+                            variants += [(m, g) for m in DISTILLING if m in study.methods.methods
+                                         for g in _grid(study)]
                         for method, knobs in variants:
                             h = vanilla if method == "vanilla" else config_hash(
                                 "method", method, vanilla, old, knobs, study.methods.teacher_dropout,
@@ -106,6 +108,42 @@ def plan_methods(study: StudyConfig, chain: stages.ChainPlan) -> list[dict]:
                             cells.append({**base, "cell_hash": h, "method": method, "vanilla_hash": vanilla,
                                           "temperature": None, "kd_weight": None, "beta": None, **knobs})
     return cells
+
+
+def plan_searches(study: StudyConfig, chain: stages.ChainPlan) -> list[dict]:
+    """With `methods.search.algorithm = optuna`: one search per grid cell (upgrade, task, tuning type, seed, regime)
+    and method. A search names its fixed-lr vanilla reference; its trials are cells of `methods_search`.
+    Needs `vanilla` among the methods (the reference every convergence measure is taken against)."""
+    search = study.methods.search
+    if search.algorithm != "optuna":
+        return []
+    references = {c["vanilla_hash"]: c for c in plan_methods(study, chain) if c["method"] == "vanilla"}
+    # The budget is not part of a search's identity: a larger one continues the same search.
+    space = {k: v for k, v in dataclasses.asdict(search).items() if k not in ("algorithm", "trials")}
+    out = []
+    for vanilla_hash, ref in references.items():
+        for method in study.methods.methods:
+            h = config_hash("search", method, vanilla_hash, ref["old_tuned_hash"], space,
+                            study.methods.teacher_dropout, study.methods.target_fraction)
+            out.append({**ref, "method": method, "search_hash": h})
+    return out
+
+
+def search_space_bounds(study: StudyConfig, method: str) -> dict[str, tuple[float, float]]:
+    """The knobs a search of `method` tunes, with their ranges (lr log-uniform, the rest uniform)."""
+    s = study.methods.search
+    knobs = {"lr": s.lr}
+    if method in DISTILLING:
+        knobs.update(temperature=s.temperature, kd_weight=s.kd_weight, beta=s.beta)
+    return knobs
+
+
+def search_trial_cell(search: dict, knobs: dict) -> dict:
+    """The method cell of one search trial. Knobs are rounded to 6 significant digits so that a value proposed
+    again (a resumed search) addresses the same cell."""
+    knobs = {k: float(f"{v:.6g}") for k, v in knobs.items()}
+    return {**search, **{k: knobs.get(k) for k in ("temperature", "kd_weight", "beta")}, "lr": knobs["lr"],
+            "cell_hash": config_hash("search-trial", search["search_hash"], knobs)}
 
 
 def plan_training_free(study: StudyConfig, chain: stages.ChainPlan) -> list[dict]:
@@ -285,14 +323,20 @@ _KEY = ("method", "task", "tuning_type", "seed", "source_plm_index", "target_plm
         "temperature", "kd_weight", "beta")
 
 
-def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, cell: dict) -> None:
+def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, cell: dict,
+                    checkpointer=None) -> None:
+    """A cell of the methods grid, or (a cell with `search_hash`) a trial of an Optuna search with its own lr:
+    `methods_search` then holds its row, and its curve is not kept."""
     started = results.now()
     md = method_data(study, store, chain, cell["task"], cell["regime"], cell["shots"], cell["seed"])
     cfg = method_tuning_config(study, cell["tuning_type"], cell["regime"])
+    if "search_hash" in cell:
+        cfg = dataclasses.replace(cfg, lr=cell["lr"])
     model = start_model(study, store, cell, len(md.task.labels))
     objective, teacher = _objective(study, store, cell, md)
     stages._set_seed(cell["seed"])
-    result = train_classifier(model, md.encoded, cfg, cell["seed"], md.pad_id, objective, eval_at_start=True)
+    result = train_classifier(model, md.encoded, cfg, cell["seed"], md.pad_id, objective, eval_at_start=True,
+                              checkpointer=checkpointer)
     full_dev = "full_dev" if "full_dev" in result.selections else "dev"
     vanilla = _vanilla_best(store, cell, result)
     fraction = study.methods.target_fraction
@@ -300,9 +344,12 @@ def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, c
     key = {k: cell[k] for k in _KEY}
     curve = [{**key, **row, "full_dev_accuracy": row.get(f"{full_dev}_accuracy"),
               "full_dev_loss": row.get(f"{full_dev}_loss")} for row in result.curve]
-    results.write_rows(store, "methods_curves", cell["cell_hash"], curve)
+    searching = "search_hash" in cell
+    if not searching:
+        results.write_rows(store, "methods_curves", cell["cell_hash"], curve)
     dev, full = result.primary, result.selections[full_dev]
-    results.write_rows(store, "methods_runs", cell["cell_hash"], [{
+    results.write_rows(store, "methods_search" if searching else "methods_runs", cell["cell_hash"], [{
+        **({"search_hash": cell["search_hash"]} if searching else {}),
         **results.provenance(started), **key, "old_tuned_hash": cell["old_tuned_hash"],
         "target_plm_hash": cell["target_plm_hash"], "vanilla_hash": cell["vanilla_hash"], "lr": cfg.lr,
         "max_steps": cfg.max_steps, "num_train": len(md.encoded["train"][0]), "num_dev": len(md.encoded["dev"][0]),
@@ -314,10 +361,12 @@ def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, c
         "full_dev_test_accuracy": full.test_accuracy, "full_dev_auc": conv[full_dev]["auc"],
         "full_dev_target_accuracy": conv[full_dev]["target"], "full_dev_steps_to_target": conv[full_dev]["steps"],
         "full_dev_seconds_to_target": conv[full_dev]["seconds"], "teacher": teacher,
-        "train_seconds": result.train_seconds,
+        "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
         "config": json.dumps({**stages.tuning_identity(cfg, cell["tuning_type"]),
                               "teacher_dropout": study.methods.teacher_dropout, "target_fraction": fraction}),
     }])
+    if checkpointer:
+        checkpointer.done()
 
 
 # ------------------------------------------------------------------------------------- training-free recycling

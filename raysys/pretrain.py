@@ -68,11 +68,20 @@ def train_masked_lm(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     wrap=lambda m: m,
+    checkpointer=None,
 ) -> list[dict]:
     """Train `model` (a RobertaForMaskedLM) in place; returns the loss curve: one row per `log_every_steps`
-    (mean loss over the interval, averaged over workers when distributed)."""
+    (mean loss over the interval, averaged over workers when distributed).
+
+    With a `checkpointer` (raysys.checkpoint.Checkpointer, one per worker over the same shared folder) the full
+    state is saved by rank 0 at a logging step when it is due (rank 0 decides, every worker learns it through the
+    loss all-reduce, so all of them report together) and resumed from: weights, optimizer, schedule, step and
+    curve exactly; rank 0's random streams exactly, the other ranks' reseeded from (seed, rank, step)."""
     if cfg.batch_size % world_size:
         raise ValueError(f"pretrain.batch_size={cfg.batch_size} is not divisible by {world_size} workers")
+    resumed = checkpointer.resume() if checkpointer else None
+    if resumed:
+        model.load_state_dict(resumed["model"])
     objective = wrap(MaskedLMObjective(model))
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
@@ -82,10 +91,27 @@ def train_masked_lm(
     first_regular = models.first_regular_token_id(tokenizer)
     special = set(tokenizer.all_special_ids)
     batch_per_worker = cfg.batch_size // world_size
-    curve, window_loss, window_tokens, tokens_seen = [], 0.0, 0, 0
-    start = time.time()
+    curve, window_loss, window_tokens, tokens_seen, first_step, elapsed_before = [], 0.0, 0, 0, 0, 0.0
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        curve, tokens_seen, first_step = resumed["curve"], resumed["tokens"], resumed["step"]
+        elapsed_before = resumed["seconds"]
+        if rank == 0:
+            generator.set_state(resumed["mask_generator"])
+            torch.set_rng_state(resumed["torch_rng"])
+        else:
+            generator.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
+            torch.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
+    start = time.time() - elapsed_before
+
+    def state(step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "mask_generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "curve": curve,
+                "tokens": tokens_seen, "seconds": time.time() - start}
+
     objective.train()
-    for step in range(plan.steps):
+    for step in range(first_step, plan.steps):
         batch = sample_batch(sequences, step, batch_per_worker, rank, world_size, cfg.seed)
         input_ids, attention_mask = data.pad_batch(batch, tokenizer.pad_token_id)
         special_mask = sum((input_ids == s) for s in special).bool()
@@ -101,7 +127,8 @@ def train_masked_lm(
         window_tokens += int(attention_mask.sum())
         if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
             steps_in_window = (step % cfg.log_every_steps) + 1
-            stats = torch.tensor([window_loss / steps_in_window, float(window_tokens)])
+            due = checkpointer is not None and rank == 0 and step + 1 < plan.steps and checkpointer.due()
+            stats = torch.tensor([window_loss / steps_in_window, float(window_tokens), float(due)])
             if world_size > 1:
                 torch.distributed.all_reduce(stats)
                 stats[0] /= world_size
@@ -110,6 +137,11 @@ def train_masked_lm(
             curve.append({"step": step + 1, "loss": float(stats[0]), "lr": scheduler.get_last_lr()[0],
                           "tokens": tokens_seen, "seconds": elapsed, "tokens_per_second": tokens_seen / elapsed})
             window_loss, window_tokens = 0.0, 0
+            if stats[2] > 0:  # rank 0 writes; every rank reports (Ray Train expects all workers to)
+                if rank == 0:
+                    checkpointer.save(step + 1, state(step + 1), curve[-1])
+                else:
+                    checkpointer.report(curve[-1])
     if not all(math.isfinite(row["loss"]) for row in curve):
         raise FloatingPointError("masked-LM loss became non-finite")
     return curve

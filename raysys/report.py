@@ -36,7 +36,8 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 def summary(study: StudyConfig, store: Store) -> str:
     return "\n\n".join([_findings_summary(store), _pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
                         _path_summary(store), _head_summary(store), _distance_summary(store),
-                        _methods_summary(store), _grid_summary(store), _training_free_summary(store)])
+                        _methods_summary(store), _grid_summary(store), _search_summary(store),
+                        _training_free_summary(store)])
 
 
 def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
@@ -203,6 +204,28 @@ def _grid_summary(store: Store) -> str:
              _mean_std([r["test_accuracy"] for r in v])] for (t, regime, m, temp, a, beta), v in sorted(groups.items())]
     return "Distillation grid: dev / test accuracy % (means over tasks, upgrades and seeds)\n" + _table(
         ["type", "regime", "method", "T", "a", "β", "runs", "best dev", "test"], rows)
+
+
+def _search_summary(store: Store) -> str:
+    """Per setting and method: the best trial of each seed's Optuna search (by dev), averaged over seeds."""
+    best = defaultdict(dict)
+    counts = defaultdict(int)
+    for r in results.ok_rows(store, "methods_search"):
+        key = method_setting(r) + (r["method"],)
+        counts[key] += 1
+        if r["seed"] not in best[key] or r["best_dev_accuracy"] > best[key][r["seed"]]["best_dev_accuracy"]:
+            best[key][r["seed"]] = r
+    rows = []
+    for key, by_seed in sorted(best.items()):
+        top = max(by_seed.values(), key=lambda r: r["best_dev_accuracy"])
+        knobs = f"lr={top['lr']:.3g}" + ("" if top["temperature"] is None else
+                                         f" T={top['temperature']:.3g} a={top['kd_weight']:.3g} β={top['beta']:.3g}")
+        rows.append(list(key) + [counts[key], _mean_std([r["best_dev_accuracy"] for r in by_seed.values()]),
+                                 _mean_std([r["test_accuracy"] for r in by_seed.values()]), knobs])
+    return ("Optuna search (--search optuna): per seed the trial with the best dev accuracy; mean±std over seeds "
+            "of its dev and test accuracy %, and the knobs of the best trial overall\n"
+            + _table(["task", "type", "upgrade", "regime", "method", "trials", "best dev", "test", "best knobs"],
+                     rows))
 
 
 def _training_free_summary(store: Store) -> str:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from raysys.store import Store, atomic_write_bytes
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -66,6 +66,7 @@ _TABLE_FIELDS = {
         ("num_parameters", pa.int64()), ("num_trainable_parameters", pa.int64()), ("best_step", pa.int64()),
         ("best_dev_accuracy", pa.float64()), ("best_dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
         ("test_loss", pa.float64()), ("train_seconds", pa.float64()), ("config", pa.string()),
+        ("resumed_from_step", pa.int64()),
     ],
     "tuning_curves": _CURVE_COMMON + [
         ("chain", pa.string()), ("plm_index", pa.int32()), ("task", pa.string()), ("tuning_type", pa.string()),
@@ -112,7 +113,7 @@ _TABLE_FIELDS.update({
         ("full_dev_target_accuracy", pa.float64()), ("full_dev_steps_to_target", pa.int64()),
         ("full_dev_seconds_to_target", pa.float64()),
         ("teacher", pa.string()),  # "cache-hit" | "cache-miss" | "live" | null (no teacher)
-        ("train_seconds", pa.float64()), ("config", pa.string()),
+        ("train_seconds", pa.float64()), ("config", pa.string()), ("resumed_from_step", pa.int64()),
     ],
     "methods_curves": _CURVE_COMMON + _METHOD + [
         ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()),
@@ -129,6 +130,8 @@ _TABLE_FIELDS.update({
         ("direct_dev_accuracy", pa.float64()), ("direct_test_accuracy", pa.float64()),
     ],
 })
+# One row per trial of an Optuna search (`--search optuna`): a methods row with its own lr, under its search.
+_TABLE_FIELDS["methods_search"] = _TABLE_FIELDS["methods_runs"] + [("search_hash", pa.string())]
 SCHEMAS = {name: pa.schema(fields, metadata={"raysys_schema_version": str(SCHEMA_VERSION)})
            for name, fields in _TABLE_FIELDS.items()}
 

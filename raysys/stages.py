@@ -22,7 +22,7 @@ from raysys.store import Store
 from raysys.tune import evaluate, train_classifier
 
 _RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
-                    "eval_batch_size"}
+                    "eval_batch_size", "checkpoint_every_seconds"}
 
 
 def _identity(config) -> dict:
@@ -340,7 +340,7 @@ def load_tuned(study: StudyConfig, store: Store, tuned: str, on_plm: str | None 
     return model.eval(), meta
 
 
-def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: dict) -> None:
+def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: dict, checkpointer=None) -> None:
     started = results.now()
     task_cfg = _task(study, cell["task"])
     tuning_type, seed = cell["tuning_type"], cell["seed"]
@@ -351,7 +351,7 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
     model = adapted_classifier(study, store, cell["plm_hash"], len(task.labels), tuning_type, seed)
     cfg = dataclasses.replace(study.tuning, types=(tuning_type,), lr=study.tuning.lr_for(tuning_type),
                               max_steps=study.tuning.max_steps_for(tuning_type))
-    result = train_classifier(model, encoded, cfg, seed, tokenizer.pad_token_id)
+    result = train_classifier(model, encoded, cfg, seed, tokenizer.pad_token_id, checkpointer=checkpointer)
     best = result.primary
     meta = {"tuning_type": tuning_type, "plm_hash": cell["plm_hash"], "task": task.name, "seed": seed,
             "labels": list(task.labels), "pet": study.tuning.pet_spec(tuning_type)}
@@ -370,8 +370,11 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
         "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "best_step": best.best_step, "best_dev_accuracy": best.best_dev_accuracy,
         "best_dev_loss": best.best_dev_loss, "test_accuracy": best.test_accuracy, "test_loss": best.test_loss,
-        "train_seconds": result.train_seconds, "config": json.dumps(tuning_identity(study.tuning, tuning_type)),
+        "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
+        "config": json.dumps(tuning_identity(study.tuning, tuning_type)),
     }])
+    if checkpointer:
+        checkpointer.done()
 
 
 class _Evaluator:

@@ -43,6 +43,10 @@ class Store:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
 
+    def checkpoint_dir(self, key: str) -> Path:
+        """Mid-run checkpoints of an unfinished cell (raysys.checkpoint); removed when the cell completes."""
+        return self.root / "checkpoints" / key
+
     def results_dir(self, table: str) -> Path:
         return self.root / "results" / table
 

@@ -21,6 +21,7 @@ import torch
 from ray import tune
 
 from raysys import data, methods, pretrain, report, results, stages
+from raysys.checkpoint import Checkpointer
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
 from raysys.store import Store, atomic_write_bytes
@@ -48,16 +49,34 @@ def chain_train_worker(config: dict) -> None:
         model = stages.link_initial_model(study, store, link, tokenizer).to(device)
         texts = data.load_corpus(study.corpora[link.index], study.world)
         sequences = pretrain.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
+        checkpointer = _link_checkpointer(study, store, link)
         curve = pretrain.train_masked_lm(model, sequences, tokenizer, stages.link_pretrain_config(study, link),
                                          stages.link_plan(study, link), rank, world_size, device,
-                                         wrap=ray.train.torch.prepare_model)
+                                         wrap=ray.train.torch.prepare_model, checkpointer=checkpointer)
         if rank == 0:
             stages.save_link(study, store, link, model.cpu(), tokenizer, curve, started, world_size)
+            checkpointer.done()
         if world_size > 1:
             torch.distributed.barrier()
         last = curve[-1] if curve else {}
         ray.train.report({"chain": link.chain, "link": link.index, "step": last.get("step", 0),
                           "loss": last.get("loss"), "tokens_per_second": last.get("tokens_per_second")})
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _link_checkpointer(study: StudyConfig, store: Store, link) -> Checkpointer:
+    """Mid-link checkpoints in the store (which survives a new driver) and reported to Ray Train (which hands the
+    newest back through `get_checkpoint` when it restarts the workers)."""
+    metrics = lambda m: {**_numeric(m), "chain": link.chain, "link": link.index}
+    previous = ray.train.get_checkpoint()
+    return Checkpointer(
+        store.checkpoint_dir(link.hash), study.pretrain.checkpoint_every_seconds, link.hash,
+        on_save=lambda m, path: ray.train.report(metrics(m), checkpoint=ray.train.Checkpoint.from_directory(path)),
+        on_report=lambda m: ray.train.report(metrics(m)),
+        extra=(Path(previous.to_directory()),) if previous else ())
 
 
 def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
@@ -76,7 +95,8 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
         # A deterministic name, so that a restarted trial finds its Train run again.
         run_config=ray.train.RunConfig(name=f"pretrain-{config_hash(links)}",
                                        storage_path=str(store.ray_dir / "train"),
-                                       failure_config=ray.train.FailureConfig(max_failures=1)),
+                                       failure_config=ray.train.FailureConfig(max_failures=1),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     error = None
     try:
@@ -94,17 +114,34 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
 # ---------------------------------------------------------------------------------------- Tune: per-cell stages
 
 
-def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner) -> None:
+def cell_checkpointer(study: StudyConfig, store: Store, cell_hash: str) -> Checkpointer:
+    """Mid-run checkpoints of a training cell in the store (a new driver finds them) and reported to Tune with
+    every evaluation (TensorBoard curves; `tune.get_checkpoint()` when Tune retries the trial)."""
+    previous = tune.get_checkpoint()
+    metrics = lambda m: {**_numeric(m), "cell_hash": cell_hash}
+    return Checkpointer(
+        store.checkpoint_dir(cell_hash), study.tuning.checkpoint_every_seconds, cell_hash,
+        on_save=lambda m, path: tune.report(metrics(m), checkpoint=tune.Checkpoint.from_directory(path)),
+        on_report=lambda m: tune.report(metrics(m)), extra=(Path(previous.to_directory()),) if previous else ())
+
+
+def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner, trains: bool = False) -> None:
+    """Run a trial's cells; a training cell (`trains`) gets a checkpointer."""
     study, store = build(StudyConfig, study_dict), Store(storage)
     chain = stages.plan_chain(study)
     torch.set_num_threads(max(1, int(study.tuning.cpus_per_trial)))
     cells = config["group"]["cells"]
-    ok = sum(stages.run_guarded(store, table, cell, lambda c=cell: runner(study, store, chain, c)) for cell in cells)
+
+    def run(cell):
+        extra = {"checkpointer": cell_checkpointer(study, store, cell["cell_hash"])} if trains else {}
+        runner(study, store, chain, cell, **extra)
+
+    ok = sum(stages.run_guarded(store, table, cell, lambda c=cell: run(c)) for cell in cells)
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
 
 def _tuning_trainable(config, study_dict, storage):
-    _run_group(config, study_dict, storage, "tuning_runs", stages.run_tuning_cell)
+    _run_group(config, study_dict, storage, "tuning_runs", stages.run_tuning_cell, trains=True)
 
 
 def _compatibility_trainable(config, study_dict, storage):
@@ -117,11 +154,31 @@ def _similarity_trainable(config, study_dict, storage):
 
 
 def _methods_trainable(config, study_dict, storage):
-    _run_group(config, study_dict, storage, "methods_runs", methods.run_method_cell)
+    _run_group(config, study_dict, storage, "methods_runs", methods.run_method_cell, trains=True)
 
 
 def _training_free_trainable(config, study_dict, storage):
     _run_group(config, study_dict, storage, "training_free", methods.run_training_free_cell)
+
+
+def _search_trainable(config, study_dict, storage, search):
+    """One trial of an Optuna search: the method cell of the proposed knobs (already in the store when a resumed
+    search proposes it again), reported as `best_dev_accuracy` for Optuna."""
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    torch.set_num_threads(max(1, int(study.methods.cpus_per_trial)))
+    cell = methods.search_trial_cell(search, config)
+    if not _ok_cell(store, "methods_search", cell["cell_hash"]):
+        run = lambda: methods.run_method_cell(study, store, stages.plan_chain(study), cell)
+        if not stages.run_guarded(store, "methods_search", cell, run):
+            raise RuntimeError(results.read_cell(store, "methods_search", cell["cell_hash"])[0]["error"])
+    row = _ok_cell(store, "methods_search", cell["cell_hash"])
+    tune.report({"best_dev_accuracy": row["best_dev_accuracy"], "test_accuracy": row["test_accuracy"],
+                 "cells_ok": 1, "cells_failed": 0})
+
+
+def _ok_cell(store: Store, table: str, cell_hash: str) -> dict | None:
+    rows = [r for r in results.read_cell(store, table, cell_hash) if r["status"] == "ok"]
+    return rows[0] if rows else None
 
 
 def _interpolation_trainable(config, study_dict, storage):
@@ -201,10 +258,67 @@ def run_experiment(name: str, trainable, groups: list[dict], resources: dict, st
                                     reuse_actors=not resources.get("gpu")),
         run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", storage_path=str(store.ray_dir / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=[progress] if progress else None),
     )
     tuner.fit()
     return time.time() - started
+
+
+def _search_space(study: StudyConfig, method: str) -> dict:
+    return {k: tune.loguniform(lo, hi) if k == "lr" else tune.uniform(lo, hi)
+            for k, (lo, hi) in methods.search_space_bounds(study, method).items()}
+
+
+def search_knobs(row: dict, method_knobs) -> dict:
+    return {k: row[k] for k in method_knobs}
+
+
+def run_searches(study: StudyConfig, store: Store, chain, log=print) -> dict:
+    """`--search optuna`: one Tune experiment per search (OptunaSearch cannot take a `grid_search` space, so the
+    grid stays outside), seeded TPE, `trials` runs in all. A resumed search is told its finished trials
+    (`points_to_evaluate` with `evaluated_rewards`) and runs only the rest."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searches = methods.plan_searches(study, chain)
+    rows: dict[str, list[dict]] = {}
+    for r in results.ok_rows(store, "methods_search"):
+        rows.setdefault(r["search_hash"], []).append(r)
+    budget = study.methods.search.trials
+    counts = {"searches": len(searches), "trials_before": 0, "ran": 0, "blocked": 0}
+    for search in searches:
+        done = sorted(rows.get(search["search_hash"], []), key=lambda r: r["started_at"])[:budget]
+        counts["trials_before"] += len(done)
+        if len(done) >= budget:
+            continue
+        if not (store.has_artifact("plm", search["target_plm_hash"]) and store.has_artifact(
+                "tuned", search["old_tuned_hash"]) and _ok_cell(store, "methods_runs", search["vanilla_hash"])):
+            counts["blocked"] += 1
+            continue
+        space = _search_space(study, search["method"])
+        # Seeded by the trials done too: a continued search must not redraw its first random proposals.
+        optuna = OptunaSearch(metric="best_dev_accuracy", mode="max",
+                              seed=study.methods.search.seed * 100003 + len(done),
+                              points_to_evaluate=[search_knobs(r, space) for r in done] or None,
+                              evaluated_rewards=[r["best_dev_accuracy"] for r in done] or None)
+        concurrency = _concurrency(study.methods.cpus_per_trial)
+        left = budget - len(done)
+        log(f"[search] {search['method']} {search['tuning_type']} {search['task']} {search['regime']} "
+            f"seed {search['seed']}: {len(done)} trials done, {left} to run")
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_search_trainable, study_dict=to_dict(study),
+                                                     storage=str(store.root), search=search),
+                                {"cpu": study.methods.cpus_per_trial, "gpu": study.methods.gpus_per_trial}),
+            param_space=space,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(optuna, max_concurrent=concurrency),
+                                        num_samples=left, reuse_actors=not study.methods.gpus_per_trial),
+            run_config=tune.RunConfig(name=f"search-{search['search_hash']}-{len(done)}",
+                                      storage_path=str(store.ray_dir / "tune"), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+        tuner.fit()
+        counts["ran"] += left
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -344,6 +458,9 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     done = results.finished_cells(store, "methods_runs") & stages.cell_hashes(method_cells)
     stage("methods", len(method_cells), len(done), methods_todo(vanilla=True), _methods_trainable, resources,
           concurrency, then=lambda: methods_todo(vanilla=False))
+    if "methods" in only and study.methods.search.algorithm == "optuna":
+        started = time.time()
+        ran["search"] = {**run_searches(study, store, chain, log), "seconds": time.time() - started}
     done = results.finished_cells(store, "training_free") & stages.cell_hashes(free_cells)
     todo = [{"cells": [c]} for c in _missing(free_cells, done)
             if has_plm(c["target_plm_hash"]) and all(tuned(h) for h in c["old_tuned"].values())]
@@ -421,9 +538,20 @@ def training_flops(study: StudyConfig) -> dict[str, float]:
         cfg = methods.method_tuning_config(study, c["tuning_type"], c["regime"])
         method_tokens += cfg.max_steps * cfg.batch_size * cfg.max_length
     tokens["methods"] = method_tokens
+    searches = methods.plan_searches(study, chain)
+    if searches:
+        tokens["search"] = sum(methods.method_tuning_config(study, c["tuning_type"], c["regime"]).max_steps
+                               for c in searches) * study.methods.search.trials * t.batch_size * t.max_length
     tf = study.methods.training_free
     tokens["training_free"] = len(methods.plan_training_free(study, chain)) * tf.steps * tf.batch_size * t.max_length
     return {stage: per_token * n for stage, n in tokens.items()}
+
+
+def _search_counts(store: Store) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results.ok_rows(store, "methods_search"):
+        counts[r["search_hash"]] = counts.get(r["search_hash"], 0) + 1
+    return counts
 
 
 def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
@@ -435,6 +563,12 @@ def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
         pf = flops.get(name)
         lines.append(f"{name:<14} {st['planned']:>8} {st['done']:>8} {st['failed']:>7} "
                      f"{st['planned'] - st['done']:>7} {'—' if pf is None else f'{pf / 1e15:.3g}':>12}")
+    searches = methods.plan_searches(study, stages.plan_chain(study))
+    if searches:
+        trials = study.methods.search.trials
+        done = sum(min(trials, n) for n in _search_counts(store).values())
+        lines.append(f"{'search':<14} {len(searches) * trials:>8} {done:>8} {'':>7} {len(searches) * trials - done:>7} "
+                     f"{flops['search'] / 1e15:>12.3g}   ({len(searches)} Optuna searches x {trials} trials)")
     total = sum(flops.values())
     hours = total / (tflops * 1e12) / 3600
     lines.append(f"training compute ≈ {total / 1e15:.3g} PFLOP (upper bound, evaluation not counted): "
@@ -466,9 +600,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--assume-tflops", type=float, default=None,
                         help="sustained TFLOP/s per device for the --dry-run estimate (default: 100 with GPUs, "
                              "0.05 on CPU)")
+    parser.add_argument("--search", choices=("grid", "optuna"), default=None,
+                        help="how the methods' continuous knobs (lr, T, a, beta) are chosen: the preset's grid, or "
+                             "an Optuna search inside each grid cell (= --set methods.search.algorithm=...)")
+    parser.add_argument("--search-trials", type=int, default=None, metavar="N",
+                        help="Optuna trials per grid cell (= --set methods.search.trials=N)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move the storage aside to <storage>.old-<time>, then run")
     return parser.parse_args(argv)
+
+
+def _search_overrides(args: argparse.Namespace) -> list[str]:
+    out = [] if args.search is None else [f"methods.search.algorithm={args.search}"]
+    return out + ([] if args.search_trials is None else [f"methods.search.trials={args.search_trials}"])
 
 
 def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> None:
@@ -488,7 +632,7 @@ def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        study = load_study(args.preset, args.overrides)
+        study = load_study(args.preset, args.overrides + _search_overrides(args))
         store = Store(args.storage or Path("runs") / args.preset)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

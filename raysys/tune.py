@@ -134,6 +134,7 @@ class TuningResult:
     curve: list[dict]
     selections: dict  # dev-set name -> Selection; "dev" is the primary one
     train_seconds: float
+    resumed_from_step: int | None = None  # the checkpoint this run continued from
 
     @property
     def primary(self) -> Selection:
@@ -169,11 +170,15 @@ def _dev_sets(encoded: dict) -> list[str]:
 
 
 def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id: int, objective=None,
-                     device="cpu", eval_at_start: bool = False) -> TuningResult:
+                     device="cpu", eval_at_start: bool = False, checkpointer=None) -> TuningResult:
     """Tune `model` on encoded["train"], evaluating on every dev set every `eval_every_steps` steps (and before
     the first step with `eval_at_start`, so that a recycled start shows on the curve); per dev set keep the best
     state (ties keep the earlier step) and test it. The model ends in the primary ("dev") selection.
-    `encoded` maps split -> (token id lists, labels)."""
+    `encoded` maps split -> (token id lists, labels).
+
+    With a `checkpointer` (raysys.checkpoint.Checkpointer) every evaluation is reported to it, the full training
+    state is saved when it is due, and a saved state is resumed from: the resumed run continues the same data
+    order and random streams, so it ends where an uninterrupted one would."""
     objective = objective or CrossEntropyObjective()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,9 +189,27 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     train_ids, train_labels = encoded["train"]
     dev_sets = _dev_sets(encoded)
     curve, best, window = [], {}, []
-    start = time.time()
+    step, skip, elapsed_before = 0, 0, 0.0
+    resumed = checkpointer.resume() if checkpointer else None
+    if resumed:
+        model.load_state_dict(resumed["model"], strict=False)
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["epoch_generator"])
+        torch.set_rng_state(resumed["torch_rng"])
+        curve = resumed["curve"]
+        best = {name: Selection(**sel) for name, sel in resumed["best"].items()}
+        step, skip, elapsed_before = resumed["step"], resumed["batches_into_epoch"], resumed["seconds"]
+    start = time.time() - elapsed_before
+    epoch_state, into_epoch = generator.get_state(), 0
 
-    def checkpoint(step: int, train_loss: float | None) -> None:
+    def state() -> dict:
+        return {"model": _snapshot(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch_generator": epoch_state, "batches_into_epoch": into_epoch, "torch_rng": torch.get_rng_state(),
+                "curve": curve, "best": {name: vars(sel) for name, sel in best.items()},
+                "seconds": time.time() - start}
+
+    def evaluate_and_keep_best(step: int, train_loss: float | None) -> None:
         row = {"step": step, "train_loss": train_loss}
         for name in dev_sets:
             acc, loss = evaluate(model, *encoded[name], cfg.eval_batch_size, pad_id, device)
@@ -195,13 +218,19 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
                 best[name] = Selection(step, acc, loss, state=_snapshot(model))
         row["seconds"] = time.time() - start
         curve.append(row)
+        if checkpointer is None:
+            return
+        if 0 < step < cfg.max_steps and checkpointer.due():
+            checkpointer.save(step, state(), row)
+        else:
+            checkpointer.report(row)
 
-    if eval_at_start:
-        checkpoint(0, None)
-    step = 0
+    if eval_at_start and not resumed:
+        evaluate_and_keep_best(0, None)
     while step < cfg.max_steps:
+        epoch_state, into_epoch = generator.get_state(), skip  # before the epoch's permutation is drawn
         for input_ids, mask, y, index in data.iterate_batches(train_ids, train_labels, cfg.batch_size, pad_id,
-                                                              generator, with_index=True):
+                                                              generator, with_index=True, skip=skip):
             loss, _ = objective(model, input_ids.to(device), mask.to(device), y.to(device), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,20 +239,22 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
             scheduler.step()
             window.append(loss.item())
             step += 1
+            into_epoch += 1
             if step % cfg.eval_every_steps == 0 or step == cfg.max_steps:
                 train_loss = sum(window) / len(window)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss became non-finite at step {step}")
-                checkpoint(step, train_loss)
                 window = []
+                evaluate_and_keep_best(step, train_loss)
             if step >= cfg.max_steps:
                 break
+        skip = 0
     train_seconds = time.time() - start
     for name in reversed(dev_sets):  # test every selection; "dev" last, so the model ends in it
         model.load_state_dict(best[name].state, strict=False)
         best[name].test_accuracy, best[name].test_loss = evaluate(model, *encoded["test"], cfg.eval_batch_size,
                                                                   pad_id, device)
-    return TuningResult(curve, best, train_seconds)
+    return TuningResult(curve, best, train_seconds, resumed["step"] if resumed else None)
 
 
 # ---------------------------------------------------------------------------------------- convergence metrics

@@ -28,6 +28,41 @@ def test_masked_lm_loop_lowers_the_loss_and_logs_every_interval():
     assert curve[-1]["tokens"] > 60 * 32 * 4
 
 
+def test_a_link_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    from raysys.checkpoint import Checkpointer
+
+    _, tokenizer, sequences = _tiny_setup()
+    study = load_study("tiny")
+    cfg, plan = PretrainConfig(batch_size=16, log_every_steps=5), pretrain.LinkPlan(20, 2e-3)
+    torch.manual_seed(0)
+    reference = models.new_masked_lm(study.model, tokenizer, seed=0)
+    reference_curve = pretrain.train_masked_lm(reference, sequences, tokenizer, cfg, plan)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_10(metrics, path):
+        if metrics["step"] == 10:
+            raise Killed
+
+    torch.manual_seed(0)
+    first = Checkpointer(tmp_path, 0, "link", on_save=kill_after_step_10)
+    try:
+        pretrain.train_masked_lm(models.new_masked_lm(study.model, tokenizer, seed=0), sequences, tokenizer, cfg, plan,
+                                 checkpointer=first)
+    except Killed:
+        pass
+    assert first.saves == 2  # steps 5 and 10; the last step is never checkpointed (the PLM itself is saved)
+    torch.manual_seed(123)
+    resumed = models.new_masked_lm(study.model, tokenizer, seed=5)
+    curve = pretrain.train_masked_lm(resumed, sequences, tokenizer, cfg, plan,
+                                     checkpointer=Checkpointer(tmp_path, 3600, "link"))
+    assert [r["step"] for r in curve] == [5, 10, 15, 20]
+    assert [r["loss"] for r in curve] == [r["loss"] for r in reference_curve]
+    for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_sample_batch_shards_disjointly_across_workers():
     sequences = [[i] for i in range(100)]
     a = pretrain.sample_batch(sequences, 3, 8, rank=0, world_size=2, seed=1)

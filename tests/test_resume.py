@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from raysys import results, stages, sweep
+from raysys import checkpoint, results, stages, sweep
 from raysys.config import build, to_dict
 from raysys.store import Store
 from tests.conftest import MICRO_OVERRIDES
@@ -98,26 +98,50 @@ def _trial_processes() -> list[psutil.Process]:
     return found
 
 
-def test_a_killed_trial_is_retried(killed_then_resumed, address):
-    """A second seed adds tuning cells; one trial process is SIGKILLed while they run; Tune's FailureConfig
-    retries it and the sweep ends with every cell done."""
+LONG, EVERY = 120, 4  # steps of the added cells; the micro study evaluates every 4 steps
+
+
+def _checkpointed(store: Store) -> dict[str, int]:
+    """Cell hash -> step of its newest mid-run checkpoint."""
+    root = store.root / "checkpoints"
+    found = {d.name: checkpoint.latest(d) for d in root.iterdir()} if root.is_dir() else {}
+    return {h: int(p.name.split("-")[1]) for h, p in found.items() if p is not None}
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address):
+    """Another seed adds tuning cells, longer ones (max_steps is part of their identity), checkpointed at every
+    evaluation; the trial processes are SIGKILLed while they run; Tune's FailureConfig retries them, each interrupted cell continues from its newest checkpoint, and
+    the sweep ends with every cell done once."""
     store, tuning_cells, _, _, _ = killed_then_resumed
-    driver = subprocess.Popen(_command(store.root, address, "--set", "seeds=[20,21]"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    killed = None
+    driver = subprocess.Popen(_command(store.root, address, "--set", "seeds=[21]", "--set", f"tuning.max_steps={LONG}",
+                                       "--set", "tuning.checkpoint_every_seconds=0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: len(_ok_runs(store)) > len(tuning_cells) + 2 and _trial_processes(), 300,
-                  "a running trial of the new cells")
-        killed = _trial_processes()[0]
-        killed.send_signal(signal.SIGKILL)
+        _wait_for(lambda: len(_ok_runs(store)) >= len(tuning_cells) + 2 and _checkpointed(store)
+                  and _trial_processes(), 300, "a checkpointed trial of the new cells")
+        killed = _trial_processes()
+        for proc in killed:
+            proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(killed, timeout=10)
+        interrupted = _checkpointed(store)
         out, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert killed is not None
     assert driver.returncode == 0, out[-3000:]
-    assert len(_ok_runs(store)) == 2 * len(tuning_cells)
+    runs = _ok_runs(store)
+    assert len(runs) == 2 * len(tuning_cells)
     assert not [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] != "ok"]
+    assert interrupted, "the kill must land while a cell holds a checkpoint"
+    for h, step in interrupted.items():
+        assert runs[h]["resumed_from_step"] == step
+    assert sum(r["resumed_from_step"] is not None for r in runs.values()) == len(interrupted)
+    assert _checkpointed(store) == {}  # a finished cell's checkpoints are gone
+    curves = results.read_table(store, "tuning_curves").to_pylist()
+    keys = [(r["cell_hash"], r["step"]) for r in curves]
+    assert len(keys) == len(set(keys))
+    for h in interrupted:  # the resumed curve is whole: every evaluation step once
+        assert sorted(step for cell, step in keys if cell == h) == list(range(EVERY, LONG + 1, EVERY))
 
 
 def test_a_new_grid_value_runs_only_the_new_cells(micro_run, tmp_path):

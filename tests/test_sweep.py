@@ -3,6 +3,7 @@ that recompute nothing, failed cells recorded and retried."""
 
 import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -236,3 +237,56 @@ def test_saved_study_round_trips(micro_run, tmp_path):
     (tmp_path / sweep.STUDY_FILE).write_text('{"seeds": "x"}')
     with pytest.raises(ConfigError, match="study.json"):
         sweep.load_saved_study(Store(tmp_path))
+
+
+def test_optuna_search_runs_its_budget_inside_each_grid_cell_and_resumes(micro_run, tmp_path):
+    """`--search optuna` on a copy of the micro store, one tuning type and the distilling method only: each search
+    runs its budget with knobs inside their ranges; a larger budget later runs only the extra trials."""
+    import shutil
+
+    from raysys import methods
+
+    study, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.root, store.root)
+    search = dataclasses.replace(study.methods.search, algorithm="optuna", trials=2, lr=(1e-4, 1e-2),
+                                 temperature=(2.0, 8.0), beta=(0.0, 5.0))
+    narrowed = dataclasses.replace(study, methods=dataclasses.replace(
+        study.methods, search=search, types=("lora",), methods=("vanilla", "distill"), regimes=("kshot",),
+        tasks=("d1_rel",)))
+    chain = stages.plan_chain(narrowed)
+    searches = methods.plan_searches(narrowed, chain)
+    assert len(searches) == 2 * len(study.seeds) * len(narrowed.upgrades)
+    ran = sweep.run_study(narrowed, store, only=("methods",), log=lambda *_: None)
+    assert ran["methods"]["ran"] == 0  # the vanilla references exist; no distill grid cell in search mode
+    assert ran["search"]["ran"] == 2 * len(searches)
+    rows = results.ok_rows(store, "methods_search")
+    assert len(rows) == 2 * len(searches) and len({r["cell_hash"] for r in rows}) == len(rows)
+    for r in rows:
+        assert 1e-4 <= r["lr"] <= 1e-2
+        if r["method"] == "distill":
+            assert 2.0 <= r["temperature"] <= 8.0 and 0.0 <= r["kd_weight"] <= 1.0 and 0.0 <= r["beta"] <= 5.0
+        else:
+            assert r["temperature"] is None
+    first = {r["cell_hash"]: r["started_at"] for r in rows}
+
+    again = sweep.run_study(narrowed, store, only=("methods",), log=lambda *_: None)
+    assert again["search"]["ran"] == 0 and again["search"]["trials_before"] == len(rows)
+    # A larger budget continues each search: Optuna is told the finished trials, only the extra one runs.
+    wider = dataclasses.replace(narrowed, methods=dataclasses.replace(
+        narrowed.methods, search=dataclasses.replace(search, trials=3)))
+    assert [s["search_hash"] for s in methods.plan_searches(wider, chain)] == [s["search_hash"] for s in searches]
+    more = sweep.run_study(wider, store, only=("methods",), log=lambda *_: None)
+    assert more["search"]["ran"] == len(searches)
+    after = results.ok_rows(store, "methods_search")
+    assert len(after) == 3 * len(searches)
+    assert {r["cell_hash"]: r["started_at"] for r in after if r["cell_hash"] in first} == first
+
+
+def test_search_flags_map_onto_the_config(tmp_path, capsys):
+    storage = tmp_path / "plan"
+    assert sweep.main(["--storage", str(storage), "--dry-run", "--search", "optuna", "--search-trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"search\s+(\d+)\s+0\s+\1\s", out) and "Optuna searches x 3 trials" in out
+    assert sweep.main(["--storage", str(storage), "--dry-run", "--search-trials", "0"]) == 2
+    assert "methods.search.trials" in capsys.readouterr().err

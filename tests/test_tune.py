@@ -127,3 +127,54 @@ def test_convergence_metrics():
     # (10 * 0.4 + 20 * 0.7) / 30
     assert tune.area_under_curve(curve) == pytest.approx(18 / 30)
     assert tune.area_under_curve(curve[:1]) == 0.2
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _dropout_model(seed=0):
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, num_labels=2)  # dropout 0.1: RNG matters
+    return RobertaForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("stop_at", [4, 8])  # mid-epoch (6 batches of 6 per epoch) and in the second epoch
+def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_one_does(tmp_path, stop_at):
+    from raysys.checkpoint import Checkpointer
+
+    cfg = TuningConfig(max_steps=12, eval_every_steps=4, batch_size=6, lr=1e-2)
+    torch.manual_seed(1)
+    reference = tune.train_classifier(_dropout_model(), ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True)
+
+    def interrupt(metrics, path):
+        if metrics["step"] == stop_at:
+            raise _Interrupted
+
+    reported = []
+    first = Checkpointer(tmp_path / "cell", 0, "cell", on_save=interrupt, on_report=reported.append)
+    torch.manual_seed(1)
+    with pytest.raises(_Interrupted):
+        tune.train_classifier(_dropout_model(), ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True,
+                              checkpointer=first)
+    assert [r["step"] for r in reported] == [0]  # the start is reported, not checkpointed
+    assert (tmp_path / "cell" / f"step-{stop_at:09d}" / "state.safetensors").is_file()
+
+    torch.manual_seed(99)  # a restarted process: other global RNG state, which the checkpoint must restore
+    second = Checkpointer(tmp_path / "cell", 3600, "cell", on_report=reported.append)
+    model = _dropout_model(seed=7)  # other initial weights: every trainable weight must come from the checkpoint
+    resumed = tune.train_classifier(model, ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True, checkpointer=second)
+    assert [r["step"] for r in resumed.curve] == [0, 4, 8, 12]
+    for a, b in zip(resumed.curve, reference.curve):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert resumed.primary.test_accuracy == reference.primary.test_accuracy
+    assert resumed.primary.best_step == reference.primary.best_step
+    assert second.saves == 0 and [r["step"] for r in reported][1:] == list(range(stop_at + 4, 13, 4))
+
+
+def test_a_checkpoint_of_another_cell_is_ignored(tmp_path):
+    from raysys.checkpoint import Checkpointer, write
+
+    write(tmp_path / "cell", 4, {"cell_hash": "other", "step": 4})
+    assert Checkpointer(tmp_path / "cell", 0, "cell").resume() is None

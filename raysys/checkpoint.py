@@ -1,0 +1,138 @@
+"""Mid-run checkpoints of long cells (a PLM link, a tuning run): the whole training state — weights, optimizer,
+scheduler, data position, random generators, the curve so far — so that an interrupted cell continues where it
+stopped and ends exactly where an uninterrupted run would have (on CPU).
+
+The state is stored as safetensors (every tensor) plus JSON (everything else), never as a pickle: loading a
+checkpoint from shared storage must not be able to run code. A checkpoint lives at
+`<storage>/checkpoints/<cell hash>/step-<n>/`, written under a temporary name and renamed when whole; only the
+newest is kept, and the folder goes when the cell's result exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, SKELETON = "state.safetensors", "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --------------------------------------------------------------------------------- state <-> tensors + JSON
+
+
+def flatten(obj, tensors: dict[str, torch.Tensor], path: str = "t"):
+    """Replace every tensor in a nested structure of dicts, lists and JSON scalars by a reference into `tensors`.
+    Dicts with non-string keys (an optimizer's per-parameter state) are kept as lists of pairs."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{path}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__pairs__": [[k, flatten(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state: cannot store a {type(obj).__name__} at {path}")
+
+
+def unflatten(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__pairs__" in obj:
+            return {k: unflatten(v, tensors) for k, v in obj["__pairs__"]}
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(state, tensors)
+    save_file(tensors, str(directory / TENSORS))
+    (directory / SKELETON).write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path) -> dict:
+    tensors = load_file(str(directory / TENSORS))
+    return unflatten(json.loads((directory / SKELETON).read_text()), tensors)
+
+
+# ------------------------------------------------------------------------------------------- per-cell folder
+
+
+def latest(cell_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a cell (temporary folders start with '.' and are ignored)."""
+    if not cell_dir.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in cell_dir.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def write(cell_dir: Path, step: int, state: dict) -> Path:
+    """Save `state` as the cell's checkpoint at `step`, then drop the older ones."""
+    final = cell_dir / f"step-{step:09d}"
+    temp = cell_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    save_state(temp, state)
+    if final.exists():  # a retried run reached the same step again: same content
+        shutil.rmtree(temp)
+    else:
+        temp.rename(final)
+    for p in cell_dir.iterdir():
+        if p != final and (_STEP_DIR.match(p.name) or p.name.startswith(".tmp-")) and p.name < final.name:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+class Checkpointer:
+    """What a training loop is given to checkpoint with: `resume()` returns the saved state (or None), `due()`
+    says whether to save now, `save(step, state, metrics)` saves, `report(metrics)` passes progress on (to Tune,
+    or nowhere), `done()` removes the checkpoints once the cell's result is stored.
+
+    `every_seconds` bounds the work an interruption can lose; 0 saves at every evaluation. `on_save(metrics,
+    path)` and `on_report(metrics)` connect it to Ray (`tune.report` with a checkpoint) without this module
+    importing Ray; `extra` are more folders to resume from (`tune.get_checkpoint()`), the newest step wins."""
+
+    def __init__(self, cell_dir: Path, every_seconds: float, cell_hash: str,
+                 on_save: Callable[[dict, Path], None] | None = None,
+                 on_report: Callable[[dict], None] | None = None, extra: tuple[Path, ...] = ()):
+        self.cell_dir, self.every_seconds, self.cell_hash = Path(cell_dir), every_seconds, cell_hash
+        self.on_save, self.on_report, self.extra = on_save, on_report, extra
+        self.last_save = time.time()
+        self.saves = 0
+
+    def resume(self) -> dict | None:
+        found = [p for p in (latest(self.cell_dir), *self.extra) if p is not None and (p / SKELETON).is_file()]
+        states = [s for s in map(load_state, found) if s.get("cell_hash") == self.cell_hash]
+        return max(states, key=lambda s: s["step"]) if states else None
+
+    def due(self) -> bool:
+        return time.time() - self.last_save >= self.every_seconds
+
+    def save(self, step: int, state: dict, metrics: dict) -> Path:
+        path = write(self.cell_dir, step, {**state, "cell_hash": self.cell_hash, "step": step})
+        self.last_save = time.time()
+        self.saves += 1
+        if self.on_save:
+            self.on_save(metrics, path)
+        return path
+
+    def report(self, metrics: dict) -> None:
+        if self.on_report:
+            self.on_report(metrics)
+
+    def done(self) -> None:
+        shutil.rmtree(self.cell_dir, ignore_errors=True)
