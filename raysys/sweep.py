@@ -246,7 +246,7 @@ class Progress(tune.Callback):
 
 
 def run_experiment(name: str, trainable, groups: list[dict], resources: dict, study: StudyConfig, store: Store,
-                   max_concurrent: int, progress: Progress | None = None) -> float:
+                   max_concurrent: int, progress: Progress | None = None, callbacks: tuple = ()) -> float:
     """One stage = one Tune experiment over the missing groups of cells (`grid_search` over them)."""
     started = time.time()
     tuner = tune.Tuner(
@@ -259,10 +259,32 @@ def run_experiment(name: str, trainable, groups: list[dict], resources: dict, st
         run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", storage_path=str(store.ray_dir / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[progress] if progress else None),
+                                  callbacks=([progress] if progress else []) + list(callbacks)),
     )
     tuner.fit()
     return time.time() - started
+
+
+def mlflow_uri(store: Store, uri: str | None = None) -> str:
+    """Where `--tracker mlflow` logs: the given URI, else $MLFLOW_TRACKING_URI, else an SQLite file in the storage
+    (MLflow 3's `./mlruns` file store refuses new writes unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.root / 'mlflow.db'}"
+
+
+def tracking_callbacks(tracker: str | None, study: StudyConfig, store: Store, stage: str,
+                       uri: str | None = None) -> tuple:
+    """Experiment trackers beside Tune's own loggers (TensorBoard event files are always written per trial)."""
+    if tracker is None:
+        return ()
+    if tracker != "mlflow":
+        raise ValueError(f"--tracker: unknown '{tracker}'; known: mlflow")
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        import mlflow  # noqa: F401 — fail here, with the fix, not inside Tune
+    except ImportError as err:
+        raise ValueError("--tracker mlflow needs MLflow: pip install 'raysys[mlflow]'") from err
+    return (MLflowLoggerCallback(tracking_uri=mlflow_uri(store, uri), experiment_name=f"raysys-{study.name}",
+                                 tags={"stage": stage, "storage": str(store.root)}),)
 
 
 def _search_space(study: StudyConfig, method: str) -> dict:
@@ -274,7 +296,7 @@ def search_knobs(row: dict, method_knobs) -> dict:
     return {k: row[k] for k in method_knobs}
 
 
-def run_searches(study: StudyConfig, store: Store, chain, log=print) -> dict:
+def run_searches(study: StudyConfig, store: Store, chain, log=print, callbacks: tuple = ()) -> dict:
     """`--search optuna`: one Tune experiment per search (OptunaSearch cannot take a `grid_search` space, so the
     grid stays outside), seeded TPE, `trials` runs in all. A resumed search is told its finished trials
     (`points_to_evaluate` with `evaluated_rewards`) and runs only the rest."""
@@ -315,7 +337,7 @@ def run_searches(study: StudyConfig, store: Store, chain, log=print) -> dict:
                                         num_samples=left, reuse_actors=not study.methods.gpus_per_trial),
             run_config=tune.RunConfig(name=f"search-{search['search_hash']}-{len(done)}",
                                       storage_path=str(store.ray_dir / "tune"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
+                                      failure_config=tune.FailureConfig(max_failures=1), callbacks=list(callbacks)))
         tuner.fit()
         counts["ran"] += left
     return counts
@@ -354,9 +376,10 @@ def load_saved_study(store: Store) -> StudyConfig:
         raise ConfigError(f"{path}: {err}") from err
 
 
-def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, log=print) -> dict:
+def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, log=print,
+              tracker: str | None = None, tracking_uri: str | None = None) -> dict:
     """Run every stage of the study whose inputs exist; return per stage the counts of cells (total, finished
-    before, ran, blocked) and the seconds it took."""
+    before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow."""
     chain = stages.plan_chain(study)
     save_study(study, store)
     ran: dict[str, dict] = {}
@@ -380,7 +403,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
             if groups:
                 progress = Progress(name, lambda: _done(name), len(planned[name]), str(store.root), log)
                 seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent,
-                                          progress)
+                                          progress, tracking_callbacks(tracker, study, store, name, tracking_uri))
             n_total += n
         blocked = max(0, total - finished - n_total)
         if blocked:
@@ -460,7 +483,8 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
           concurrency, then=lambda: methods_todo(vanilla=False))
     if "methods" in only and study.methods.search.algorithm == "optuna":
         started = time.time()
-        ran["search"] = {**run_searches(study, store, chain, log), "seconds": time.time() - started}
+        callbacks = tracking_callbacks(tracker, study, store, "search", tracking_uri)
+        ran["search"] = {**run_searches(study, store, chain, log, callbacks), "seconds": time.time() - started}
     done = results.finished_cells(store, "training_free") & stages.cell_hashes(free_cells)
     todo = [{"cells": [c]} for c in _missing(free_cells, done)
             if has_plm(c["target_plm_hash"]) and all(tuned(h) for h in c["old_tuned"].values())]
@@ -605,6 +629,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "an Optuna search inside each grid cell (= --set methods.search.algorithm=...)")
     parser.add_argument("--search-trials", type=int, default=None, metavar="N",
                         help="Optuna trials per grid cell (= --set methods.search.trials=N)")
+    parser.add_argument("--tracker", choices=("mlflow",), default=None,
+                        help="also log every trial to MLflow (TensorBoard event files are always written under "
+                             "<storage>/ray: tensorboard --logdir <storage>/ray/tune)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move the storage aside to <storage>.old-<time>, then run")
     return parser.parse_args(argv)
@@ -634,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.preset, args.overrides + _search_overrides(args))
         store = Store(args.storage or Path("runs") / args.preset)
+        tracking_callbacks(args.tracker, study, store, "check", args.tracking_uri)  # fail before any work
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -655,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
     try:
-        run_study(study, store, tuple(args.only))
+        run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
     except (WeightMismatchError, methods.MissingInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -290,3 +290,52 @@ def test_search_flags_map_onto_the_config(tmp_path, capsys):
     assert re.search(r"search\s+(\d+)\s+0\s+\1\s", out) and "Optuna searches x 3 trials" in out
     assert sweep.main(["--storage", str(storage), "--dry-run", "--search-trials", "0"]) == 2
     assert "methods.search.trials" in capsys.readouterr().err
+
+
+def _event_tags(path: Path) -> set[str]:
+    """Scalar tags of a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags, data = set(), path.read_bytes()
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12 : 12 + length])
+        tags |= {v.tag for v in event.summary.value}
+        data = data[16 + length :]
+    return tags
+
+
+def test_every_training_trial_writes_its_curve_as_tensorboard_events(micro_run):
+    _, store, _ = micro_run
+    files = sorted((store.ray_dir / "tune").glob("tuning-*/*/events.out.tfevents.*"))
+    assert files, "no TensorBoard event files under <storage>/ray/tune"
+    tags = _event_tags(files[0])
+    assert {"ray/tune/dev_accuracy", "ray/tune/train_loss", "ray/tune/step"} <= tags, tags
+
+
+def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    study, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.root, store.root)
+    shutil.rmtree(store.results_dir("baselines"))  # these cells run again, now tracked
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ran = sweep.run_study(study, store, only=("compatibility",), log=lambda *_: None, tracker="mlflow",
+                          tracking_uri=uri)
+    assert ran["compatibility"]["ran"] > 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(f"raysys-{study.name}")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == ran["compatibility"]["ran"]  # one trial per baseline cell
+    assert all(r.data.metrics.get("cells_ok") == 1.0 and r.data.tags["stage"] == "compatibility" for r in runs)
+
+
+def test_unknown_tracker_setup_fails_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--tracker"):
+        sweep.tracking_callbacks("wandb", load_study("tiny"), Store(tmp_path), "tuning")
+    assert not (tmp_path / "results").exists()
