@@ -308,11 +308,12 @@ def _event_tags(path: Path) -> set[str]:
 
 
 def test_every_training_trial_writes_its_curve_as_tensorboard_events(micro_run):
-    _, store, _ = micro_run
+    study, store, _ = micro_run
     files = sorted((store.ray_dir / "tune").glob("tuning-*/*/events.out.tfevents.*"))
     assert files, "no TensorBoard event files under <storage>/ray/tune"
-    tags = _event_tags(files[0])
-    assert {"ray/tune/dev_accuracy", "ray/tune/train_loss", "ray/tune/step"} <= tags, tags
+    # (other tests add tuning experiments to this store whose cells fail before training: no curve there)
+    curves = [f for f in files if {"ray/tune/dev_accuracy", "ray/tune/train_loss", "ray/tune/step"} <= _event_tags(f)]
+    assert len(curves) >= len(stages.plan_tuning(study, stages.plan_chain(study)))
 
 
 def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
