@@ -32,9 +32,8 @@ def flatten(obj, tensors: dict[str, torch.Tensor], path: str = "t"):
     """Replace every tensor in a nested structure of dicts, lists and JSON scalars by a reference into `tensors`.
     Dicts with non-string keys (an optimizer's per-parameter state) are kept as lists of pairs."""
     if isinstance(obj, torch.Tensor):
-        key = f"{path}"
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
             return {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}
@@ -104,20 +103,27 @@ class Checkpointer:
 
     `every_seconds` bounds the work an interruption can lose; 0 saves at every evaluation. `on_save(metrics,
     path)` and `on_report(metrics)` connect it to Ray (`tune.report` with a checkpoint) without this module
-    importing Ray; `extra` are more folders to resume from (`tune.get_checkpoint()`), the newest step wins."""
+    importing Ray; `fallback()` gives another folder to resume from (`tune.get_checkpoint()`), asked only when
+    the store holds no checkpoint of this cell: every checkpoint is written to the store before it is handed to
+    Ray, so the store's is never older, and Ray's copy is fetched only when it is the one left."""
 
     def __init__(self, cell_dir: Path, every_seconds: float, cell_hash: str,
                  on_save: Callable[[dict, Path], None] | None = None,
-                 on_report: Callable[[dict], None] | None = None, extra: tuple[Path, ...] = ()):
+                 on_report: Callable[[dict], None] | None = None,
+                 fallback: Callable[[], Path | None] | None = None):
         self.cell_dir, self.every_seconds, self.cell_hash = Path(cell_dir), every_seconds, cell_hash
-        self.on_save, self.on_report, self.extra = on_save, on_report, extra
+        self.on_save, self.on_report, self.fallback = on_save, on_report, fallback
         self.last_save = time.time()
         self.saves = 0
 
     def resume(self) -> dict | None:
-        found = [p for p in (latest(self.cell_dir), *self.extra) if p is not None and (p / SKELETON).is_file()]
-        states = [s for s in map(load_state, found) if s.get("cell_hash") == self.cell_hash]
-        return max(states, key=lambda s: s["step"]) if states else None
+        return self._load(latest(self.cell_dir)) or (self._load(self.fallback()) if self.fallback else None)
+
+    def _load(self, directory: Path | None) -> dict | None:
+        if directory is None or not (directory / SKELETON).is_file():
+            return None
+        state = load_state(directory)
+        return state if state.get("cell_hash") == self.cell_hash else None
 
     def due(self) -> bool:
         return time.time() - self.last_save >= self.every_seconds

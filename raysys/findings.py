@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from raysys import results
+from raysys.report import _fmt, _mean
 from raysys.store import Store
 
 LEARNED_MARGIN = 0.10  # an old model "learned the task" when it beats the majority baseline by this much
@@ -40,13 +41,8 @@ def verdict(passed: int, total: int) -> str:
     return f"mostly holds ({passed}/{total})" if 2 * passed > total else f"partly ({passed}/{total})"
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
-
-
 def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
+    return _fmt(value, 100) + ("" if value is None else "%")
 
 
 def _by(rows, key, value) -> dict:
@@ -99,8 +95,10 @@ def mode_connectivity(store: Store) -> Finding:
         cont, ctrl = groups.get((t, "continual"), []), groups.get((t, "control"), [])
         drop, ctrl_drop = _mean(r["accuracy_drop"] for r in cont), _mean(r["accuracy_drop"] for r in ctrl)
         passed += drop is not None and drop <= LMC_MAX_DROP
+        barrier = {kind: _fmt(_mean(r["loss_barrier"] for r in rows), digits=3)
+                   for kind, rows in (("continual", cont), ("control", ctrl))}
         parts.append(f"{t}: acc drop {_pct(drop)} continual vs {_pct(ctrl_drop)} control, loss barrier "
-                     f"{_fmt3(_mean(r['loss_barrier'] for r in cont))} vs {_fmt3(_mean(r['loss_barrier'] for r in ctrl))}")
+                     f"{barrier['continual']} vs {barrier['control']}")
         ends = _mean(r[k] for r in cont for k in ("accuracy_a", "accuracy_b"))
         ctrl_ends = _mean(r[k] for r in ctrl for k in ("accuracy_a", "accuracy_b"))
         if ends is not None and ctrl_ends is not None and ends - ctrl_ends > LEARNED_MARGIN:
@@ -112,10 +110,6 @@ def mode_connectivity(store: Store) -> Finding:
     return Finding("Linear mode connectivity between the adapted old and new PLM (one hop)", evidence,
                    f"per tuning type: mean test accuracy drop below the line α·acc_b + (1−α)·acc_a "
                    f"≤ {100 * LMC_MAX_DROP:g} points on continual paths", verdict(passed, len(types)))
-
-
-def _fmt3(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 def head_similarity(store: Store) -> Finding:
@@ -130,7 +124,8 @@ def head_similarity(store: Store) -> Finding:
         ok = margin["continual"] is not None and margin["continual"] >= HEAD_MARGIN and (
             margin["control"] is None or margin["continual"] > margin["control"])
         passed += ok
-        parts.append(f"{t} L{layer}: {_fmt3(margin['continual'])} vs control {_fmt3(margin['control'])}")
+        parts.append(f"{t} L{layer}: {_fmt(margin['continual'], digits=3)} vs control "
+                     f"{_fmt(margin['control'], digits=3)}")
     return Finding("Corresponding attention heads of the two adapted models behave alike",
                    "similarity margin, corresponding − non-corresponding heads: " + "; ".join(parts)
                    if parts else "no head-similarity rows",

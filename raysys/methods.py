@@ -313,10 +313,10 @@ def convergence(curve: list[dict], dev: str, vanilla_best: float | None, fractio
 def _vanilla_best(store: Store, cell: dict, result) -> dict[str, float | None]:
     if cell["method"] == "vanilla":
         return {name: s.best_dev_accuracy for name, s in result.selections.items()}
-    rows = [r for r in results.read_cell(store, "methods_runs", cell["vanilla_hash"]) if r["status"] == "ok"]
-    if not rows:
+    row = results.ok_cell(store, "methods_runs", cell["vanilla_hash"])
+    if row is None:
         return {"dev": None, "full_dev": None}
-    return {"dev": rows[0]["best_dev_accuracy"], "full_dev": rows[0]["full_dev_best_accuracy"]}
+    return {"dev": row["best_dev_accuracy"], "full_dev": row["full_dev_best_accuracy"]}
 
 
 _KEY = ("method", "task", "tuning_type", "seed", "source_plm_index", "target_plm_index", "regime", "shots",
@@ -330,7 +330,8 @@ def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, c
     started = results.now()
     md = method_data(study, store, chain, cell["task"], cell["regime"], cell["shots"], cell["seed"])
     cfg = method_tuning_config(study, cell["tuning_type"], cell["regime"])
-    if "search_hash" in cell:
+    searching = "search_hash" in cell
+    if searching:
         cfg = dataclasses.replace(cfg, lr=cell["lr"])
     model = start_model(study, store, cell, len(md.task.labels))
     objective, teacher = _objective(study, store, cell, md)
@@ -344,7 +345,6 @@ def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, c
     key = {k: cell[k] for k in _KEY}
     curve = [{**key, **row, "full_dev_accuracy": row.get(f"{full_dev}_accuracy"),
               "full_dev_loss": row.get(f"{full_dev}_loss")} for row in result.curve]
-    searching = "search_hash" in cell
     if not searching:
         results.write_rows(store, "methods_curves", cell["cell_hash"], curve)
     dev, full = result.primary, result.selections[full_dev]

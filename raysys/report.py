@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from raysys import findings, results
+from raysys import results
 from raysys.config import StudyConfig
 from raysys.store import Store, atomic_write_bytes
 
@@ -34,20 +34,28 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def summary(study: StudyConfig, store: Store) -> str:
-    return "\n\n".join([_findings_summary(store), _pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
-                        _path_summary(store), _head_summary(store), _distance_summary(store),
-                        _methods_summary(store), _grid_summary(store), _search_summary(store),
-                        _training_free_summary(store)])
+    from raysys import findings  # it builds on this module's helpers
+
+    claims = findings.findings(store, methods_table(store))
+    title = "Findings: the paper's claims against this study's data"
+    return "\n\n".join([f"{title}\n{findings.text(claims)}"] + _table_sections(study, store))
+
+
+def _table_sections(study: StudyConfig, store: Store) -> list[str]:
+    """Every summary table, as 'title\ntable'."""
+    return [_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
+            _path_summary(store), _head_summary(store), _distance_summary(store), _methods_summary(store),
+            _grid_summary(store), _search_summary(store), _training_free_summary(store)]
 
 
 def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
     """`<out_dir>/report.md` and its PNG figures under `<out_dir>/figures/`: every summary table and figure,
     regenerated from the Parquet tables alone."""
-    from raysys import figures
+    from raysys import figures, findings
 
     out_dir = Path(out_dir)
-    best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"]
-            for r in methods_table(store)}
+    table = methods_table(store)
+    best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"] for r in table}
     drawn = {
         "Continual pre-training": figures.pretrain_curves(store, out_dir / "figures"),
         "Compatibility matrix": figures.compatibility_heatmaps(store, out_dir / "figures"),
@@ -58,21 +66,16 @@ def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
     body = [f"# raysys report: study '{study.name}'", "",
             f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md).", "",
             "## Findings: the paper's claims against this study's data", "",
-            findings.markdown(findings.findings(store, methods_table(store))), "", "## Figures"]
+            findings.markdown(findings.findings(store, table)), "", "## Figures"]
     for title, path in drawn.items():
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
-    for section in summary(study, store).split("\n\n")[1:]:  # the findings are above, as a Markdown table
+    for section in _table_sections(study, store):
         title, _, table = section.partition("\n")
         body += ["", f"## {title}", "", "```", table, "```"]
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path
-
-
-def _findings_summary(store: Store) -> str:
-    return "Findings: the paper's claims against this study's data\n" + findings.text(
-        findings.findings(store, methods_table(store)))
 
 
 def _pretrain_summary(store: Store) -> str:

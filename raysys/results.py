@@ -216,6 +216,12 @@ def ok_rows(store: Store, table: str) -> list[dict]:
     return [r for r in read_table(store, table).to_pylist() if r.get("status", "ok") == "ok"]
 
 
+def ok_cell(store: Store, table: str, cell_hash: str) -> dict | None:
+    """The row of a one-row cell that succeeded, or None (not run, or failed)."""
+    rows = [r for r in read_cell(store, table, cell_hash) if r["status"] == "ok"]
+    return rows[0] if rows else None
+
+
 def read_cell(store: Store, table: str, cell_hash: str) -> list[dict]:
     """The rows one cell wrote (empty if it has not run): a single file, no dataset scan."""
     path = store.results_dir(table) / f"{cell_hash}.parquet"

@@ -71,12 +71,16 @@ def _link_checkpointer(study: StudyConfig, store: Store, link) -> Checkpointer:
     """Mid-link checkpoints in the store (which survives a new driver) and reported to Ray Train (which hands the
     newest back through `get_checkpoint` when it restarts the workers)."""
     metrics = lambda m: {**_numeric(m), "chain": link.chain, "link": link.index}
-    previous = ray.train.get_checkpoint()
     return Checkpointer(
         store.checkpoint_dir(link.hash), study.pretrain.checkpoint_every_seconds, link.hash,
         on_save=lambda m, path: ray.train.report(metrics(m), checkpoint=ray.train.Checkpoint.from_directory(path)),
         on_report=lambda m: ray.train.report(metrics(m)),
-        extra=(Path(previous.to_directory()),) if previous else ())
+        fallback=lambda: _local_copy(ray.train.get_checkpoint()))
+
+
+def _local_copy(checkpoint) -> Path | None:
+    """A Ray checkpoint as a local folder (downloaded if its storage is remote)."""
+    return Path(checkpoint.to_directory()) if checkpoint else None
 
 
 def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
@@ -117,12 +121,11 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
 def cell_checkpointer(study: StudyConfig, store: Store, cell_hash: str) -> Checkpointer:
     """Mid-run checkpoints of a training cell in the store (a new driver finds them) and reported to Tune with
     every evaluation (TensorBoard curves; `tune.get_checkpoint()` when Tune retries the trial)."""
-    previous = tune.get_checkpoint()
     metrics = lambda m: {**_numeric(m), "cell_hash": cell_hash}
     return Checkpointer(
         store.checkpoint_dir(cell_hash), study.tuning.checkpoint_every_seconds, cell_hash,
         on_save=lambda m, path: tune.report(metrics(m), checkpoint=tune.Checkpoint.from_directory(path)),
-        on_report=lambda m: tune.report(metrics(m)), extra=(Path(previous.to_directory()),) if previous else ())
+        on_report=lambda m: tune.report(metrics(m)), fallback=lambda: _local_copy(tune.get_checkpoint()))
 
 
 def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner, trains: bool = False) -> None:
@@ -167,18 +170,13 @@ def _search_trainable(config, study_dict, storage, search):
     study, store = build(StudyConfig, study_dict), Store(storage)
     torch.set_num_threads(max(1, int(study.methods.cpus_per_trial)))
     cell = methods.search_trial_cell(search, config)
-    if not _ok_cell(store, "methods_search", cell["cell_hash"]):
+    if not results.ok_cell(store, "methods_search", cell["cell_hash"]):
         run = lambda: methods.run_method_cell(study, store, stages.plan_chain(study), cell)
         if not stages.run_guarded(store, "methods_search", cell, run):
             raise RuntimeError(results.read_cell(store, "methods_search", cell["cell_hash"])[0]["error"])
-    row = _ok_cell(store, "methods_search", cell["cell_hash"])
+    row = results.ok_cell(store, "methods_search", cell["cell_hash"])
     tune.report({"best_dev_accuracy": row["best_dev_accuracy"], "test_accuracy": row["test_accuracy"],
                  "cells_ok": 1, "cells_failed": 0})
-
-
-def _ok_cell(store: Store, table: str, cell_hash: str) -> dict | None:
-    rows = [r for r in results.read_cell(store, table, cell_hash) if r["status"] == "ok"]
-    return rows[0] if rows else None
 
 
 def _interpolation_trainable(config, study_dict, storage):
@@ -292,8 +290,12 @@ def _search_space(study: StudyConfig, method: str) -> dict:
             for k, (lo, hi) in methods.search_space_bounds(study, method).items()}
 
 
-def search_knobs(row: dict, method_knobs) -> dict:
-    return {k: row[k] for k in method_knobs}
+def _search_rows(store: Store) -> dict[str, list[dict]]:
+    """The finished trials of every Optuna search, by search."""
+    rows: dict[str, list[dict]] = {}
+    for r in results.ok_rows(store, "methods_search"):
+        rows.setdefault(r["search_hash"], []).append(r)
+    return rows
 
 
 def run_searches(study: StudyConfig, store: Store, chain, log=print, callbacks: tuple = ()) -> dict:
@@ -304,9 +306,7 @@ def run_searches(study: StudyConfig, store: Store, chain, log=print, callbacks: 
     from ray.tune.search.optuna import OptunaSearch
 
     searches = methods.plan_searches(study, chain)
-    rows: dict[str, list[dict]] = {}
-    for r in results.ok_rows(store, "methods_search"):
-        rows.setdefault(r["search_hash"], []).append(r)
+    rows = _search_rows(store)
     budget = study.methods.search.trials
     counts = {"searches": len(searches), "trials_before": 0, "ran": 0, "blocked": 0}
     for search in searches:
@@ -315,14 +315,14 @@ def run_searches(study: StudyConfig, store: Store, chain, log=print, callbacks: 
         if len(done) >= budget:
             continue
         if not (store.has_artifact("plm", search["target_plm_hash"]) and store.has_artifact(
-                "tuned", search["old_tuned_hash"]) and _ok_cell(store, "methods_runs", search["vanilla_hash"])):
+                "tuned", search["old_tuned_hash"]) and results.ok_cell(store, "methods_runs", search["vanilla_hash"])):
             counts["blocked"] += 1
             continue
         space = _search_space(study, search["method"])
         # Seeded by the trials done too: a continued search must not redraw its first random proposals.
         optuna = OptunaSearch(metric="best_dev_accuracy", mode="max",
                               seed=study.methods.search.seed * 100003 + len(done),
-                              points_to_evaluate=[search_knobs(r, space) for r in done] or None,
+                              points_to_evaluate=[{k: r[k] for k in space} for r in done] or None,
                               evaluated_rewards=[r["best_dev_accuracy"] for r in done] or None)
         concurrency = _concurrency(study.methods.cpus_per_trial)
         left = budget - len(done)
@@ -571,13 +571,6 @@ def training_flops(study: StudyConfig) -> dict[str, float]:
     return {stage: per_token * n for stage, n in tokens.items()}
 
 
-def _search_counts(store: Store) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in results.ok_rows(store, "methods_search"):
-        counts[r["search_hash"]] = counts.get(r["search_hash"], 0) + 1
-    return counts
-
-
 def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
     """The `--dry-run` plan: per stage the cells planned, done, failed and to do, and the training compute."""
     status, flops = stage_status(study, store), training_flops(study)
@@ -590,7 +583,7 @@ def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
     searches = methods.plan_searches(study, stages.plan_chain(study))
     if searches:
         trials = study.methods.search.trials
-        done = sum(min(trials, n) for n in _search_counts(store).values())
+        done = sum(min(trials, len(v)) for v in _search_rows(store).values())
         lines.append(f"{'search':<14} {len(searches) * trials:>8} {done:>8} {'':>7} {len(searches) * trials - done:>7} "
                      f"{flops['search'] / 1e15:>12.3g}   ({len(searches)} Optuna searches x {trials} trials)")
     total = sum(flops.values())

@@ -201,7 +201,6 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
         best = {name: Selection(**sel) for name, sel in resumed["best"].items()}
         step, skip, elapsed_before = resumed["step"], resumed["batches_into_epoch"], resumed["seconds"]
     start = time.time() - elapsed_before
-    epoch_state, into_epoch = generator.get_state(), 0
 
     def state() -> dict:
         return {"model": _snapshot(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
