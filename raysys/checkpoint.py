@@ -3,23 +3,23 @@ scheduler, data position, random generators, the curve so far — so that an int
 stopped and ends exactly where an uninterrupted run would have (on CPU).
 
 The state is stored as safetensors (every tensor) plus JSON (everything else), never as a pickle: loading a
-checkpoint from shared storage must not be able to run code. A checkpoint lives at
-`<storage>/checkpoints/<cell hash>/step-<n>/`, written under a temporary name and renamed when whole; only the
-newest is kept, and the folder goes when the cell's result exists.
+checkpoint from shared storage must not be able to run code. A checkpoint is the committed directory
+`<storage>/checkpoints/<cell hash>/step-<n>/` of the store (whole or absent, on a local path or a URI); only the
+newest is kept, and the cell's folder goes when the cell's result exists.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from raysys.store import Store
 
 TENSORS, SKELETON = "state.safetensors", "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -73,27 +73,28 @@ def load_state(directory: Path) -> dict:
 # ------------------------------------------------------------------------------------------- per-cell folder
 
 
-def latest(cell_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a cell (temporary folders start with '.' and are ignored)."""
-    if not cell_dir.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in cell_dir.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return max(steps)[1] if steps else None
+def cell_folder(key: str) -> str:
+    return f"checkpoints/{key}"
 
 
-def write(cell_dir: Path, step: int, state: dict) -> Path:
-    """Save `state` as the cell's checkpoint at `step`, then drop the older ones."""
-    final = cell_dir / f"step-{step:09d}"
-    temp = cell_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    save_state(temp, state)
-    if final.exists():  # a retried run reached the same step again: same content
-        shutil.rmtree(temp)
-    else:
-        temp.rename(final)
-    for p in cell_dir.iterdir():
-        if p != final and (_STEP_DIR.match(p.name) or p.name.startswith(".tmp-")) and p.name < final.name:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+def latest(store: Store, key: str) -> Path | None:
+    """The newest complete checkpoint of a cell, as a local folder."""
+    steps = [name for name in store.list_dirs(cell_folder(key)) if _STEP_DIR.match(name)]
+    return store.fetch_dir(f"{cell_folder(key)}/{max(steps)}") if steps else None
+
+
+def write(store: Store, key: str, step: int, state: dict) -> Path:
+    """Save `state` as the cell's checkpoint at `step`, then drop the older ones. A retried run that reaches the
+    same step again keeps the copy already there (same content)."""
+    name = f"step-{step:09d}"
+    rel = f"{cell_folder(key)}/{name}"
+    if not store.has_dir(rel):
+        with store.writing_dir(rel) as temp:
+            save_state(temp, state)
+    for older in store.list_dirs(cell_folder(key)):
+        if _STEP_DIR.match(older) and older < name:
+            store.remove_dir(f"{cell_folder(key)}/{older}")
+    return store.fetch_dir(rel)
 
 
 class Checkpointer:
@@ -107,17 +108,17 @@ class Checkpointer:
     the store holds no checkpoint of this cell: every checkpoint is written to the store before it is handed to
     Ray, so the store's is never older, and Ray's copy is fetched only when it is the one left."""
 
-    def __init__(self, cell_dir: Path, every_seconds: float, cell_hash: str,
+    def __init__(self, store: Store, every_seconds: float, cell_hash: str,
                  on_save: Callable[[dict, Path], None] | None = None,
                  on_report: Callable[[dict], None] | None = None,
                  fallback: Callable[[], Path | None] | None = None):
-        self.cell_dir, self.every_seconds, self.cell_hash = Path(cell_dir), every_seconds, cell_hash
+        self.store, self.every_seconds, self.cell_hash = store, every_seconds, cell_hash
         self.on_save, self.on_report, self.fallback = on_save, on_report, fallback
         self.last_save = time.time()
         self.saves = 0
 
     def resume(self) -> dict | None:
-        return self._load(latest(self.cell_dir)) or (self._load(self.fallback()) if self.fallback else None)
+        return self._load(latest(self.store, self.cell_hash)) or (self._load(self.fallback()) if self.fallback else None)
 
     def _load(self, directory: Path | None) -> dict | None:
         if directory is None or not (directory / SKELETON).is_file():
@@ -129,7 +130,7 @@ class Checkpointer:
         return time.time() - self.last_save >= self.every_seconds
 
     def save(self, step: int, state: dict, metrics: dict) -> Path:
-        path = write(self.cell_dir, step, {**state, "cell_hash": self.cell_hash, "step": step})
+        path = write(self.store, self.cell_hash, step, {**state, "cell_hash": self.cell_hash, "step": step})
         self.last_save = time.time()
         self.saves += 1
         if self.on_save:
@@ -141,4 +142,4 @@ class Checkpointer:
             self.on_report(metrics)
 
     def done(self) -> None:
-        shutil.rmtree(self.cell_dir, ignore_errors=True)
+        self.store.remove_dir(cell_folder(self.cell_hash))

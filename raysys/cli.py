@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,12 +29,14 @@ STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a 
 
 
 def _running_sweep(store: Store) -> dict | None:
-    path = store.root / PROGRESS_FILE
-    if not path.is_file():
+    payload = store.read_bytes(PROGRESS_FILE)
+    if payload is None:
         return None
-    state = json.loads(path.read_text())
+    state = json.loads(payload)
     if state.get("final") or time.time() - state.get("updated", 0) > STALE_AFTER_S:
         return None
+    if state.get("host", socket.gethostname()) != socket.gethostname():
+        return state  # a driver on another machine (shared storage): only its freshness can be judged
     try:
         os.kill(int(state["pid"]), 0)
     except (OSError, ValueError, KeyError):
@@ -128,7 +131,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
     p = sub.add_parser("report", help="regenerate the report from the Parquet tables")
     p.add_argument("storage")
-    p.add_argument("--out", type=Path, default=None, help="folder for report.md (default <storage>/report)")
+    p.add_argument("--out", type=Path, default=None, help="local folder for report.md (default <storage>/report)")
     return parser.parse_args(argv)
 
 
@@ -136,16 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         store = Store(args.storage)
-        if not store.root.is_dir():
+        if not store.exists():
             raise FileNotFoundError(f"{store.root}: no such storage")
         if args.command == "status":
             print(status_text(store))
         elif args.command == "results":
             print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
         else:
-            path = report.write_report(load_saved_study(store), store, args.out or store.root / "report")
+            study = load_saved_study(store)
+            path = report.write_report(study, store, args.out) if args.out else report.publish_report(study, store)
             print(f"report: {path}")
-    except (FileNotFoundError, ValueError, ConfigError, pa.ArrowInvalid) as err:
+    except (OSError, ValueError, ConfigError, pa.ArrowInvalid) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -179,7 +179,7 @@ def check_inputs(study: StudyConfig, store: Store, chain: stages.ChainPlan, meth
     missing = sorted(h for h in needed if not store.has_artifact("tuned", h))
     if missing and not tuning_planned:
         raise MissingInputError(f"the methods need {len(missing)} outdated tuned model(s) that do not exist, e.g. "
-                                f"{store.artifact_path('tuned', missing[0])}; run the 'tuning' stage first")
+                                f"{store.artifact_uri('tuned', missing[0])}; run the 'tuning' stage first")
     labels = {}
     for h in sorted(needed - set(missing)):
         meta = stages.tuned_meta(store, h)
@@ -187,7 +187,7 @@ def check_inputs(study: StudyConfig, store: Store, chain: stages.ChainPlan, meth
             labels[meta["task"]] = list(data.load_task(stages._task(study, meta["task"]), study.world).labels)
         if meta["labels"] != labels[meta["task"]]:
             raise WeightMismatchError(
-                f"teacher {store.artifact_path('tuned', h)} was tuned with labels {meta['labels']}, but task "
+                f"teacher {store.artifact_uri('tuned', h)} was tuned with labels {meta['labels']}, but task "
                 f"'{meta['task']}' now has labels {labels[meta['task']]}: its outputs do not match the student's")
     counts = {t: len(labels[t]) for t in {t for c in free_cells for t in c["old_tuned"]} if t in labels}
     if len(set(counts.values())) > 1:
@@ -208,7 +208,7 @@ class MethodData:
 
 def method_data(study: StudyConfig, store: Store, chain: stages.ChainPlan, task_name: str, regime: str,
                 shots: int | None, seed: int) -> MethodData:
-    tokenizer = _tokenizer(str(store.artifact_path("tokenizer", chain.tokenizer_hash)))
+    tokenizer = _tokenizer(str(store.artifact("tokenizer", chain.tokenizer_hash)))
     task_cfg = stages._task(study, task_name)
     task = data.load_task(task_cfg, study.world)
     if regime == "kshot":
@@ -245,9 +245,8 @@ class TeacherCache:
         if key in self._memory:
             self.hits += 1
             return self._memory[key], True
-        path = self.store.artifact_path("teacher", key)
-        if path.is_dir():
-            tensors = load_file(str(path / "outputs.safetensors"))
+        if self.store.has_artifact("teacher", key):
+            tensors = load_file(str(self.store.artifact("teacher", key) / "outputs.safetensors"))
             outputs, hit = TeacherOutputs(tensors["logits"], tensors.get("hidden")), True
             self.hits += 1
         else:
@@ -258,7 +257,7 @@ class TeacherCache:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "outputs.safetensors"))
                 (tmp / "raysys.json").write_text(json.dumps({"teacher": teacher_hash, "data": data_key}))
         if len(outputs.logits) != len(ids):
-            raise WeightMismatchError(f"teacher cache {path}: {len(outputs.logits)} examples, the data has {len(ids)}")
+            raise WeightMismatchError(f"teacher cache {self.store.artifact_uri('teacher', key)}: {len(outputs.logits)} examples, the data has {len(ids)}")
         self._memory = {key: outputs}  # one entry: the cells of a trial usually share it
         return outputs, hit
 
@@ -268,7 +267,7 @@ _CACHES: dict[str, TeacherCache] = {}
 
 def teacher_cache(store: Store) -> TeacherCache:
     """One cache per store and process, so that a reused Tune actor keeps its in-memory entry across cells."""
-    return _CACHES.setdefault(str(store.root), TeacherCache(store))
+    return _CACHES.setdefault(store.root, TeacherCache(store))
 
 
 # ------------------------------------------------------------------------------------------------------ cells

@@ -64,7 +64,7 @@ def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
         "Convergence of the recycling methods": figures.convergence_curves(store, out_dir / "figures", best),
     }
     body = [f"# raysys report: study '{study.name}'", "",
-            f"Regenerated from the Parquet tables in `{store.root / 'results'}` (schemas: docs/results.md).", "",
+            f"Regenerated from the Parquet tables in `{store.uri('results')}` (schemas: docs/results.md).", "",
             "## Findings: the paper's claims against this study's data", "",
             findings.markdown(findings.findings(store, table)), "", "## Figures"]
     for title, path in drawn.items():
@@ -76,6 +76,13 @@ def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path
+
+
+def publish_report(study: StudyConfig, store: Store) -> str:
+    """The report in `<storage>/report/`: written in place for a local store; for a URI written in the local
+    cache, then uploaded (replacing the previous report). Returns where it is."""
+    path = write_report(study, store, store.local / "report")
+    return f"{store.publish_dir(path.parent, 'report')}/{path.name}" if store.remote else str(path)
 
 
 def _pretrain_summary(store: Store) -> str:

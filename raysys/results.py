@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raysys.store import Store, atomic_write_bytes
+from raysys.store import Store
 
 SCHEMA_VERSION = 4
 
@@ -179,22 +180,26 @@ def to_table(table: str, rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_rows(store: Store, table: str, cell_hash: str, rows: list[dict]) -> Path:
-    """All rows of one cell, as one Parquet file replacing any earlier attempt of the same cell."""
+def _cell_file(table: str, cell_hash: str) -> str:
+    return f"results/{table}/{cell_hash}.parquet"
+
+
+def write_rows(store: Store, table: str, cell_hash: str, rows: list[dict]) -> str:
+    """All rows of one cell, as one Parquet file replacing any earlier attempt of the same cell; returns its URI."""
     arrow = to_table(table, [{"cell_hash": cell_hash, **row} for row in rows])
     buffer = io.BytesIO()
     pq.write_table(arrow, buffer)
-    path = store.results_dir(table) / f"{cell_hash}.parquet"
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    store.write_bytes(_cell_file(table, cell_hash), buffer.getvalue())
+    return store.uri(_cell_file(table, cell_hash))
 
 
 def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa.Table:
     """A whole table (empty, with its schema, when nothing has been written)."""
-    directory = store.results_dir(table)
-    if not directory.is_dir():
+    directory = store.results_path(table)
+    if store.fs.get_file_info(directory).type != pafs.FileType.Directory:
         return SCHEMAS[table].empty_table() if columns is None else SCHEMAS[table].empty_table().select(columns)
-    return ds.dataset(directory, format="parquet", schema=SCHEMAS[table]).to_table(columns=columns)
+    return ds.dataset(directory, filesystem=store.fs, format="parquet",
+                      schema=SCHEMAS[table]).to_table(columns=columns)
 
 
 def cell_statuses(store: Store, table: str) -> dict[str, set[str]]:
@@ -224,5 +229,5 @@ def ok_cell(store: Store, table: str, cell_hash: str) -> dict | None:
 
 def read_cell(store: Store, table: str, cell_hash: str) -> list[dict]:
     """The rows one cell wrote (empty if it has not run): a single file, no dataset scan."""
-    path = store.results_dir(table) / f"{cell_hash}.parquet"
-    return pq.read_table(path, schema=SCHEMAS[table]).to_pylist() if path.is_file() else []
+    payload = store.read_bytes(_cell_file(table, cell_hash))
+    return [] if payload is None else pq.read_table(pa.BufferReader(payload), schema=SCHEMAS[table]).to_pylist()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from raysys import data, models, pet, pilot, pretrain, recycle, results
 from raysys.config import StudyConfig, TaskConfig, TuningConfig, config_hash, to_dict
-from raysys.store import Store
+from raysys.store import Store, atomic_write_bytes
 from raysys.tune import evaluate, train_classifier
 
 _RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
@@ -218,10 +218,19 @@ def check_same_architecture(named: dict[str, str | Path]) -> None:
                     "interpolation and PET modules need one architecture and one vocabulary")
 
 
+def _plm_config_folder(store: Store, plm_hash: str) -> Path:
+    """A folder holding only the PLM's config.json: enough to compare architectures without fetching weights."""
+    if not store.remote:
+        return store.artifact("plm", plm_hash)
+    folder = store.local / "configs" / plm_hash
+    atomic_write_bytes(folder / "config.json", store.artifact_file("plm", plm_hash, "config.json"))
+    return folder
+
+
 def preflight(study: StudyConfig, store: Store, chain: ChainPlan) -> None:
     """Checks that need checkpoints: the control origin must match the main chain, and every PLM already in the
     store must share one architecture (a store reused across studies could mix them)."""
-    named = {f"plm {link.chain}[{link.index}]": store.artifact_path("plm", link.hash) for link in chain.links
+    named = {f"plm {link.chain}[{link.index}]": _plm_config_folder(store, link.hash) for link in chain.links
              if store.has_artifact("plm", link.hash)}
     if study.pilot.control_name_or_path and study.control_length:
         main = study.model.name_or_path
@@ -245,12 +254,12 @@ def ensure_tokenizer(study: StudyConfig, store: Store, chain: ChainPlan):
                 texts = data.load_corpus(study.corpora[0], study.world)
                 tokenizer = models.train_tokenizer(texts, study.model.vocab_size)
             tokenizer.save_pretrained(str(tmp))
-    return models.load_tokenizer(store.artifact_path("tokenizer", chain.tokenizer_hash))
+    return models.load_tokenizer(store.artifact("tokenizer", chain.tokenizer_hash))
 
 
 def link_initial_model(study: StudyConfig, store: Store, link: Link, tokenizer):
     if link.parent:
-        return models.load_masked_lm(store.artifact_path("plm", link.parent))
+        return models.load_masked_lm(store.artifact("plm", link.parent))
     if link.checkpoint:
         return models.load_masked_lm(link.checkpoint)
     return models.new_masked_lm(study.model, tokenizer, link.seed)
@@ -299,7 +308,7 @@ def _set_seed(seed: int) -> None:
 def adapted_classifier(study: StudyConfig, store: Store, plm_hash: str, num_labels: int, tuning_type: str,
                        seed: int):
     """A PLM with a fresh (seeded) head and, for PET, a fresh module: where every tuning run starts."""
-    model = models.classifier_from_plm(store.artifact_path("plm", plm_hash), num_labels, seed)
+    model = models.classifier_from_plm(store.artifact("plm", plm_hash), num_labels, seed)
     return pet.apply_pet(model, tuning_type, seed=seed, **pet_options(study.tuning))
 
 
@@ -319,15 +328,15 @@ def _save_tuned(directory, model, meta: dict) -> None:
 
 
 def tuned_meta(store: Store, tuned: str) -> dict:
-    return json.loads((store.artifact_path("tuned", tuned) / "raysys.json").read_text())
+    return json.loads(store.artifact_file("tuned", tuned, "raysys.json"))
 
 
 def load_tuned(study: StudyConfig, store: Store, tuned: str, on_plm: str | None = None):
     """The tuned model `tuned`, or — with `on_plm` — its weights recycled onto another PLM without training:
     θ_new + (θ_old^τ − θ_old) with the old head for fine-tuning, the old module and head plugged into the new
     backbone for PET (the paper's compatibility test and initialization-based start)."""
-    path = store.artifact_path("tuned", tuned)
-    meta = tuned_meta(store, tuned)
+    path = store.artifact("tuned", tuned)
+    meta = json.loads((path / "raysys.json").read_text())
     target = on_plm or meta["plm_hash"]
     model = adapted_classifier(study, store, target, len(meta["labels"]), meta["tuning_type"], meta["seed"])
     if meta["tuning_type"] == "finetune":
@@ -344,7 +353,7 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
     started = results.now()
     task_cfg = _task(study, cell["task"])
     tuning_type, seed = cell["tuning_type"], cell["seed"]
-    tokenizer = models.load_tokenizer(store.artifact_path("tokenizer", chain.tokenizer_hash))
+    tokenizer = models.load_tokenizer(store.artifact("tokenizer", chain.tokenizer_hash))
     task = data.load_task(task_cfg, study.world)
     encoded = data.encode_task(task, tokenizer, study.tuning.max_length)
     _set_seed(seed)
@@ -381,7 +390,7 @@ class _Evaluator:
     """Loads and encodes a task once, then evaluates models (or state dicts loaded into a skeleton) on dev/test."""
 
     def __init__(self, study: StudyConfig, store: Store, chain: ChainPlan, task_name: str):
-        self.tokenizer = models.load_tokenizer(store.artifact_path("tokenizer", chain.tokenizer_hash))
+        self.tokenizer = models.load_tokenizer(store.artifact("tokenizer", chain.tokenizer_hash))
         self.task = data.load_task(_task(study, task_name), study.world)
         self.encoded = data.encode_task(self.task, self.tokenizer, study.tuning.max_length)
         self.batch_size = study.pilot.eval_batch_size
@@ -417,7 +426,7 @@ def _state(path) -> dict:
 
 
 def _plm_state(store: Store, plm_hash: str) -> dict:
-    return _state(store.artifact_path("plm", plm_hash))
+    return _state(store.artifact("plm", plm_hash))
 
 
 def run_compatibility_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: dict) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -24,7 +27,7 @@ from raysys import data, methods, pretrain, report, results, stages
 from raysys.checkpoint import Checkpointer
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
-from raysys.store import Store, atomic_write_bytes
+from raysys.store import Store
 
 STUDY_FILE = "study.json"
 STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity", "methods", "training_free")
@@ -72,7 +75,7 @@ def _link_checkpointer(study: StudyConfig, store: Store, link) -> Checkpointer:
     newest back through `get_checkpoint` when it restarts the workers)."""
     metrics = lambda m: {**_numeric(m), "chain": link.chain, "link": link.index}
     return Checkpointer(
-        store.checkpoint_dir(link.hash), study.pretrain.checkpoint_every_seconds, link.hash,
+        store, study.pretrain.checkpoint_every_seconds, link.hash,
         on_save=lambda m, path: ray.train.report(metrics(m), checkpoint=ray.train.Checkpoint.from_directory(path)),
         on_report=lambda m: ray.train.report(metrics(m)),
         fallback=lambda: _local_copy(ray.train.get_checkpoint()))
@@ -98,7 +101,7 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
                                                resources_per_worker={"CPU": study.pretrain.cpus_per_worker}),
         # A deterministic name, so that a restarted trial finds its Train run again.
         run_config=ray.train.RunConfig(name=f"pretrain-{config_hash(links)}",
-                                       storage_path=str(store.ray_dir / "train"),
+                                       **store.ray_storage("train"),
                                        failure_config=ray.train.FailureConfig(max_failures=1),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
@@ -123,19 +126,22 @@ def cell_checkpointer(study: StudyConfig, store: Store, cell_hash: str) -> Check
     every evaluation (TensorBoard curves; `tune.get_checkpoint()` when Tune retries the trial)."""
     metrics = lambda m: {**_numeric(m), "cell_hash": cell_hash}
     return Checkpointer(
-        store.checkpoint_dir(cell_hash), study.tuning.checkpoint_every_seconds, cell_hash,
+        store, study.tuning.checkpoint_every_seconds, cell_hash,
         on_save=lambda m, path: tune.report(metrics(m), checkpoint=tune.Checkpoint.from_directory(path)),
         on_report=lambda m: tune.report(metrics(m)), fallback=lambda: _local_copy(tune.get_checkpoint()))
 
 
 def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner, trains: bool = False) -> None:
-    """Run a trial's cells; a training cell (`trains`) gets a checkpointer."""
+    """Run a trial's cells, skipping those already done (a trial Tune retries after its process died keeps the
+    cells it finished); a training cell (`trains`) gets a checkpointer."""
     study, store = build(StudyConfig, study_dict), Store(storage)
     chain = stages.plan_chain(study)
     torch.set_num_threads(max(1, int(study.tuning.cpus_per_trial)))
     cells = config["group"]["cells"]
 
     def run(cell):
+        if results.ok_cell(store, table, cell["cell_hash"]):
+            return
         extra = {"checkpointer": cell_checkpointer(study, store, cell["cell_hash"])} if trains else {}
         runner(study, store, chain, cell, **extra)
 
@@ -195,9 +201,9 @@ class Progress(tune.Callback):
     `every` seconds, mirrored to `<storage>/progress.json` for `raysys status`. Done is counted from the store,
     so it is right whatever the unit of a trial (a link, a cell, a path)."""
 
-    def __init__(self, stage: str, count_done, total: int, store_root: str, log=print, every: float = 15.0):
+    def __init__(self, stage: str, count_done, total: int, store: Store, log=print, every: float = 15.0):
         self.stage, self.count_done, self.total, self.log, self.every = stage, count_done, total, log, every
-        self.path = Path(store_root) / PROGRESS_FILE
+        self.store = store
         self.started = self.last = time.time()
         self.done_at_start = None
         self.failed = 0
@@ -205,7 +211,7 @@ class Progress(tune.Callback):
     def __getstate__(self):
         # Tune pickles its callbacks into the experiment state; the console and the store reader stay behind
         # (this sweep resumes from the store, never from that state).
-        return {**self.__dict__, "log": None, "count_done": None}
+        return {**self.__dict__, "log": None, "count_done": None, "store": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -235,8 +241,9 @@ class Progress(tune.Callback):
         eta = elapsed / new * left if new > 0 and left > 0 else None
         state = {"stage": self.stage, "done": done, "total": self.total, "failed": self.failed, "running": running,
                  "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
-                 "pid": os.getpid(), "updated": now, "final": final}
-        atomic_write_bytes(self.path, json.dumps(state).encode())
+                 "pid": os.getpid(), "host": socket.gethostname(), "updated": now, "final": final}
+        if self.store:
+            self.store.write_bytes(PROGRESS_FILE, json.dumps(state).encode())
         if not final:
             self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
                      f"{elapsed:.0f}s elapsed" + ("" if eta is None else f", ETA {eta:.0f}s"))
@@ -248,13 +255,13 @@ def run_experiment(name: str, trainable, groups: list[dict], resources: dict, st
     """One stage = one Tune experiment over the missing groups of cells (`grid_search` over them)."""
     started = time.time()
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, study_dict=to_dict(study), storage=str(store.root)),
+        tune.with_resources(tune.with_parameters(trainable, study_dict=to_dict(study), storage=store.root),
                             resources),
         param_space={"group": tune.grid_search(groups)},
         # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (shared/notes/speed.md).
         tune_config=tune.TuneConfig(max_concurrent_trials=max(1, max_concurrent),
                                     reuse_actors=not resources.get("gpu")),
-        run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", storage_path=str(store.ray_dir / "tune"),
+        run_config=tune.RunConfig(name=f"{name}-{config_hash(groups)}", **store.ray_storage("tune"),
                                   failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=([progress] if progress else []) + list(callbacks)),
@@ -266,7 +273,7 @@ def run_experiment(name: str, trainable, groups: list[dict], resources: dict, st
 def mlflow_uri(store: Store, uri: str | None = None) -> str:
     """Where `--tracker mlflow` logs: the given URI, else $MLFLOW_TRACKING_URI, else an SQLite file in the storage
     (MLflow 3's `./mlruns` file store refuses new writes unless MLFLOW_ALLOW_FILE_STORE is set)."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.root / 'mlflow.db'}"
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store.local / 'mlflow.db'}"
 
 
 def tracking_callbacks(tracker: str | None, study: StudyConfig, store: Store, stage: str,
@@ -277,12 +284,12 @@ def tracking_callbacks(tracker: str | None, study: StudyConfig, store: Store, st
     if tracker != "mlflow":
         raise ValueError(f"--tracker: unknown '{tracker}'; known: mlflow")
     try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
         import mlflow  # noqa: F401 — fail here, with the fix, not inside Tune
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
     except ImportError as err:
         raise ValueError("--tracker mlflow needs MLflow: pip install 'raysys[mlflow]'") from err
     return (MLflowLoggerCallback(tracking_uri=mlflow_uri(store, uri), experiment_name=f"raysys-{study.name}",
-                                 tags={"stage": stage, "storage": str(store.root)}),)
+                                 tags={"stage": stage, "storage": store.root}),)
 
 
 def _search_space(study: StudyConfig, method: str) -> dict:
@@ -330,13 +337,13 @@ def run_searches(study: StudyConfig, store: Store, chain, log=print, callbacks: 
             f"seed {search['seed']}: {len(done)} trials done, {left} to run")
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_search_trainable, study_dict=to_dict(study),
-                                                     storage=str(store.root), search=search),
+                                                     storage=store.root, search=search),
                                 {"cpu": study.methods.cpus_per_trial, "gpu": study.methods.gpus_per_trial}),
             param_space=space,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(optuna, max_concurrent=concurrency),
                                         num_samples=left, reuse_actors=not study.methods.gpus_per_trial),
             run_config=tune.RunConfig(name=f"search-{search['search_hash']}-{len(done)}",
-                                      storage_path=str(store.ray_dir / "tune"), verbose=0,
+                                      **store.ray_storage("tune"), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1), callbacks=list(callbacks)))
         tuner.fit()
         counts["ran"] += left
@@ -363,17 +370,18 @@ def _concurrency(per_trial_cpus: float) -> int:
 
 def save_study(study: StudyConfig, store: Store) -> None:
     """The config of the study a storage holds, so that `raysys status|report` need only the storage."""
-    atomic_write_bytes(store.root / STUDY_FILE, json.dumps(to_dict(study), indent=1).encode())
+    store.write_bytes(STUDY_FILE, json.dumps(to_dict(study), indent=1).encode())
 
 
 def load_saved_study(store: Store) -> StudyConfig:
-    path = store.root / STUDY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no study here (not a raysys storage, or no sweep has started in it)")
+    payload = store.read_bytes(STUDY_FILE)
+    if payload is None:
+        raise FileNotFoundError(f"{store.uri(STUDY_FILE)}: no study here (not a raysys storage, or no sweep has "
+                                "started in it)")
     try:
-        return build(StudyConfig, json.loads(path.read_text()))
+        return build(StudyConfig, json.loads(payload))
     except (json.JSONDecodeError, ConfigError) as err:
-        raise ConfigError(f"{path}: {err}") from err
+        raise ConfigError(f"{store.uri(STUDY_FILE)}: {err}") from err
 
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, log=print,
@@ -401,7 +409,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
             n = sum(len(g.get("cells", g.get("links", []))) or 1 for g in groups)
             log(f"[{name}] {total} cells: {finished + n_total} finished, {n} to run in {len(groups)} trials")
             if groups:
-                progress = Progress(name, lambda: _done(name), len(planned[name]), str(store.root), log)
+                progress = Progress(name, lambda: _done(name), len(planned[name]), store, log)
                 seconds += run_experiment(name, trainable, groups, resources, study, store, max_concurrent,
                                           progress, tracking_callbacks(tracker, study, store, name, tracking_uri))
             n_total += n
@@ -593,13 +601,21 @@ def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
     return "\n".join(lines)
 
 
-def fresh_start(store: Store) -> Path | None:
-    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time)."""
-    if not store.root.exists():
+def fresh_start(store: Store) -> str | None:
+    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time). An
+    object store has no rename: its objects are copied, then removed (and the local cache of them too)."""
+    if not store.exists():
         return None
-    aside = store.root.with_name(f"{store.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    store.root.rename(aside)
-    return aside
+    suffix = f".old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not store.remote:
+        Path(store.base).rename(store.base + suffix)
+        return store.base + suffix
+    if "/" not in store.base:
+        raise ValueError(f"--fresh: '{store.root}' is a bucket root; give the storage a prefix (bucket/name) to move")
+    pafs.copy_files(store.base, store.base + suffix, source_filesystem=store.fs, destination_filesystem=store.fs)
+    store.fs.delete_dir(store.base)
+    shutil.rmtree(store.local, ignore_errors=True)
+    return store.uri(suffix=suffix)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -626,7 +642,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="also log every trial to MLflow (TensorBoard event files are always written under "
                              "<storage>/ray: tensorboard --logdir <storage>/ray/tune)")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db; "
+                             "for a URI storage, a file in its local cache)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move the storage aside to <storage>.old-<time>, then run")
     return parser.parse_args(argv)
@@ -670,10 +687,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysys: plan of study '{study.name}' (preset {args.preset}) in {store.root}")
         print(plan_text(study, store, tflops))
         return 0
-    if args.fresh:
-        aside = fresh_start(store)
-        if aside:
-            print(f"raysys: --fresh: moved the old storage to {aside}")
+    try:
+        if args.fresh:
+            aside = fresh_start(store)
+            if aside:
+                print(f"raysys: --fresh: moved the old storage to {aside}")
+        store.ensure_writable()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"raysys: study '{study.name}' (preset {args.preset}) -> {store.root}")
     started = time.time()
     init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
@@ -683,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary(study, store))
-    print(f"\nreport: {report.write_report(study, store, store.root / 'report')}")
-    print(f"\nresults: {store.root / 'results'} (Parquet; schemas in docs/results.md)")
+    print(f"\nreport: {report.publish_report(study, store)}")
+    print(f"\nresults: {store.uri('results')} (Parquet; schemas in docs/results.md)")
     print(f"total wall time: {time.time() - started:.1f}s")
     incomplete = {k: v for k, v in missing_cells(study, store).items() if v and k in args.only}
     if incomplete:

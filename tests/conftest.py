@@ -2,6 +2,11 @@
 tests: it goes through every stage with real Ray Tune/Train, real HF models and real Parquet files."""
 
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -10,6 +15,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# The URI-storage tests use a local S3 (moto's server). Set before Ray starts, so that every worker inherits them:
+# any credentials do for moto; no instance-metadata lookups; remote stores cache under a throwaway folder.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysys-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raysys-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAYSYS_CACHE", tempfile.mkdtemp(prefix="raysys-test-cache-"))
 
 import pytest
 
@@ -55,3 +66,31 @@ def micro_run(ray_cluster, micro_study, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("micro"))
     ran = run_study(micro_study, store, log=lambda *_: None)
     return micro_study, store, ran
+
+
+@pytest.fixture(scope="session")
+def s3_uri():
+    """A local S3 server (moto, in its own process) with one bucket: `s3_uri(name)` is a fresh storage URI in it,
+    options in the query as a user would pass them."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"moto S3 server did not start on port {port}")
+            time.sleep(0.2)
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    pafs.FileSystem.from_uri(f"s3://raysys-test?{query}&allow_bucket_creation=true")[0].create_dir("raysys-test")
+    yield lambda name: f"s3://raysys-test/{name}?{query}"
+    server.terminate()
+    server.wait(timeout=10)

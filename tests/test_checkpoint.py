@@ -4,6 +4,7 @@ a fallback only."""
 import torch
 
 from raysys.checkpoint import Checkpointer, latest, load_state, save_state, write
+from raysys.store import Store
 
 
 def test_a_training_state_round_trips_without_pickle(tmp_path):
@@ -24,23 +25,28 @@ def test_a_training_state_round_trips_without_pickle(tmp_path):
 
 
 def test_only_the_newest_whole_checkpoint_is_kept(tmp_path):
-    write(tmp_path, 4, {"step": 4})
-    (tmp_path / ".tmp-step-000000008-dead").mkdir()  # a writer that died mid-save
-    newest = write(tmp_path, 12, {"step": 12})
-    assert [p.name for p in tmp_path.iterdir()] == [newest.name] and latest(tmp_path) == newest
+    store = Store(tmp_path)
+    write(store, "cell", 4, {"step": 4})
+    (tmp_path / "checkpoints" / "cell" / ".tmp-step-000000008-dead").mkdir()  # a writer that died mid-save
+    newest = write(store, "cell", 12, {"step": 12})
+    assert newest == tmp_path / "checkpoints" / "cell" / "step-000000012" and latest(store, "cell") == newest
+    assert store.list_dirs("checkpoints/cell") == ["step-000000012"]
+    Checkpointer(store, 0, "cell").done()
+    assert not (tmp_path / "checkpoints" / "cell").exists()  # the dead writer's folder goes too
 
 
 def test_a_checkpoint_of_another_cell_is_ignored(tmp_path):
-    write(tmp_path / "cell", 4, {"cell_hash": "other", "step": 4})
-    assert Checkpointer(tmp_path / "cell", 0, "cell").resume() is None
+    write(Store(tmp_path), "cell", 4, {"cell_hash": "other", "step": 4})
+    assert Checkpointer(Store(tmp_path), 0, "cell").resume() is None
 
 
 def test_rays_copy_is_asked_for_only_when_the_store_has_no_checkpoint(tmp_path):
-    ray_copy = write(tmp_path / "ray", 8, {"cell_hash": "cell", "step": 8, "x": torch.ones(2)})
+    ray_copy = write(Store(tmp_path / "ray"), "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.ones(2)})
+    store = Store(tmp_path / "store")
     asked = []
     fallback = lambda: asked.append(1) or ray_copy
-    state = Checkpointer(tmp_path / "store", 0, "cell", fallback=fallback).resume()
+    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
     assert state["step"] == 8 and torch.equal(state["x"], torch.ones(2)) and asked == [1]
-    write(tmp_path / "store", 8, {"cell_hash": "cell", "step": 8, "x": torch.zeros(2)})
-    state = Checkpointer(tmp_path / "store", 0, "cell", fallback=fallback).resume()
+    write(store, "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.zeros(2)})
+    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
     assert torch.equal(state["x"], torch.zeros(2)) and asked == [1]

@@ -136,7 +136,7 @@ def test_initialization_with_a_zero_delta_reproduces_vanilla_exactly(micro_run, 
         methods.run_method_cell(study, store, chain, cell)
         runs[method] = sorted(results.read_cell(store, "methods_curves", cell["cell_hash"]), key=lambda r: r["step"])
         for table in ("methods_runs", "methods_curves"):
-            os.remove(store.results_dir(table) / f"{cell['cell_hash']}.parquet")
+            os.remove(store.local / "results" / table / f"{cell['cell_hash']}.parquet")
     assert [r["dev_loss"] for r in runs["init"]] == [r["dev_loss"] for r in runs["vanilla"]]
     assert [r["train_loss"] for r in runs["init"]] == [r["train_loss"] for r in runs["vanilla"]]
 
@@ -183,7 +183,7 @@ def test_a_teacher_with_another_label_set_is_refused_before_any_trial(micro_run)
     study, store, _ = micro_run
     chain = stages.plan_chain(study)
     cell = next(c for c in methods.plan_methods(study, chain) if c["method"] == "distill")
-    meta_path = store.artifact_path("tuned", cell["old_tuned_hash"]) / "raysys.json"
+    meta_path = store.artifact("tuned", cell["old_tuned_hash"]) / "raysys.json"
     original = meta_path.read_text()
     try:
         meta_path.write_text(original.replace('"labels": [', '"labels": ["extra", '))

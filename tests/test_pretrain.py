@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from raysys import models, pretrain, results, world
 from raysys.config import PretrainConfig, WorldConfig, load_study
 from raysys.stages import plan_chain
+from raysys.store import Store
 
 
 def _tiny_setup():
@@ -46,7 +47,7 @@ def test_a_link_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterr
             raise Killed
 
     torch.manual_seed(0)
-    first = Checkpointer(tmp_path, 0, "link", on_save=kill_after_step_10)
+    first = Checkpointer(Store(tmp_path), 0, "link", on_save=kill_after_step_10)
     try:
         pretrain.train_masked_lm(models.new_masked_lm(study.model, tokenizer, seed=0), sequences, tokenizer, cfg, plan,
                                  checkpointer=first)
@@ -56,7 +57,7 @@ def test_a_link_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterr
     torch.manual_seed(123)
     resumed = models.new_masked_lm(study.model, tokenizer, seed=5)
     curve = pretrain.train_masked_lm(resumed, sequences, tokenizer, cfg, plan,
-                                     checkpointer=Checkpointer(tmp_path, 3600, "link"))
+                                     checkpointer=Checkpointer(Store(tmp_path), 3600, "link"))
     assert [r["step"] for r in curve] == [5, 10, 15, 20]
     assert [r["loss"] for r in curve] == [r["loss"] for r in reference_curve]
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
@@ -82,16 +83,16 @@ def test_chain_runs_on_ray_train_with_two_workers(micro_run):
         row = runs[link.hash]
         assert row["status"] == "ok" and (row["chain"], row["link"]) == (link.chain, link.index)
         assert row["num_workers"] == 2 and row["parent_hash"] == link.parent
-        assert (store.artifact_path("plm", link.hash) / "model.safetensors").is_file()
-        assert (store.artifact_path("plm", link.hash) / "tokenizer.json").is_file()
+        assert (store.artifact("plm", link.hash) / "model.safetensors").is_file()
+        assert (store.artifact("plm", link.hash) / "tokenizer.json").is_file()
     assert runs[chain.hashes("control")[0]]["init"] == f"scratch:seed={study.pilot.control_seed}"
     curves = results.read_table(store, "pretrain_curves").to_pylist()
     m1 = sorted((r for r in curves if r["link"] == 1 and r["chain"] == "main"), key=lambda r: r["step"])
     assert [r["step"] for r in m1] == [5, 10] and all(r["loss"] > 0 for r in m1)
     # each link continues from its parent: weights differ, architecture identical
-    w0 = load_file(str(store.artifact_path("plm", chain.plm_hashes[0]) / "model.safetensors"))
-    w1 = load_file(str(store.artifact_path("plm", chain.plm_hashes[1]) / "model.safetensors"))
-    c0 = load_file(str(store.artifact_path("plm", chain.hashes("control")[0]) / "model.safetensors"))
+    w0 = load_file(str(store.artifact("plm", chain.plm_hashes[0]) / "model.safetensors"))
+    w1 = load_file(str(store.artifact("plm", chain.plm_hashes[1]) / "model.safetensors"))
+    c0 = load_file(str(store.artifact("plm", chain.hashes("control")[0]) / "model.safetensors"))
     assert w0.keys() == w1.keys() == c0.keys()
     key = "roberta.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(w0[key], w1[key])

@@ -52,7 +52,7 @@ def test_empty_table_has_its_schema(tmp_path):
 def test_temporary_files_are_invisible_to_readers(tmp_path):
     store = Store(tmp_path)
     results.write_rows(store, "compatibility", "abc", [_row()])
-    (store.results_dir("compatibility") / ".tmp-half-written.parquet").write_bytes(b"not parquet")
+    (tmp_path / "results" / "compatibility" / ".tmp-half-written.parquet").write_bytes(b"not parquet")
     assert results.read_table(store, "compatibility").num_rows == 1
 
 
@@ -62,10 +62,10 @@ def test_artifact_appears_only_when_complete(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-write")
     assert not store.has_artifact("plm", "h1")
-    assert list(store.artifact_path("plm", "h1").parent.iterdir()) == []  # no temporary left behind
+    assert list((tmp_path / "artifacts" / "plm").iterdir()) == []  # no temporary left behind
     with store.writing_artifact("plm", "h1") as tmp:
         (tmp / "model.safetensors").write_bytes(b"whole")
-    assert (store.artifact_path("plm", "h1") / "model.safetensors").read_bytes() == b"whole"
+    assert (store.artifact("plm", "h1") / "model.safetensors").read_bytes() == b"whole"
 
 
 def test_concurrent_identical_artifact_keeps_the_first(tmp_path):
@@ -74,10 +74,5 @@ def test_concurrent_identical_artifact_keeps_the_first(tmp_path):
         with store.writing_artifact("tuned", "h") as second:
             (second / "x").write_text("second")
         (first / "x").write_text("first")
-    assert (store.artifact_path("tuned", "h") / "x").read_text() == "second"
-    assert [p.name for p in store.artifact_path("tuned", "h").parent.iterdir()] == ["h"]
-
-
-def test_store_rejects_uris():
-    with pytest.raises(ValueError, match="--storage"):
-        Store("s3://bucket/run")
+    assert (store.artifact("tuned", "h") / "x").read_text() == "second"
+    assert [p.name for p in (tmp_path / "artifacts" / "tuned").iterdir()] == ["h"]

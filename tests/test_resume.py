@@ -58,9 +58,9 @@ def killed_then_resumed(address, tmp_path_factory, micro_study):
         driver.wait()
     before = _ok_runs(store)
     assert 5 <= len(before) < len(tuning_cells), "the kill must land in the middle of the stage"
-    mtimes = {h: (store.artifact_path("tuned", h) / "trainable.safetensors").stat().st_mtime_ns
-              if (store.artifact_path("tuned", h) / "trainable.safetensors").exists()
-              else (store.artifact_path("tuned", h) / "model.safetensors").stat().st_mtime_ns for h in before}
+    mtimes = {h: (store.artifact("tuned", h) / "trainable.safetensors").stat().st_mtime_ns
+              if (store.artifact("tuned", h) / "trainable.safetensors").exists()
+              else (store.artifact("tuned", h) / "model.safetensors").stat().st_mtime_ns for h in before}
     rerun = subprocess.run(_command(storage, address), capture_output=True, text=True, timeout=600, check=False)
     return store, tuning_cells, before, mtimes, rerun
 
@@ -78,7 +78,7 @@ def test_a_killed_driver_resumes_without_retraining(killed_then_resumed):
     assert set(after) == {c["cell_hash"] for c in tuning_cells}
     for h, row in before.items():
         assert after[h]["started_at"] == row["started_at"]  # the same run's row, not a retrained one
-        path = store.artifact_path("tuned", h)
+        path = store.artifact("tuned", h)
         weights = path / "trainable.safetensors" if (path / "trainable.safetensors").exists() else \
             path / "model.safetensors"
         assert weights.stat().st_mtime_ns == mtimes[h]
@@ -103,8 +103,7 @@ LONG, EVERY = 120, 4  # steps of the added cells; the micro study evaluates ever
 
 def _checkpointed(store: Store) -> dict[str, int]:
     """Cell hash -> step of its newest mid-run checkpoint."""
-    root = store.root / "checkpoints"
-    found = {d.name: checkpoint.latest(d) for d in root.iterdir()} if root.is_dir() else {}
+    found = {h: checkpoint.latest(store, h) for h in store.list_dirs("checkpoints")}
     return {h: int(p.name.split("-")[1]) for h, p in found.items() if p is not None}
 
 

@@ -3,8 +3,8 @@ that recompute nothing, failed cells recorded and retried."""
 
 import dataclasses
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +90,7 @@ def test_similarity_of_a_model_with_itself_is_maximal(micro_run):
     dist = [r for r in results.ok_rows(store, "distances") if r["cell_hash"] == same["cell_hash"]]
     assert {r["what"] for r in dist} == {"plm", "tuned", "update"} and all(r["l2"] == 0.0 for r in dist)
     for table in ("head_similarity", "distances"):
-        os.remove(store.results_dir(table) / f"{same['cell_hash']}.parquet")
+        os.remove(store.local / "results" / table / f"{same['cell_hash']}.parquet")
 
 
 def test_compatibility_of_a_zero_hop_delta_is_the_tuned_model(micro_run):
@@ -106,7 +106,7 @@ def test_compatibility_of_a_zero_hop_delta_is_the_tuned_model(micro_run):
         stages.run_compatibility_cell(study, store, chain, same)
         row = next(r for r in results.ok_rows(store, "compatibility") if r["cell_hash"] == same["cell_hash"])
         assert row["test_accuracy"] == tuned[cell["source_tuned_hash"]]["test_accuracy"]
-        os.remove(store.results_dir("compatibility") / f"{same['cell_hash']}.parquet")
+        os.remove(store.local / "results" / "compatibility" / f"{same['cell_hash']}.parquet")
 
 
 def test_pet_artifacts_hold_only_trainable_weights(micro_run):
@@ -114,7 +114,7 @@ def test_pet_artifacts_hold_only_trainable_weights(micro_run):
 
     _, store, _ = micro_run
     for row in results.ok_rows(store, "tuning_runs"):
-        path = store.artifact_path("tuned", row["cell_hash"])
+        path = store.artifact("tuned", row["cell_hash"])
         if row["tuning_type"] == "finetune":
             assert (path / "model.safetensors").is_file()
             continue
@@ -126,7 +126,7 @@ def test_pet_artifacts_hold_only_trainable_weights(micro_run):
 
 def test_rerun_recomputes_nothing(micro_run):
     study, store, _ = micro_run
-    artifacts = sorted(store.root.joinpath("artifacts").rglob("model.safetensors"))
+    artifacts = sorted(store.local.joinpath("artifacts").rglob("model.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in artifacts]
     counts = {t: results.read_table(store, t).num_rows for t in results.SCHEMAS}
     ran = sweep.run_study(study, store, log=lambda *_: None)
@@ -140,6 +140,18 @@ def _write_task(root, name, rows_by_split):
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in rows_by_split.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.filterwarnings("ignore:`report` is meant")
+def test_a_retried_trial_skips_the_cells_it_finished(micro_run):
+    from raysys.config import to_dict
+
+    study, store, _ = micro_run
+    finished = [{"cell_hash": r["cell_hash"]} for r in results.ok_rows(store, "compatibility")[:2]]
+    ran = []
+    sweep._run_group({"group": {"cells": finished + [{"cell_hash": "not-run-yet"}]}}, to_dict(study), store.root,
+                     "compatibility", lambda study, store, chain, cell: ran.append(cell["cell_hash"]))
+    assert len(finished) == 2 and ran == ["not-run-yet"]
 
 
 def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
@@ -191,7 +203,7 @@ def test_micro_overrides_change_identity_but_resources_do_not():
     base = stages.plan_chain(load_study("tiny", MICRO_OVERRIDES))
     assert stages.plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.num_workers=1"])) == base
     assert stages.plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.lr=0.002"])) != base
-    assert Store("/tmp/x").root.is_absolute()
+    assert Path(Store("/tmp/x").root).is_absolute()
 
 
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
@@ -217,16 +229,16 @@ def test_training_flops_scale_with_the_steps():
 
 def test_fresh_moves_the_old_storage_aside(tmp_path):
     store = Store(tmp_path / "s")
-    (store.root / "results").mkdir(parents=True)
-    (store.root / "results" / "x").write_text("keep me")
+    (store.local / "results").mkdir(parents=True)
+    (store.local / "results" / "x").write_text("keep me")
     aside = sweep.fresh_start(store)
-    assert not store.root.exists() and (aside / "results" / "x").read_text() == "keep me"
+    assert not store.exists() and (Path(aside) / "results" / "x").read_text() == "keep me"
     assert sweep.fresh_start(store) is None
 
 
 def test_progress_file_records_the_last_stage(micro_run):
     _, store, _ = micro_run
-    state = json.loads((store.root / sweep.PROGRESS_FILE).read_text())
+    state = json.loads((store.local / sweep.PROGRESS_FILE).read_text())
     assert state["final"] and state["done"] == state["total"] > 0 and state["failed"] == 0
 
 
@@ -309,7 +321,7 @@ def _event_tags(path: Path) -> set[str]:
 
 def test_every_training_trial_writes_its_curve_as_tensorboard_events(micro_run):
     study, store, _ = micro_run
-    files = sorted((store.ray_dir / "tune").glob("tuning-*/*/events.out.tfevents.*"))
+    files = sorted((store.local / "ray" / "tune").glob("tuning-*/*/events.out.tfevents.*"))
     assert files, "no TensorBoard event files under <storage>/ray/tune"
     # (other tests add tuning experiments to this store whose cells fail before training: no curve there)
     curves = [f for f in files if {"ray/tune/dev_accuracy", "ray/tune/train_loss", "ray/tune/step"} <= _event_tags(f)]
@@ -324,7 +336,7 @@ def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
     study, shared, _ = micro_run
     store = Store(tmp_path / "copy")
     shutil.copytree(shared.root, store.root)
-    shutil.rmtree(store.results_dir("baselines"))  # these cells run again, now tracked
+    shutil.rmtree(store.local / "results" / "baselines")  # these cells run again, now tracked
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ran = sweep.run_study(study, store, only=("compatibility",), log=lambda *_: None, tracker="mlflow",
                           tracking_uri=uri)
@@ -340,3 +352,52 @@ def test_unknown_tracker_setup_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--tracker"):
         sweep.tracking_callbacks("wandb", load_study("tiny"), Store(tmp_path), "tuning")
     assert not (tmp_path / "results").exists()
+
+
+S3_OVERRIDES = MICRO_OVERRIDES + ["pilot.control_length=0", 'tuning.types=["finetune"]',
+                                  'methods.regimes=["full"]', 'methods.tasks=["d1_rel"]',
+                                  "tuning.checkpoint_every_seconds=0"]
+
+
+def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_cluster, s3_uri, capsys):
+    """Pre-training (Ray Train), tuning and the methods (Ray Tune) with `--storage s3://…`: every artifact, row,
+    checkpoint, Ray file and the report go to the bucket; workers read PLMs, tuned models and teachers back
+    through the store; a second run finds everything done."""
+    import pyarrow.fs as pafs
+
+    from raysys import cli
+
+    uri = s3_uri("sweep")
+    argv = ["--storage", uri, "--only", "pretrain", "tuning", "methods"] + [
+        a for o in S3_OVERRIDES for a in ("--set", o)]
+    assert sweep.main(argv) == 0
+    store = Store(uri)
+    assert store.remote
+    runs = results.read_table(store, "tuning_runs").to_pylist()
+    assert len(runs) == 4 * 3 and {r["status"] for r in runs} == {"ok"}
+    assert {r["resumed_from_step"] for r in runs} == {None}
+    methods_runs = results.read_table(store, "methods_runs").to_pylist()
+    assert len(methods_runs) == 4 and {r["status"] for r in methods_runs} == {"ok"}
+    assert len(store.list_dirs("artifacts/plm")) == 4 and len(store.list_dirs("artifacts/tuned")) == 12
+    assert store.list_dirs("artifacts/teacher")  # the distilling methods' teacher outputs, shared via the bucket
+    assert store.list_dirs("checkpoints") == []  # every evaluation checkpointed (every 0 s), all removed when done
+
+    fs, base = pafs.FileSystem.from_uri(uri)
+    names = [i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
+    assert any(re.match(r"ray/tune/tuning-[^/]+/[^/]+/events\.out\.tfevents\.", n) for n in names)
+    assert any(n.startswith("ray/train/pretrain-") for n in names)
+    assert "report/report.md" in names and any(re.match(r"report/figures/.+\.png$", n) for n in names)
+    assert "study.json" in names and "progress.json" in names
+    out = capsys.readouterr().out
+    assert f"report: {store.uri('report')}/report.md" in out
+
+    started = sorted(r["started_at"] for r in runs)
+    assert sweep.main(argv) == 0
+    assert sorted(r["started_at"] for r in results.read_table(store, "tuning_runs").to_pylist()) == started
+    assert len(results.read_table(store, "methods_runs")) == 4
+    capsys.readouterr()
+    assert cli.main(["status", uri]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"^tuning\s+12\s+12\s+0\s+0\s+complete$", status, re.M)
+    assert cli.main(["results", uri, "methods_runs", "--columns", "method,status", "--limit", "1"]) == 0
+    assert "(4 rows)" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from raysys import tune
 from raysys.config import TuningConfig
+from raysys.store import Store
 
 LOGITS_S = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
 LOGITS_T = torch.tensor([[2.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
@@ -150,16 +151,16 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_o
             raise _Interrupted
 
     reported = []
-    first = Checkpointer(tmp_path / "cell", 0, "cell", on_save=interrupt, on_report=reported.append)
+    first = Checkpointer(Store(tmp_path), 0, "cell", on_save=interrupt, on_report=reported.append)
     torch.manual_seed(1)
     with pytest.raises(_Interrupted):
         tune.train_classifier(_dropout_model(), ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True,
                               checkpointer=first)
     assert [r["step"] for r in reported] == [0]  # the start is reported, not checkpointed
-    assert (tmp_path / "cell" / f"step-{stop_at:09d}" / "state.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "cell" / f"step-{stop_at:09d}" / "state.safetensors").is_file()
 
     torch.manual_seed(99)  # a restarted process: other global RNG state, which the checkpoint must restore
-    second = Checkpointer(tmp_path / "cell", 3600, "cell", on_report=reported.append)
+    second = Checkpointer(Store(tmp_path), 3600, "cell", on_report=reported.append)
     model = _dropout_model(seed=7)  # other initial weights: every trainable weight must come from the checkpoint
     resumed = tune.train_classifier(model, ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True, checkpointer=second)
     assert [r["step"] for r in resumed.curve] == [0, 4, 8, 12]
