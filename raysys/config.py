@@ -104,13 +104,13 @@ class CorpusConfig:
         _check(self.max_documents is None or self.max_documents > 0, f"corpus {self.name}.max_documents", "must be > 0")
 
 
-TaskSource = Literal["builtin", "jsonl", "hf"]
+TaskSource = Literal["builtin", "jsonl", "parquet", "hf"]
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A classification task. `jsonl` = `<path>/<name>/{train,dev,test}.jsonl` (the official layout); `hf` = a
-    `datasets` name in `path` with `splits` naming its train/dev/test splits."""
+    """A classification task. `jsonl` / `parquet` = `<path>/<name>/{train,dev,test}.jsonl|.parquet` (the official
+    layout; `splits` renames the files); `hf` = a `datasets` name in `path` with `splits` naming its splits."""
 
     name: str
     domain: str
@@ -605,11 +605,16 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.toml"
+    """A packaged preset by name, or any TOML file of the same shape by path (your own chain of corpora and
+    tasks: copy `raysys/presets/paper.toml` and edit)."""
+    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
     if not path.is_file():
-        raise ConfigError(f"--preset: unknown preset '{name}'; available: {available_presets()}")
-    with path.open("rb") as f:
-        return tomllib.load(f)
+        raise ConfigError(f"--preset: unknown preset '{name}'; available: {available_presets()}, or a .toml file")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--preset {path}: invalid TOML ({err})") from None
 
 
 def _parse_value(text: str) -> Any:

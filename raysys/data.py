@@ -94,14 +94,33 @@ def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str
     return rows
 
 
+def _read_parquet(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"missing task file {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 — any unreadable file is a data error naming the file
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for key in (text_field, label_field):
+        if key not in table.column_names:
+            raise DataError(f"{path}: missing column '{key}' (have {table.column_names})")
+    rows = list(zip(table[text_field].to_pylist(), table[label_field].to_pylist()))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
 def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict, list | None]:
     if spec.source == "builtin":
         w = world_mod.build_world(world_config)
         splits = world_mod.task_splits(w, spec.domain)
         return {s: [(r["text"], r["label"]) for r in rows] for s, rows in splits.items()}, world_mod.task_label_names(w)
-    if spec.source == "jsonl":
+    if spec.source in ("jsonl", "parquet"):
         root = Path(spec.path) / spec.name
-        return {s: _read_jsonl(root / f"{name}.jsonl", spec.text_field, spec.label_field)
+        read = _read_jsonl if spec.source == "jsonl" else _read_parquet
+        return {s: read(root / f"{name}.{spec.source}", spec.text_field, spec.label_field)
                 for s, name in zip(SPLITS, spec.splits)}, None
     out = {}
     for split, name in zip(SPLITS, spec.splits):

@@ -257,7 +257,8 @@ class TeacherCache:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "outputs.safetensors"))
                 (tmp / "raysys.json").write_text(json.dumps({"teacher": teacher_hash, "data": data_key}))
         if len(outputs.logits) != len(ids):
-            raise WeightMismatchError(f"teacher cache {self.store.artifact_uri('teacher', key)}: {len(outputs.logits)} examples, the data has {len(ids)}")
+            raise WeightMismatchError(f"teacher cache {self.store.artifact_uri('teacher', key)}: "
+                                      f"{len(outputs.logits)} examples, the data has {len(ids)}")
         self._memory = {key: outputs}  # one entry: the cells of a trial usually share it
         return outputs, hit
 

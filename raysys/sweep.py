@@ -23,13 +23,14 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from raysys import data, methods, pretrain, report, results, stages
+from raysys import data, methods, monitor, pretrain, report, results, stages
 from raysys.checkpoint import Checkpointer
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
 from raysys.store import Store
 
 STUDY_FILE = "study.json"
+AUTO = "auto"  # --preset auto
 STAGES = ("pretrain", "tuning", "compatibility", "interpolation", "similarity", "methods", "training_free")
 
 
@@ -73,7 +74,11 @@ def _numeric(metrics: dict) -> dict:
 def _link_checkpointer(study: StudyConfig, store: Store, link) -> Checkpointer:
     """Mid-link checkpoints in the store (which survives a new driver) and reported to Ray Train (which hands the
     newest back through `get_checkpoint` when it restarts the workers)."""
-    metrics = lambda m: {**_numeric(m), "chain": link.chain, "link": link.index}
+    def metrics(m: dict) -> dict:
+        if ray.train.get_context().get_world_rank() == 0:
+            monitor.record_trial("pretrain", link.hash, m)
+        return {**_numeric(m), "chain": link.chain, "link": link.index}
+
     return Checkpointer(
         store, study.pretrain.checkpoint_every_seconds, link.hash,
         on_save=lambda m, path: ray.train.report(metrics(m), checkpoint=ray.train.Checkpoint.from_directory(path)),
@@ -121,10 +126,15 @@ def _pretrain_trainable(config: dict, study_dict: dict, storage: str) -> None:
 # ---------------------------------------------------------------------------------------- Tune: per-cell stages
 
 
-def cell_checkpointer(study: StudyConfig, store: Store, cell_hash: str) -> Checkpointer:
+def cell_checkpointer(study: StudyConfig, store: Store, cell_hash: str, stage: str) -> Checkpointer:
     """Mid-run checkpoints of a training cell in the store (a new driver finds them) and reported to Tune with
-    every evaluation (TensorBoard curves; `tune.get_checkpoint()` when Tune retries the trial)."""
-    metrics = lambda m: {**_numeric(m), "cell_hash": cell_hash}
+    every evaluation (TensorBoard curves; `tune.get_checkpoint()` when Tune retries the trial) and to the
+    dashboard's metrics."""
+
+    def metrics(m: dict) -> dict:
+        monitor.record_trial(stage, cell_hash, m)
+        return {**_numeric(m), "cell_hash": cell_hash}
+
     return Checkpointer(
         store, study.tuning.checkpoint_every_seconds, cell_hash,
         on_save=lambda m, path: tune.report(metrics(m), checkpoint=tune.Checkpoint.from_directory(path)),
@@ -142,7 +152,8 @@ def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner,
     def run(cell):
         if results.ok_cell(store, table, cell["cell_hash"]):
             return
-        extra = {"checkpointer": cell_checkpointer(study, store, cell["cell_hash"])} if trains else {}
+        stage = table.removesuffix("_runs")
+        extra = {"checkpointer": cell_checkpointer(study, store, cell["cell_hash"], stage)} if trains else {}
         runner(study, store, chain, cell, **extra)
 
     ok = sum(stages.run_guarded(store, table, cell, lambda c=cell: run(c)) for cell in cells)
@@ -244,6 +255,7 @@ class Progress(tune.Callback):
                  "pid": os.getpid(), "host": socket.gethostname(), "updated": now, "final": final}
         if self.store:
             self.store.write_bytes(PROGRESS_FILE, json.dumps(state).encode())
+            monitor.record_stage(self.stage, self.total, done, self.failed, running)
         if not final:
             self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
                      f"{elapsed:.0f}s elapsed" + ("" if eta is None else f", ETA {eta:.0f}s"))
@@ -620,12 +632,18 @@ def fresh_start(store: Store) -> str | None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the recyclable-tuning study on Ray.")
-    parser.add_argument("--preset", default="tiny", help=f"one of {available_presets()}")
+    parser.add_argument("--preset", default=AUTO,
+                        help=f"one of {available_presets()}, or auto (default): paper when the cluster has GPUs, "
+                             "else tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set tuning.lr=5e-4 --set seeds=[1,2]")
-    parser.add_argument("--storage", default=None, help="storage root (default: runs/<preset>)")
+    parser.add_argument("--storage", default=None,
+                        help="storage root: a path, or a URI pyarrow.fs opens (s3://bucket/run, gs://...); "
+                             "default runs/<preset>")
     parser.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="run only these stages")
-    parser.add_argument("--address", default=None, help="address of a running Ray cluster (default: start one)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to attach to (host:port, ray://host:port, auto, or local for a new local "
+                             "Ray); default: the cluster `ray start` runs on this machine if any, else a local Ray")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--dry-run", action="store_true",
@@ -654,29 +672,106 @@ def _search_overrides(args: argparse.Namespace) -> list[str]:
     return out + ([] if args.search_trials is None else [f"methods.search.trials={args.search_trials}"])
 
 
-def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> None:
+class ClusterError(Exception):
+    """The Ray cluster asked for cannot be reached or joined."""
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def discover_cluster(address: str | None) -> tuple[str | None, str]:
+    """(address to attach to or None for a new local Ray, how it was chosen). An explicit `--address` (or
+    $RAY_ADDRESS) must answer — `ray.init` would otherwise retry for minutes; `auto` must find one; without either,
+    the cluster `ray start` last started on this machine (a `ray up` head) is used when it answers."""
+    given = address or os.environ.get("RAY_ADDRESS") or None
+    flag = "--address" if address else "$RAY_ADDRESS"
+    if given == "local":
+        return None, "a new local Ray (--address local)"
+    from ray._common.utils import get_ray_address_file  # where `ray start` records its address (`ray stop` clears)
+
+    current = Path(get_ray_address_file(None))
+    found = current.read_text().strip() if current.is_file() else ""
+    if given == "auto":
+        if not found or not _reachable(found):
+            raise ClusterError(f"{flag} auto: no running Ray cluster on this machine (start one with `ray start "
+                               "--head`, or leave --address out to start a local Ray)")
+        return found, f"the running cluster at {found} ({flag} auto)"
+    if given:
+        if not _reachable(given):
+            raise ClusterError(f"{flag} {given}: no Ray cluster answers there (is it up? on a laptop, reach a "
+                               "remote cluster with `ray dashboard cluster.yaml` and `ray job submit`)")
+        return given, f"the cluster at {given} ({flag})"
+    if found and _reachable(found):
+        return found, f"the running cluster at {found} (started by `ray start` on this machine)"
+    return None, "a new local Ray (no running cluster found)"
+
+
+def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> str:
+    """Attach to a cluster or start a local Ray; returns what it did. `offline` (the tiny preset on a new local
+    Ray) keeps every process away from the model hub."""
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "TRANSFORMERS_VERBOSITY": "error",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    if offline:
+    if ray.is_initialized():
+        os.environ.update(env)
+        return "the Ray this process already runs"
+    target, how = discover_cluster(address)
+    if offline and target is None:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     os.environ.update(env)
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
+    if target is None:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, configure_logging=False)
+        return how
+    try:
+        ray.init(address=target, runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError) as err:
+        raise ClusterError(f"could not join {how}: {str(err).splitlines()[0]} (token auth: this machine needs the "
+                           "cluster's token in ~/.ray/auth_token and RAY_AUTH_MODE=token)") from err
+    return how
+
+
+def choose_preset(gpus: float) -> tuple[str, str]:
+    """`--preset auto`: the paper's scale where there are GPUs to run it, the tiny study otherwise."""
+    if gpus >= 1:
+        return "paper", f"{gpus:g} GPU(s) in the cluster"
+    return "tiny", "no GPU in the cluster"
+
+
+def _local_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _load(args: argparse.Namespace, preset: str) -> tuple[StudyConfig, Store]:
+    study = load_study(preset, args.overrides + _search_overrides(args))
+    store = Store(args.storage or Path("runs") / preset)
+    tracking_callbacks(args.tracker, study, store, "check", args.tracking_uri)  # fail before any work
+    return study, store
+
+
+def _resources_text() -> str:
+    res = ray.cluster_resources()
+    alive = sum(node["Alive"] for node in ray.nodes())
+    return f"{alive} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # `auto` is settled by the cluster's GPUs once Ray is up; until then (and for --dry-run / --print-config, which
+    # start no Ray) by this machine's.
+    preset, why = (args.preset, "") if args.preset != AUTO else choose_preset(_local_gpus())
     try:
-        study = load_study(args.preset, args.overrides + _search_overrides(args))
-        store = Store(args.storage or Path("runs") / args.preset)
-        tracking_callbacks(args.tracker, study, store, "check", args.tracking_uri)  # fail before any work
+        study, store = _load(args, preset)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.preset == AUTO:
+        print(f"raysys: --preset auto -> {preset} ({why.replace('the cluster', 'this machine')})",
+              file=sys.stderr if args.print_config else sys.stdout)  # --print-config prints JSON only
     if args.print_config:
         import json
 
@@ -684,9 +779,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         tflops = args.assume_tflops or (100.0 if study.pretrain.use_gpu else 0.05)
-        print(f"raysys: plan of study '{study.name}' (preset {args.preset}) in {store.root}")
+        print(f"raysys: plan of study '{study.name}' (preset {preset}) in {store.root}")
         print(plan_text(study, store, tflops))
         return 0
+    try:
+        joined = init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"raysys: running on {joined}: {_resources_text()}")
+    if args.preset == AUTO:
+        chosen, why = choose_preset(ray.cluster_resources().get("GPU", 0))
+        if chosen != preset:
+            try:
+                (study, store), preset = _load(args, chosen), chosen
+            except (ConfigError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        print(f"raysys: --preset auto -> {preset} ({why})")
     try:
         if args.fresh:
             aside = fresh_start(store)
@@ -696,9 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"raysys: study '{study.name}' (preset {args.preset}) -> {store.root}")
+    print(f"raysys: study '{study.name}' (preset {preset}) -> {store.root}")
     started = time.time()
-    init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
     except (WeightMismatchError, methods.MissingInputError) as err:

@@ -189,6 +189,7 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     train_ids, train_labels = encoded["train"]
     dev_sets = _dev_sets(encoded)
     curve, best, window = [], {}, []
+    window_tokens, window_started = 0, time.time()
     step, skip, elapsed_before = 0, 0, 0.0
     resumed = checkpointer.resume() if checkpointer else None
     if resumed:
@@ -219,11 +220,13 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
         curve.append(row)
         if checkpointer is None:
             return
+        metrics = {**row, "tokens_per_second": tokens_per_second}
         if 0 < step < cfg.max_steps and checkpointer.due():
-            checkpointer.save(step, state(), row)
+            checkpointer.save(step, state(), metrics)
         else:
-            checkpointer.report(row)
+            checkpointer.report(metrics)
 
+    tokens_per_second = None  # of the training steps since the previous evaluation (reported, not in the curve)
     if eval_at_start and not resumed:
         evaluate_and_keep_best(0, None)
     while step < cfg.max_steps:
@@ -237,14 +240,17 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
             optimizer.step()
             scheduler.step()
             window.append(loss.item())
+            window_tokens += int(mask.sum())
             step += 1
             into_epoch += 1
             if step % cfg.eval_every_steps == 0 or step == cfg.max_steps:
                 train_loss = sum(window) / len(window)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss became non-finite at step {step}")
+                tokens_per_second = window_tokens / max(time.time() - window_started, 1e-9)
                 window = []
                 evaluate_and_keep_best(step, train_loss)
+                window_tokens, window_started = 0, time.time()
             if step >= cfg.max_steps:
                 break
         skip = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from raysys.config import (
+    PRESET_DIR,
     AdapterConfig,
     ConfigError,
     CorpusConfig,
@@ -409,3 +410,14 @@ def test_cli_bad_override_exits_2_naming_the_field_without_starting_ray(bad_over
     assert "Traceback" not in stderr
     assert stdout == ""  # main prints "raysys: study ..." before it starts Ray; nothing got that far
     assert not (tmp / "store").exists()
+
+
+def test_a_preset_can_be_a_toml_file_of_your_own(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text((PRESET_DIR / "tiny.toml").read_text().replace('name = "tiny"', 'name = "mine"'))
+    assert load_study(str(mine)).name == "mine"
+    with pytest.raises(ConfigError, match=r"--preset: unknown preset '.*nope\.toml'.*or a \.toml file"):
+        load_study(str(tmp_path / "nope.toml"))
+    (tmp_path / "bad.toml").write_text("name = \n")
+    with pytest.raises(ConfigError, match=r"--preset .*bad\.toml: invalid TOML"):
+        load_study(str(tmp_path / "bad.toml"))

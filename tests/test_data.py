@@ -63,6 +63,30 @@ def test_jsonl_task_in_the_official_layout(tmp_path):
     assert task.splits["test"] == [("meh", 0), ("superb", 2), ("boring", 1)]
 
 
+def test_parquet_task_in_the_official_layout_matches_the_jsonl_one(tmp_path):
+    write_task(tmp_path / "j", "sent", TASK_ROWS)
+    for split, rows in TASK_ROWS.items():
+        (tmp_path / "p" / "sent").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p" / "sent" / f"{split}.parquet")
+    from_jsonl = data.load_task(TaskConfig("sent", "d1", source="jsonl", path=str(tmp_path / "j")), WorldConfig())
+    from_parquet = data.load_task(TaskConfig("sent", "d1", source="parquet", path=str(tmp_path / "p")), WorldConfig())
+    assert from_parquet == from_jsonl and from_parquet.labels == ("mixed", "neg", "pos")
+
+
+def test_parquet_task_errors_name_the_file_and_column(tmp_path):
+    spec = TaskConfig("t", "d1", source="parquet", path=str(tmp_path))
+    with pytest.raises(data.DataError, match=r"missing task file .*t.train\.parquet"):
+        data.load_task(spec, WorldConfig())
+    (tmp_path / "t").mkdir()
+    for split in ("train", "dev", "test"):
+        pq.write_table(pa.table({"sentence": ["x"], "label": ["a"]}), tmp_path / "t" / f"{split}.parquet")
+    with pytest.raises(data.DataError, match=r"train\.parquet: missing column 'text' \(have \['sentence', 'label'\]"):
+        data.load_task(spec, WorldConfig())
+    (tmp_path / "t" / "train.parquet").write_bytes(b"not parquet")
+    with pytest.raises(data.DataError, match=r"train\.parquet: not a readable Parquet file"):
+        data.load_task(spec, WorldConfig())
+
+
 def test_jsonl_task_label_order_does_not_depend_on_row_order(tmp_path):
     write_task(tmp_path / "a", "t", TASK_ROWS)
     shuffled = {s: list(reversed(r)) for s, r in TASK_ROWS.items()}

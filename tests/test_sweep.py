@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,8 @@ def test_cli_rejects_bad_input_before_starting_anything(tmp_path, capsys):
     assert sweep.main(["--storage", str(storage), "--set", "tuning.lr=-1"]) == 2
     assert "tuning.lr" in capsys.readouterr().err
     assert sweep.main(["--storage", str(storage), "--preset", "nope"]) == 2
-    assert sweep.main(["--storage", "s3://bucket/x"]) == 2
+    assert sweep.main(["--storage", "nosuch://bucket/x"]) == 2
+    assert "--storage 'nosuch://bucket/x'" in capsys.readouterr().err
     assert not storage.exists()
 
 
@@ -210,7 +212,8 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
     storage = tmp_path / "plan"
     script = Path(__file__).resolve().parent.parent / "sweeps" / "full_paper.py"
     out = subprocess.run([sys.executable, str(script), "--dry-run", "--preset", "paper", "--storage", str(storage)],
-                         capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "RAY_ADDRESS": ""})
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr
     study = load_study("paper")
     chain = stages.plan_chain(study)
@@ -219,6 +222,36 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
                                  str(len(stages.plan_tuning(study, chain)))]
     assert "device-hours" in out.stdout and "PFLOP" in out.stdout
     assert not storage.exists()  # nothing written, no Ray session under it
+
+
+def test_auto_preset_is_paper_with_gpus_and_says_why(tmp_path, capsys):
+    assert sweep.choose_preset(0) == ("tiny", "no GPU in the cluster")
+    assert sweep.choose_preset(8) == ("paper", "8 GPU(s) in the cluster")
+    assert sweep.main(["--dry-run", "--storage", str(tmp_path / "plan")]) == 0  # the default preset is auto
+    out = capsys.readouterr().out
+    assert "--preset auto -> tiny (no GPU in this machine)" in out and "(preset tiny)" in out
+
+
+def test_the_driver_attaches_to_a_running_cluster_and_refuses_an_unreachable_one(ray_cluster, monkeypatch):
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    assert sweep.discover_cluster(gcs) == (gcs, f"the cluster at {gcs} (--address)")
+    monkeypatch.setenv("RAY_ADDRESS", gcs)
+    assert sweep.discover_cluster(None) == (gcs, f"the cluster at {gcs} ($RAY_ADDRESS)")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert sweep.discover_cluster("local") == (None, "a new local Ray (--address local)")
+    with pytest.raises(sweep.ClusterError, match="--address auto: no running Ray cluster"):
+        sweep.discover_cluster("auto")  # the test cluster came from ray.init, not `ray start`
+
+
+def test_an_unreachable_address_stops_the_driver_before_any_work(tmp_path):
+    storage = tmp_path / "never"
+    script = Path(__file__).resolve().parent.parent / "sweeps" / "full_paper.py"
+    started = time.time()
+    out = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--address", "127.0.0.1:9",
+                          "--storage", str(storage)], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2 and "--address 127.0.0.1:9: no Ray cluster answers there" in out.stderr
+    assert time.time() - started < 60 and not storage.exists()
 
 
 def test_training_flops_scale_with_the_steps():
@@ -398,6 +431,69 @@ def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_
     capsys.readouterr()
     assert cli.main(["status", uri]) == 0
     status = capsys.readouterr().out
-    assert re.search(r"^tuning\s+12\s+12\s+0\s+0\s+complete$", status, re.M)
+    assert re.search(r"^tuning\s+12\s+12\s+0\s+0\s+complete$", status, re.MULTILINE)
     assert cli.main(["results", uri, "methods_runs", "--columns", "method,status", "--limit", "1"]) == 0
     assert "(4 rows)" in capsys.readouterr().out
+
+
+def _real_data_preset(root: Path) -> Path:
+    """Your own study as a preset file over local data: a chain of three corpora given as text, jsonl and Parquet
+    shards, and two tasks in the official layout (`<dir>/<task>/{train,dev,test}.jsonl|.parquet`)."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    vocab = {d: [f"{d}w{i}" for i in range(40)] + ["the", "of", "and", "is"] for d in ("gen", "bio", "rev")}
+    sentence = lambda d: " ".join(rng.choice(vocab[d]) for _ in range(12))
+    for shard in range(2):
+        path = root / "corpora" / "gen" / f"part-{shard}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(sentence("gen") + "\n" for _ in range(400)))
+        path = root / "corpora" / "bio" / f"part-{shard}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"body": sentence("bio")}) + "\n" for _ in range(400)))
+        path = root / "corpora" / "rev" / f"part-{shard}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": [sentence("rev") for _ in range(400)]}), path)
+    label = lambda text: "even" if sum(int(w[4:]) for w in text.split() if w[4:].isdigit()) % 2 == 0 else "odd"
+    for task, domain, ext in (("chem", "bio", "jsonl"), ("help", "rev", "parquet")):
+        (root / "tasks" / task).mkdir(parents=True)
+        for split, n in (("train", 48), ("dev", 24), ("test", 24)):
+            rows = [{"text": t, "label": label(t)} for t in (sentence(domain) for _ in range(n))]
+            path = root / "tasks" / task / f"{split}.{ext}"
+            if ext == "jsonl":
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            else:
+                pq.write_table(pa.Table.from_pylist(rows), path)
+    tiny = (Path(__file__).resolve().parent.parent / "raysys" / "presets" / "tiny.toml").read_text()
+    tiny = re.sub(r"\[\[(corpora|tasks)\]\]\n(?:[^\[\n].*\n)*", "", tiny)
+    tiny = tiny.replace('name = "tiny"', 'name = "mine"')
+    corpora = "".join(f'[[corpora]]\nname = "{n}"\nsource = "{src}"\npath = "{root}/corpora/{n}/*.{ext}"\n' + extra
+                      for n, src, ext, extra in (("gen", "text", "txt", ""), ("bio", "jsonl", "jsonl",
+                                                 'text_field = "body"\n'), ("rev", "parquet", "parquet", "")))
+    tasks = "".join(f'[[tasks]]\nname = "{t}"\ndomain = "{d}"\nsource = "{src}"\npath = "{root}/tasks"\n'
+                    for t, d, src in (("chem", "bio", "jsonl"), ("help", "rev", "parquet")))
+    preset = root / "mine.toml"
+    preset.write_text(tiny + "\n" + corpora + tasks)
+    return preset
+
+
+def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tmp_path):
+    preset = _real_data_preset(tmp_path / "data")
+    overrides = ["pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
+                 "pretrain.log_every_steps=5", "pretrain.num_workers=1", "pretrain.cpus_per_worker=1",
+                 "tuning.max_steps=12", "tuning.eval_every_steps=4", 'tuning.types=["finetune"]', "seeds=[20]",
+                 "pilot.control_length=0", 'methods.tasks=["chem"]', 'methods.training_free.tasks=["chem"]']
+    store = Store(tmp_path / "run")
+    argv = ["--preset", str(preset), "--storage", store.root, "--only", "pretrain", "tuning"]
+    assert sweep.main(argv + [a for o in overrides for a in ("--set", o)]) == 0
+    links = results.read_table(store, "pretrain_runs").to_pylist()
+    assert sorted((r["link"], r["domain"], r["status"]) for r in links) == [
+        (0, "gen", "ok"), (1, "bio", "ok"), (2, "rev", "ok")]
+    runs = results.read_table(store, "tuning_runs").to_pylist()
+    assert sorted((r["plm_index"], r["task"], r["task_domain"]) for r in runs) == [
+        (i, t, d) for i in range(3) for t, d in (("chem", "bio"), ("help", "rev"))]
+    assert {(r["status"], r["num_labels"], r["num_train"]) for r in runs} == {("ok", 2, 48)}
+    assert json.loads(store.read_bytes(sweep.STUDY_FILE))["name"] == "mine"
