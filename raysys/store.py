@@ -50,12 +50,16 @@ class Store:
         else:
             self.fs, base, self.remote = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), False
         self.base = base.rstrip("/")
-        # Options ride in a URI's query (`?endpoint_override=…&region=…`): paths go before it.
-        location, _, query = text.partition("?")
-        self.root = text if self.remote else self.base
-        self._location, self._query = (location.rstrip("/"), f"?{query}" if query else "") if self.remote \
-            else (self.base, "")
-        self.local = cache_dir(self.root) if self.remote else Path(self.base)
+        if self.remote:
+            self.root = text
+            # Options ride in a URI's query (`?endpoint_override=…&region=…`): paths go before it.
+            location, _, query = text.partition("?")
+            self._location, self._query = location.rstrip("/"), f"?{query}" if query else ""
+            self.local = cache_dir(self.root)
+        else:
+            self.root = self._location = self.base
+            self._query = ""
+            self.local = Path(self.base)
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -146,13 +150,16 @@ class Store:
     @contextmanager
     def writing_dir(self, rel: str):
         """Yield an empty local folder; when the block succeeds it becomes the committed directory `rel` (if a
-        concurrent identical writer committed it first, that copy is kept); when it fails it is removed."""
+        concurrent identical writer committed it first, that copy is kept — and, on a URI, fetched into the cache
+        in place of ours when asked for); when it fails it is removed."""
         final = self.local / rel
         temp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(parents=True)
         try:
             yield temp
-            if self.remote and not self.has_dir(rel):
+            if self.remote:
+                if self.has_dir(rel):
+                    return  # the store's copy wins; ours (in `finally`) goes
                 self._upload(temp, rel)
             try:
                 temp.rename(final)
@@ -174,6 +181,7 @@ class Store:
         if manifest is None:
             raise FileNotFoundError(f"{self.uri(rel)}: not in the store")
         temp = local.parent / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir(parents=True)
         try:
             for name, size in json.loads(manifest)["files"].items():
                 (temp / name).parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def chain_train_worker(config: dict) -> None:
         model = stages.link_initial_model(study, store, link, tokenizer).to(device)
         texts = data.load_corpus(study.corpora[link.index], study.world)
         sequences = pretrain.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
-        checkpointer = _link_checkpointer(study, store, link)
+        checkpointer = _link_checkpointer(study, store, link, rank)
         curve = pretrain.train_masked_lm(model, sequences, tokenizer, stages.link_pretrain_config(study, link),
                                          stages.link_plan(study, link), rank, world_size, device,
                                          wrap=ray.train.torch.prepare_model, checkpointer=checkpointer)
@@ -71,11 +71,11 @@ def _numeric(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _link_checkpointer(study: StudyConfig, store: Store, link) -> Checkpointer:
+def _link_checkpointer(study: StudyConfig, store: Store, link, rank: int) -> Checkpointer:
     """Mid-link checkpoints in the store (which survives a new driver) and reported to Ray Train (which hands the
-    newest back through `get_checkpoint` when it restarts the workers)."""
+    newest back through `get_checkpoint` when it restarts the workers); rank 0 feeds the dashboard's metrics."""
     def metrics(m: dict) -> dict:
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             monitor.record_trial("pretrain", link.hash, m)
         return {**_numeric(m), "chain": link.chain, "link": link.index}
 
@@ -148,11 +148,11 @@ def _run_group(config: dict, study_dict: dict, storage: str, table: str, runner,
     chain = stages.plan_chain(study)
     torch.set_num_threads(max(1, int(study.tuning.cpus_per_trial)))
     cells = config["group"]["cells"]
+    stage = table.removesuffix("_runs")
 
     def run(cell):
         if results.ok_cell(store, table, cell["cell_hash"]):
             return
-        stage = table.removesuffix("_runs")
         extra = {"checkpointer": cell_checkpointer(study, store, cell["cell_hash"], stage)} if trains else {}
         runner(study, store, chain, cell, **extra)
 
@@ -735,11 +735,11 @@ def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> str:
     return how
 
 
-def choose_preset(gpus: float) -> tuple[str, str]:
+def choose_preset(gpus: float, where: str = "the cluster") -> tuple[str, str]:
     """`--preset auto`: the paper's scale where there are GPUs to run it, the tiny study otherwise."""
     if gpus >= 1:
-        return "paper", f"{gpus:g} GPU(s) in the cluster"
-    return "tiny", "no GPU in the cluster"
+        return "paper", f"{gpus:g} GPU(s) in {where}"
+    return "tiny", f"no GPU in {where}"
 
 
 def _local_gpus() -> int:
@@ -763,18 +763,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # `auto` is settled by the cluster's GPUs once Ray is up; until then (and for --dry-run / --print-config, which
     # start no Ray) by this machine's.
-    preset, why = (args.preset, "") if args.preset != AUTO else choose_preset(_local_gpus())
+    preset, why = (args.preset, "") if args.preset != AUTO else choose_preset(_local_gpus(), "this machine")
     try:
         study, store = _load(args, preset)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.preset == AUTO:
-        print(f"raysys: --preset auto -> {preset} ({why.replace('the cluster', 'this machine')})",
+        print(f"raysys: --preset auto -> {preset} ({why})",
               file=sys.stderr if args.print_config else sys.stdout)  # --print-config prints JSON only
     if args.print_config:
-        import json
-
         print(json.dumps(to_dict(study), indent=1))
         return 0
     if args.dry_run:

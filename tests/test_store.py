@@ -123,3 +123,16 @@ def test_fresh_on_s3_moves_the_objects_aside_and_forgets_the_cache(s3_uri):
     assert not store.exists() and not store.local.exists()
     assert Store(aside).artifact_file("plm", "h", "w") == b"kept" and Store(aside).has_artifact("plm", "h")
     assert sweep.fresh_start(store) is None
+
+
+def test_on_s3_a_concurrent_writer_on_another_node_keeps_the_committed_copy(s3_uri, tmp_path, monkeypatch):
+    first = Store(s3_uri("race"))
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node2"))
+    second = Store(s3_uri("race"))  # same storage, its own cache
+    with second.writing_artifact("tuned", "h") as late:
+        (late / "w").write_bytes(b"second")
+        with first.writing_artifact("tuned", "h") as early:
+            (early / "w").write_bytes(b"first")
+    assert (second.artifact("tuned", "h") / "w").read_bytes() == b"first"  # the bucket's copy, not its own
+    assert (first.artifact("tuned", "h") / "w").read_bytes() == b"first"
+    assert json.loads(first.read_bytes(f"artifacts/tuned/h/{MANIFEST}")) == {"files": {"w": 5}}
