@@ -20,6 +20,9 @@ import tomllib
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -27,6 +30,12 @@ class ConfigError(ValueError):
 def _check(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field_name}: {message}")
+
+
+def _check_gpus(gpus: float, field_name: str) -> None:
+    """Ray packs fractional GPUs onto one device, so a trial takes a fraction below 1 or whole GPUs."""
+    _check(gpus >= 0, field_name, "must be >= 0")
+    _check(gpus <= 1 or gpus == int(gpus), field_name, f"a fraction in (0, 1] or a whole number of GPUs, got {gpus}")
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,12 @@ class PretrainConfig:
     log_every_steps: int = 10
     seed: int = 0
     checkpoint_every_seconds: float = 900.0  # mid-link checkpoints: at most this much training lost to a crash
+    precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (weights, optimizer and loss stay fp32)
+    micro_batch_size: int | None = None  # sequences per worker per forward pass (None: the whole worker batch)
 
     def __post_init__(self):
+        _check(self.precision in PRECISIONS, "pretrain.precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "pretrain.micro_batch_size", "must be >= 1")
         _check(self.initial_steps >= 0, "pretrain.initial_steps", "must be >= 0")
         _check(self.continual_steps > 0, "pretrain.continual_steps", "must be > 0")
         _check(self.batch_size > 0, "pretrain.batch_size", "must be > 0")
@@ -157,6 +170,11 @@ class PretrainConfig:
         _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be > 0")
         _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")
+        per_worker, rest = divmod(self.batch_size, self.num_workers)
+        _check(rest == 0, "pretrain.batch_size", f"{self.batch_size} is not divisible by pretrain.num_workers = "
+               f"{self.num_workers}")
+        _check(self.micro_batch_size is None or per_worker % self.micro_batch_size == 0, "pretrain.micro_batch_size",
+               f"must divide the per-worker batch (batch_size / num_workers = {per_worker})")
         _check(self.checkpoint_every_seconds >= 0, "pretrain.checkpoint_every_seconds", "must be >= 0")
 
 
@@ -213,8 +231,11 @@ class TuningConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     checkpoint_every_seconds: float = 600.0  # mid-run checkpoints of tuning and method cells (0: every evaluation)
+    precision: str = "fp32"  # "bf16": autocast on the trial's device
+    length_bucketing: bool = False  # training batches of similar lengths (less padding; a different data order)
 
     def __post_init__(self):
+        _check(self.precision in PRECISIONS, "tuning.precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
         _check(len(self.types) >= 1, "tuning.types", f"name at least one of {list(TUNING_TYPES)}")
         for t in self.types:
             _check(t in TUNING_TYPES, "tuning.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
@@ -229,7 +250,7 @@ class TuningConfig:
         _check(0 < self.eval_every_steps <= min(self.max_steps, self.pet_max_steps or self.max_steps),
                "tuning.eval_every_steps", "must be in 1..max_steps (and 1..pet_max_steps)")
         _check(self.cpus_per_trial > 0, "tuning.cpus_per_trial", "must be > 0")
-        _check(self.gpus_per_trial >= 0, "tuning.gpus_per_trial", "must be >= 0")
+        _check_gpus(self.gpus_per_trial, "tuning.gpus_per_trial")
         _check(self.checkpoint_every_seconds >= 0, "tuning.checkpoint_every_seconds", "must be >= 0")
 
     def lr_for(self, tuning_type: str) -> float:
@@ -265,8 +286,10 @@ class PilotConfig:
     similarity_examples: int = 64
     eval_batch_size: int = 256
     cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # evaluation-only cells: a fraction lets several share one GPU
 
     def __post_init__(self):
+        _check_gpus(self.gpus_per_trial, "pilot.gpus_per_trial")
         _check(len(self.alphas) >= 2, "pilot.alphas", "needs at least two values")
         _check(all(0.0 <= a <= 1.0 for a in self.alphas), "pilot.alphas", "every alpha must be in [0, 1]")
         _check(len(set(self.alphas)) == len(self.alphas), "pilot.alphas", "values must be distinct")
@@ -414,7 +437,7 @@ class MethodsConfig:
         _check(self.search.algorithm == "grid" or "vanilla" in self.methods, "methods.search.algorithm",
                "an Optuna search measures convergence against the vanilla run: keep 'vanilla' in methods.methods")
         _check(self.cpus_per_trial > 0, "methods.cpus_per_trial", "must be > 0")
-        _check(self.gpus_per_trial >= 0, "methods.gpus_per_trial", "must be >= 0")
+        _check_gpus(self.gpus_per_trial, "methods.gpus_per_trial")
 
 
 @dataclass(frozen=True)

@@ -251,15 +251,34 @@ def encode_task(task: TaskData, tokenizer, max_length: int) -> dict:
     return out
 
 
+BUCKET_BATCHES = 50  # length bucketing sorts windows of this many batches: similar lengths, still well mixed
+
+
+def _bucketed(order: list[int], ids: list[list[int]], batch_size: int, generator: torch.Generator) -> list[int]:
+    """`order` regrouped so that each batch holds examples of similar length: sort windows of BUCKET_BATCHES
+    batches by length, cut them into batches, and shuffle the batches (with the same generator, so that a resumed
+    epoch finds the same order)."""
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        by_length = sorted(order[start : start + window], key=lambda i: len(ids[i]))
+        batches += [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
 def iterate_batches(ids: list[list[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
                     generator: torch.Generator | None = None, with_index: bool = False, by_length: bool = False,
-                    skip: int = 0):
+                    skip: int = 0, bucketing: bool = False):
     """Yield (input_ids, attention_mask, labels) batches, plus the examples' indices with `with_index` (to look
-    up per-example cached values such as teacher outputs); shuffled when a generator is given, else in order, or
-    shortest first with `by_length` (for evaluation: batches of similar length waste little on padding).
-    `skip` drops the first batches of the order (a resumed run re-enters its epoch)."""
+    up per-example cached values such as teacher outputs); shuffled when a generator is given (with `bucketing`,
+    into batches of similar length: less padding), else in order, or shortest first with `by_length` (for
+    evaluation: batches of similar length waste little on padding). `skip` drops the first batches of the order
+    (a resumed run re-enters its epoch)."""
     if generator is not None:
         order = torch.randperm(len(ids), generator=generator).tolist()
+        if bucketing:
+            order = _bucketed(order, ids, batch_size, generator)
     elif by_length:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     else:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from raysys import data, models, pet, results, stages
+from raysys.compute import trial_device
 from raysys.config import METHODS, StudyConfig, TuningConfig, config_hash  # noqa: F401 — METHODS re-exported
 from raysys.recycle import WeightMismatchError
 from raysys.store import Store
@@ -291,7 +292,7 @@ def _objective(study: StudyConfig, store: Store, cell: dict, md: MethodData):
     knobs = {"temperature": cell["temperature"], "a": cell["kd_weight"], "beta": cell["beta"]}
 
     def load_teacher():
-        return stages.load_tuned(study, store, cell["old_tuned_hash"])[0]
+        return stages.load_tuned(study, store, cell["old_tuned_hash"])[0].to(trial_device())
 
     if study.methods.teacher_dropout:
         return DistillationObjective(**knobs, live_teacher=load_teacher()), "live"
@@ -336,8 +337,8 @@ def run_method_cell(study: StudyConfig, store: Store, chain: stages.ChainPlan, c
     model = start_model(study, store, cell, len(md.task.labels))
     objective, teacher = _objective(study, store, cell, md)
     stages._set_seed(cell["seed"])
-    result = train_classifier(model, md.encoded, cfg, cell["seed"], md.pad_id, objective, eval_at_start=True,
-                              checkpointer=checkpointer)
+    result = train_classifier(model, md.encoded, cfg, cell["seed"], md.pad_id, objective, device=trial_device(),
+                              eval_at_start=True, checkpointer=checkpointer)
     full_dev = "full_dev" if "full_dev" in result.selections else "dev"
     vanilla = _vanilla_best(store, cell, result)
     fraction = study.methods.target_fraction
@@ -405,6 +406,9 @@ def train_weight_map(student, old_state: dict, md: MethodData, teacher: TeacherO
     for p in student.parameters():
         p.requires_grad_(False)
     student.train()
+    device = next(student.parameters()).device
+    weight_map.to(device)
+    old_state = {n: v.to(device) for n, v in old_state.items()}
     optimizer = torch.optim.AdamW(weight_map.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     ids, labels = md.encoded["train"]
@@ -413,9 +417,10 @@ def train_weight_map(student, old_state: dict, md: MethodData, teacher: TeacherO
         for input_ids, mask, y, index in data.iterate_batches(ids, labels, batch_size, md.pad_id, generator,
                                                               with_index=True):
             mapped = weight_map({n: old_state[n] for n in names})
-            logits = functional_call(student, mapped, args=(), kwargs={"input_ids": input_ids,
-                                                                       "attention_mask": mask}).logits
-            loss, _ = distillation_loss(logits, y, teacher.logits[index], temperature, kd_weight, 0.0)
+            logits = functional_call(student, mapped, args=(), kwargs={"input_ids": input_ids.to(device),
+                                                                       "attention_mask": mask.to(device)}).logits
+            loss, _ = distillation_loss(logits, y.to(device), teacher.logits[index].to(device), temperature,
+                                        kd_weight, 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -430,10 +435,12 @@ def run_training_free_cell(study: StudyConfig, store: Store, chain: stages.Chain
     tf = study.methods.training_free
     md = method_data(study, store, chain, cell["map_task"], "full", None, cell["seed"])
     old_hash = cell["old_tuned"][cell["map_task"]]
+    device = trial_device()
     teacher, _ = teacher_cache(store).get(old_hash, md.data_key, False,
-                                          lambda: stages.load_tuned(study, store, old_hash)[0],
+                                          lambda: stages.load_tuned(study, store, old_hash)[0].to(device),
                                           md.encoded["train"][0], study.pilot.eval_batch_size, md.pad_id)
     student, _ = stages.load_tuned(study, store, old_hash, on_plm=cell["target_plm_hash"])
+    student.to(device)
     old_state = pet.trainable_state_dict(student)
     weight_map, final_loss = train_weight_map(student, old_state, md, teacher, tf.steps, tf.lr, tf.batch_size,
                                               tf.temperature, tf.kd_weight, tf.rank, cell["seed"])
@@ -442,12 +449,13 @@ def run_training_free_cell(study: StudyConfig, store: Store, chain: stages.Chain
         target = md if task_name == cell["map_task"] else method_data(study, store, chain, task_name, "full", None,
                                                                       cell["seed"])
         model, _ = stages.load_tuned(study, store, tuned, on_plm=cell["target_plm_hash"])
-        direct = {s: evaluate(model, *target.encoded[s], study.pilot.eval_batch_size, target.pad_id)[0]
+        model.to(device)
+        direct = {s: evaluate(model, *target.encoded[s], study.pilot.eval_batch_size, target.pad_id, device)[0]
                   for s in ("dev", "test")}
         with torch.no_grad():
             mapped = weight_map(pet.trainable_state_dict(model))
         pet.load_trainable_state(model, {**pet.trainable_state_dict(model), **mapped})
-        after = {s: evaluate(model, *target.encoded[s], study.pilot.eval_batch_size, target.pad_id)[0]
+        after = {s: evaluate(model, *target.encoded[s], study.pilot.eval_batch_size, target.pad_id, device)[0]
                  for s in ("dev", "test")}
         rows.append({**results.provenance(started), "tuning_type": cell["tuning_type"], "seed": cell["seed"],
                      "source_plm_index": cell["source_plm_index"], "target_plm_index": cell["target_plm_index"],

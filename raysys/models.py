@@ -22,6 +22,9 @@ hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+# PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on GPUs) for every model we
+# build or load; raysys.pilot switches a model to eager attention when it needs the attention probabilities.
+ATTENTION = "sdpa"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -65,6 +68,7 @@ def roberta_config(model: ModelConfig, tokenizer) -> RobertaConfig:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -74,14 +78,14 @@ def new_masked_lm(model: ModelConfig, tokenizer, seed: int) -> RobertaForMaskedL
 
 
 def load_masked_lm(path: str | Path) -> RobertaForMaskedLM:
-    return RobertaForMaskedLM.from_pretrained(str(path), use_safetensors=True)
+    return RobertaForMaskedLM.from_pretrained(str(path), use_safetensors=True, attn_implementation=ATTENTION)
 
 
 def classifier_from_plm(plm_path: str | Path, num_labels: int, seed: int) -> RobertaForSequenceClassification:
     """The PLM's encoder with a fresh classification head (seeded: the head init is part of the run's identity)."""
     torch.manual_seed(seed)
     return RobertaForSequenceClassification.from_pretrained(str(plm_path), num_labels=num_labels,
-                                                            use_safetensors=True)
+                                                            use_safetensors=True, attn_implementation=ATTENTION)
 
 
 def random_classifier(model: ModelConfig, tokenizer, num_labels: int, seed: int) -> RobertaForSequenceClassification:
@@ -93,7 +97,7 @@ def random_classifier(model: ModelConfig, tokenizer, num_labels: int, seed: int)
 
 
 def load_classifier(path: str | Path) -> RobertaForSequenceClassification:
-    return RobertaForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+    return RobertaForSequenceClassification.from_pretrained(str(path), use_safetensors=True, attn_implementation=ATTENTION)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

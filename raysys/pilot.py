@@ -45,10 +45,11 @@ def attention_maps(model, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
     model.eval()
     layers, masks = None, []
     width = max(ids.shape[1] for ids, _ in batches)
+    device = next(model.parameters()).device
     for input_ids, mask in batches:
-        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_attentions=True)
         pad = width - input_ids.shape[1]
-        maps = [torch.nn.functional.pad(a.float(), (0, pad, 0, pad)) for a in out.attentions]
+        maps = [torch.nn.functional.pad(a.float().cpu(), (0, pad, 0, pad)) for a in out.attentions]
         layers = [[m] for m in maps] if layers is None else [acc + [m] for acc, m in zip(layers, maps)]
         masks.append(torch.nn.functional.pad(mask, (0, pad)))
     model.train(was_training)

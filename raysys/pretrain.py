@@ -5,6 +5,7 @@ The loop knows nothing of Ray; `chain_worker` is the Ray Train worker function t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raysys import data, models
+from raysys import compute, data, models
 from raysys.config import PretrainConfig
+
+REPORT_EVERY_SECONDS = 5.0  # metrics to Ray Train and the dashboard: often enough to watch, rarely enough to be free
 
 
 class MaskedLMObjective(torch.nn.Module):
@@ -25,11 +28,11 @@ class MaskedLMObjective(torch.nn.Module):
         super().__init__()
         self.masked_lm = masked_lm
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, reduction: str = "mean"):
         hidden = self.masked_lm.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         selected = labels != -100  # (batch, seq)
         logits = self.masked_lm.lm_head(hidden[selected])  # (num_masked, vocab)
-        return F.cross_entropy(logits, labels[selected])
+        return F.cross_entropy(logits.float(), labels[selected], reduction=reduction)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,41 @@ def sample_batch(sequences: list[list[int]], step: int, batch_per_worker: int, r
     return [sequences[perm[(start + i) % len(perm)]] for i in range(batch_per_worker)]
 
 
+def _micro_batches(cfg: PretrainConfig, batch_per_worker: int) -> int:
+    micro = cfg.micro_batch_size or batch_per_worker
+    if batch_per_worker % micro:
+        raise ValueError(f"pretrain.micro_batch_size={micro} does not divide the per-worker batch {batch_per_worker}")
+    return batch_per_worker // micro
+
+
+def _global_count(count: int, world_size: int, device) -> float:
+    """The masked tokens of the whole step across workers: every one of them weighs the same in the loss."""
+    if world_size == 1:
+        return float(count)
+    total = torch.tensor([float(count)], device=device)
+    torch.distributed.all_reduce(total)
+    return float(total.item())
+
+
+def accumulate_gradients(objective, corrupted, attention_mask, labels, micro_batches: int, world_size: int,
+                         precision: str, device) -> float:
+    """Forward and backward one worker's batch in `micro_batches` slices, gradients accumulating; DDP synchronises
+    only on the last slice. The loss is the mean over the masked tokens of the whole step (all slices, all
+    workers), as if the global batch had run at once; DDP averages gradients over workers, hence `world_size`.
+    Returns this worker's share of that mean (the shares sum to it over workers)."""
+    total = max(1.0, _global_count(int((labels != -100).sum()), world_size, device))
+    no_sync = getattr(objective, "no_sync", None)
+    share = 0.0
+    slices = zip(corrupted.chunk(micro_batches), attention_mask.chunk(micro_batches), labels.chunk(micro_batches))
+    for k, (ids, mask, y) in enumerate(slices):
+        with contextlib.nullcontext() if k == micro_batches - 1 or no_sync is None else no_sync():
+            with compute.autocast(device, precision):
+                loss_sum = objective(ids.to(device), mask.to(device), y.to(device), reduction="sum")
+            (loss_sum * (world_size / total)).backward()
+        share += loss_sum.item() / total
+    return share
+
+
 def train_masked_lm(
     model,
     sequences: list[list[int]],
@@ -71,26 +109,32 @@ def train_masked_lm(
     checkpointer=None,
 ) -> list[dict]:
     """Train `model` (a RobertaForMaskedLM) in place; returns the loss curve: one row per `log_every_steps`
-    (mean loss over the interval, averaged over workers when distributed).
+    (mean loss over the interval's masked tokens, across workers when distributed).
 
-    With a `checkpointer` (raysys.checkpoint.Checkpointer, one per worker over the same shared folder) the full
-    state is saved by rank 0 at a logging step when it is due (rank 0 decides, every worker learns it through the
-    loss all-reduce, so all of them report together) and resumed from: weights, optimizer, schedule, step and
+    Each step takes `batch_size` sequences across workers, each worker running its share in micro-batches of
+    `micro_batch_size` (gradient accumulation), under bf16 autocast with `precision = "bf16"`.
+
+    With a `checkpointer` (raysys.checkpoint.Checkpointer, one per worker over the same shared folder) a logging
+    step is reported to it every REPORT_EVERY_SECONDS and at the end, and the full state is saved by rank 0 at a
+    logging step when it is due (rank 0 decides both, every worker learns it through the loss all-reduce) and
+    resumed from: weights, optimizer, schedule, step and
     curve exactly; rank 0's random streams exactly, the other ranks' reseeded from (seed, rank, step)."""
     if cfg.batch_size % world_size:
         raise ValueError(f"pretrain.batch_size={cfg.batch_size} is not divisible by {world_size} workers")
+    batch_per_worker = cfg.batch_size // world_size
+    micro_batches = _micro_batches(cfg, batch_per_worker)
     resumed = checkpointer.resume() if checkpointer else None
     if resumed:
         model.load_state_dict(resumed["model"])
     objective = wrap(MaskedLMObjective(model))
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=cfg.weight_decay)
+    optimizer = compute.adamw(params, plan.lr, cfg.weight_decay, device)
     warmup = int(cfg.warmup_fraction * plan.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, plan.steps, warmup))
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     first_regular = models.first_regular_token_id(tokenizer)
     special = set(tokenizer.all_special_ids)
-    batch_per_worker = cfg.batch_size // world_size
+    on_cuda = torch.device(device).type == "cuda"
     curve, window_loss, window_tokens, tokens_seen, first_step, elapsed_before = [], 0.0, 0, 0, 0, 0.0
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -100,14 +144,18 @@ def train_masked_lm(
         if rank == 0:
             generator.set_state(resumed["mask_generator"])
             torch.set_rng_state(resumed["torch_rng"])
+            if on_cuda and resumed.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(resumed["cuda_rng"])
         else:
             generator.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
             torch.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
     start = time.time() - elapsed_before
+    last_report = 0.0
 
     def state(step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "mask_generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "curve": curve,
+                "mask_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None, "curve": curve,
                 "tokens": tokens_seen, "seconds": time.time() - start}
 
     objective.train()
@@ -117,31 +165,35 @@ def train_masked_lm(
         special_mask = sum((input_ids == s) for s in special).bool()
         corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
                                              first_regular, cfg.mask_prob, generator)
-        loss = objective(corrupted.to(device), attention_mask.to(device), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        window_loss += accumulate_gradients(objective, corrupted, attention_mask, labels, micro_batches, world_size,
+                                            cfg.precision, device)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        window_loss += loss.item()
         window_tokens += int(attention_mask.sum())
         if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
             steps_in_window = (step % cfg.log_every_steps) + 1
-            due = checkpointer is not None and rank == 0 and step + 1 < plan.steps and checkpointer.due()
-            stats = torch.tensor([window_loss / steps_in_window, float(window_tokens), float(due)])
-            if world_size > 1:
+            last = step + 1 == plan.steps
+            due = checkpointer is not None and rank == 0 and not last and checkpointer.due()
+            report = rank == 0 and (last or time.time() - last_report >= REPORT_EVERY_SECONDS)
+            stats = torch.tensor([window_loss / steps_in_window, float(window_tokens), float(due), float(report)])
+            if world_size > 1:  # loss shares sum to the step's mean; on the device, as NCCL needs
+                stats = stats.to(device)
                 torch.distributed.all_reduce(stats)
-                stats[0] /= world_size
             tokens_seen += int(stats[1])
             elapsed = time.time() - start
             curve.append({"step": step + 1, "loss": float(stats[0]), "lr": scheduler.get_last_lr()[0],
                           "tokens": tokens_seen, "seconds": elapsed, "tokens_per_second": tokens_seen / elapsed})
             window_loss, window_tokens = 0.0, 0
-            if stats[2] > 0:  # rank 0 writes; every rank reports (Ray Train expects all workers to)
-                if rank == 0:
-                    checkpointer.save(step + 1, state(step + 1), curve[-1])
-                else:
-                    checkpointer.report(curve[-1])
+            if checkpointer is None or not (stats[2] > 0 or stats[3] > 0):
+                continue
+            # all ranks report together (Ray Train expects every worker to); rank 0 writes the checkpoint when due
+            last_report = time.time()
+            if stats[2] > 0 and rank == 0:
+                checkpointer.save(step + 1, state(step + 1), curve[-1])
+            else:
+                checkpointer.report(curve[-1])
     if not all(math.isfinite(row["loss"]) for row in curve):
         raise FloatingPointError("masked-LM loss became non-finite")
     return curve

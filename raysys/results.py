@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from raysys.store import Store
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: node_id (files of version 4 read with it null)
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -26,6 +26,7 @@ _COMMON = [
     ("started_at", pa.timestamp("ms", tz="UTC")),
     ("seconds", pa.float64()),
     ("host", pa.string()),
+    ("node_id", pa.string()),  # the Ray node that ran the cell (hosts can share a name; nodes cannot)
     ("code_version", pa.string()),
     ("schema_version", pa.int32()),
 ]
@@ -159,9 +160,16 @@ def provenance(started_at: dt.datetime, status: str = "ok", error: str | None = 
         "started_at": started_at,
         "seconds": (dt.datetime.now(dt.timezone.utc) - started_at).total_seconds(),
         "host": socket.gethostname(),
+        "node_id": _ray_node_id(),
         "code_version": code_version(),
         "schema_version": SCHEMA_VERSION,
     }
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def now() -> dt.datetime:

@@ -17,16 +17,22 @@ import torch
 from safetensors.torch import load_file
 
 from raysys import data, models, pet, pilot, pretrain, recycle, results
+from raysys.compute import trial_device
 from raysys.config import StudyConfig, TaskConfig, TuningConfig, config_hash, to_dict
 from raysys.store import Store, atomic_write_bytes
 from raysys.tune import evaluate, train_classifier
 
+# How the work is spread and paced, not what it computes: never part of an artifact's identity.
 _RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
-                    "eval_batch_size", "checkpoint_every_seconds"}
+                    "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size"}
+# Fields added after artifacts were made: part of the identity only when set away from their default, so that the
+# artifacts made before they existed keep their hashes.
+_IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False}
 
 
 def _identity(config) -> dict:
-    return {k: v for k, v in to_dict(config).items() if k not in _RESOURCE_FIELDS}
+    return {k: v for k, v in to_dict(config).items()
+            if k not in _RESOURCE_FIELDS and _IDENTITY_ONLY_WHEN_SET.get(k, object()) != v}
 
 
 def _world_if_builtin(study: StudyConfig, source: str):
@@ -360,7 +366,9 @@ def run_tuning_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell: di
     model = adapted_classifier(study, store, cell["plm_hash"], len(task.labels), tuning_type, seed)
     cfg = dataclasses.replace(study.tuning, types=(tuning_type,), lr=study.tuning.lr_for(tuning_type),
                               max_steps=study.tuning.max_steps_for(tuning_type))
-    result = train_classifier(model, encoded, cfg, seed, tokenizer.pad_token_id, checkpointer=checkpointer)
+    result = train_classifier(model, encoded, cfg, seed, tokenizer.pad_token_id, device=trial_device(),
+                              checkpointer=checkpointer)
+    model.cpu()
     best = result.primary
     meta = {"tuning_type": tuning_type, "plm_hash": cell["plm_hash"], "task": task.name, "seed": seed,
             "labels": list(task.labels), "pet": study.tuning.pet_spec(tuning_type)}
@@ -394,16 +402,19 @@ class _Evaluator:
         self.task = data.load_task(_task(study, task_name), study.world)
         self.encoded = data.encode_task(self.task, self.tokenizer, study.tuning.max_length)
         self.batch_size = study.pilot.eval_batch_size
+        self.device = trial_device()
 
     def metrics(self, model) -> dict:
+        model.to(self.device)
         out = {}
         for split in ("dev", "test"):
-            acc, loss = evaluate(model, *self.encoded[split], self.batch_size, self.tokenizer.pad_token_id)
+            acc, loss = evaluate(model, *self.encoded[split], self.batch_size, self.tokenizer.pad_token_id,
+                                 self.device)
             out[f"{split}_accuracy"], out[f"{split}_loss"] = acc, loss
         return out
 
     def state_metrics(self, skeleton, state: dict) -> dict:
-        skeleton.load_state_dict(state, strict=True)
+        skeleton.to(self.device).load_state_dict(state, strict=True)
         return self.metrics(skeleton)
 
     def majority_metrics(self) -> dict:
@@ -479,7 +490,7 @@ def _interpolation_rows(study: StudyConfig, store: Store, chain: ChainPlan, pair
     evaluator = _Evaluator(study, store, chain, pair["task"])
     model_a, _ = load_tuned(study, store, pair["tuned_hash_a"])
     model_b, _ = load_tuned(study, store, pair["tuned_hash_b"])
-    state_a, state_b = _clone_state(model_a), _clone_state(model_b)
+    state_a, state_b = _clone_state(model_a.to(evaluator.device)), _clone_state(model_b.to(evaluator.device))
     del model_b
     rows = []
     for cell in cells:
@@ -525,8 +536,9 @@ def run_similarity_cell(study: StudyConfig, store: Store, chain: ChainPlan, cell
     n = min(study.pilot.similarity_examples, len(ids))
     batches = [(x, m) for x, m, _ in data.iterate_batches(ids[:n], labels[:n], study.pilot.eval_batch_size,
                                                           evaluator.tokenizer.pad_token_id)]
-    maps_a, mask = pilot.attention_maps(model_a, batches)
-    maps_b, _ = pilot.attention_maps(model_b, batches)
+    maps_a, mask = pilot.attention_maps(model_a.to(evaluator.device), batches)
+    maps_b, _ = pilot.attention_maps(model_b.to(evaluator.device), batches)
+    model_a.cpu(), model_b.cpu()  # the distances below are taken against the PLMs' weights, on the CPU
     common = {**results.provenance(started), **_pair_columns(cell)}
     rows = []
     for layer, (a, b) in enumerate(zip(maps_a, maps_b)):

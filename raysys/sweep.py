@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 from ray import tune
 
-from raysys import data, methods, monitor, pretrain, report, results, stages
+from raysys import compute, data, methods, monitor, pretrain, report, results, stages
 from raysys.checkpoint import Checkpointer
 from raysys.config import ConfigError, StudyConfig, available_presets, build, config_hash, load_study, to_dict
 from raysys.recycle import WeightMismatchError
@@ -46,6 +46,7 @@ def chain_train_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
+    compute.allow_tf32(device)
     tokenizer = stages.ensure_tokenizer(study, store, chain)
     for plm_hash in config["links"]:
         link = chain.link(plm_hash)
@@ -454,7 +455,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = STAGES, 
     stage("tuning", len(cells), len(done), [{"cells": [c]} for c in todo], _tuning_trainable, resources,
           _concurrency(study.tuning.cpus_per_trial))
 
-    pilot_resources = {"cpu": study.pilot.cpus_per_trial}
+    pilot_resources = {"cpu": study.pilot.cpus_per_trial, "gpu": study.pilot.gpus_per_trial}
     pilot_concurrency = _concurrency(study.pilot.cpus_per_trial)
     compat = stages.plan_compatibility(study, chain)
     baselines = stages.plan_baselines(study, chain)
@@ -725,7 +726,7 @@ def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> str:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     os.environ.update(env)
     if target is None:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, configure_logging=False)
         return how
     try:
         ray.init(address=target, runtime_env={"env_vars": env})

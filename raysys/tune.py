@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from raysys import data
+from raysys import compute, data
 from raysys.config import TuningConfig
 from raysys.pretrain import linear_schedule
 
@@ -27,7 +27,7 @@ class CrossEntropyObjective:
     other losses (distillation) plug in and log their parts."""
 
     def __call__(self, model, input_ids, attention_mask, labels, index=None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (batch, num_labels)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (batch, num_labels)
         loss = F.cross_entropy(logits, labels)
         return loss, {"ce": loss.item()}
 
@@ -70,10 +70,11 @@ class TeacherOutputs:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, ids: list[list[int]], batch_size: int, pad_id: int, with_hidden: bool,
-                    device="cpu") -> TeacherOutputs:
-    """One pass of the frozen teacher (eval mode) over a split, in order."""
+def teacher_outputs(teacher, ids: list[list[int]], batch_size: int, pad_id: int, with_hidden: bool) -> TeacherOutputs:
+    """One pass of the frozen teacher (eval mode, on whatever device it is) over a split, in order; the outputs
+    come back on the CPU."""
     teacher.eval()
+    device = next(teacher.parameters()).device
     logits, hidden = [], []
     for input_ids, mask, _ in data.iterate_batches(ids, torch.zeros(len(ids), dtype=torch.long), batch_size, pad_id):
         out = teacher(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=with_hidden)
@@ -182,7 +183,8 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     objective = objective or CrossEntropyObjective()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = compute.adamw(params, cfg.lr, cfg.weight_decay, device)
+    on_cuda = torch.device(device).type == "cuda"
     warmup = int(cfg.warmup_fraction * cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, cfg.max_steps, warmup))
     generator = torch.Generator().manual_seed(seed)
@@ -198,6 +200,8 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
         scheduler.load_state_dict(resumed["scheduler"])
         generator.set_state(resumed["epoch_generator"])
         torch.set_rng_state(resumed["torch_rng"])
+        if on_cuda and resumed.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resumed["cuda_rng"])
         curve = resumed["curve"]
         best = {name: Selection(**sel) for name, sel in resumed["best"].items()}
         step, skip, elapsed_before = resumed["step"], resumed["batches_into_epoch"], resumed["seconds"]
@@ -206,6 +210,7 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     def state() -> dict:
         return {"model": _snapshot(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch_generator": epoch_state, "batches_into_epoch": into_epoch, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None,
                 "curve": curve, "best": {name: vars(sel) for name, sel in best.items()},
                 "seconds": time.time() - start}
 
@@ -232,8 +237,10 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     while step < cfg.max_steps:
         epoch_state, into_epoch = generator.get_state(), skip  # before the epoch's permutation is drawn
         for input_ids, mask, y, index in data.iterate_batches(train_ids, train_labels, cfg.batch_size, pad_id,
-                                                              generator, with_index=True, skip=skip):
-            loss, _ = objective(model, input_ids.to(device), mask.to(device), y.to(device), index)
+                                                              generator, with_index=True, skip=skip,
+                                                              bucketing=cfg.length_bucketing):
+            with compute.autocast(device, cfg.precision):
+                loss, _ = objective(model, input_ids.to(device), mask.to(device), y.to(device), index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -44,7 +44,9 @@ MICRO_OVERRIDES = [
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, configure_logging=False,
+    # address="local": a new Ray for the tests even when `ray start` runs a cluster on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2,
+             configure_logging=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in (
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
                  "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_USAGE_STATS_ENABLED")}})

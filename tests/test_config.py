@@ -421,3 +421,63 @@ def test_a_preset_can_be_a_toml_file_of_your_own(tmp_path):
     (tmp_path / "bad.toml").write_text("name = \n")
     with pytest.raises(ConfigError, match=r"--preset .*bad\.toml: invalid TOML"):
         load_study(str(tmp_path / "bad.toml"))
+
+
+# ------------------------------------------------------------------------------------------ the GPU speed path
+
+
+def test_speed_fields_validate_and_name_themselves():
+    with pytest.raises(ConfigError, match="pretrain.precision"):
+        load_study("tiny", ["pretrain.precision=fp16"])
+    with pytest.raises(ConfigError, match="tuning.precision"):
+        load_study("tiny", ["tuning.precision=half"])
+    with pytest.raises(ConfigError, match=r"pretrain.micro_batch_size: .* \(batch_size / num_workers = 128\)"):
+        load_study("tiny", ["pretrain.micro_batch_size=48"])  # tiny: 128 sequences, one worker
+    with pytest.raises(ConfigError, match="pretrain.batch_size: 129 is not divisible by pretrain.num_workers = 2"):
+        load_study("tiny", ["pretrain.batch_size=129", "pretrain.num_workers=2"])
+    for field in ("tuning", "methods", "pilot"):
+        with pytest.raises(ConfigError, match=f"{field}.gpus_per_trial: a fraction in \\(0, 1\\] or a whole number"):
+            load_study("tiny", [f"{field}.gpus_per_trial=1.5"])
+        assert getattr(load_study("tiny", [f"{field}.gpus_per_trial=0.25"]), field).gpus_per_trial == 0.25
+        assert getattr(load_study("tiny", [f"{field}.gpus_per_trial=2"]), field).gpus_per_trial == 2.0
+
+
+# The tiny preset's hashes before the speed fields existed (commit 2eba0ae): artifacts made then stay addressable.
+TINY_PLM_HASHES = ["3c16893ec9c3e5dd", "8b6fb13612ad205c", "cd2eb1992439d88b", "5f2e8a049f39be6a", "ae51f319c8d416b9",
+                   "293349c4f38c08a7"]
+
+
+def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketing_change_identity():
+    from raysys import methods, stages
+
+    study = load_study("tiny")
+    chain = stages.plan_chain(study)
+    assert [link.hash for link in chain.links] == TINY_PLM_HASHES
+    tuning = stages.plan_tuning(study, chain)
+    assert (tuning[0]["cell_hash"], tuning[-1]["cell_hash"]) == ("19d186c9d2203189", "8958a4aeb63c5e92")
+    cells = methods.plan_methods(study, chain)
+    assert (cells[0]["cell_hash"], cells[-1]["cell_hash"]) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
+
+    def hashes(*overrides):
+        s = load_study("tiny", list(overrides))
+        c = stages.plan_chain(s)
+        return [link.hash for link in c.links], [t["cell_hash"] for t in stages.plan_tuning(s, c)]
+
+    plms, tuned = hashes()
+    # how the work is spread: no new identity
+    assert hashes("pretrain.micro_batch_size=16", "tuning.gpus_per_trial=0.5", "pilot.gpus_per_trial=0.25") == (
+        plms, tuned)
+    # what is computed: new identities, downstream included
+    bf16_plms, bf16_tuned = hashes("pretrain.precision=bf16")
+    assert not set(bf16_plms) & set(plms) and not set(bf16_tuned) & set(tuned)
+    for override in ("tuning.precision=bf16", "tuning.length_bucketing=true"):
+        other_plms, other_tuned = hashes(override)
+        assert other_plms == plms and not set(other_tuned) & set(tuned)
+
+
+def test_the_paper_preset_runs_bf16_with_accumulation_and_gpu_shares():
+    paper = load_study("paper")
+    p = paper.pretrain
+    assert (p.precision, p.use_gpu, p.batch_size, p.num_workers, p.micro_batch_size) == ("bf16", True, 2048, 8, 32)
+    assert paper.tuning.precision == "bf16" and paper.tuning.length_bucketing
+    assert (paper.tuning.gpus_per_trial, paper.methods.gpus_per_trial, paper.pilot.gpus_per_trial) == (1.0, 0.5, 0.25)

@@ -410,6 +410,35 @@ def test_iterate_batches_shuffles_deterministically_each_example_once():
     assert e1 == a and e2 != e1 and sorted(e2) == list(range(n))
 
 
+def test_length_bucketing_pads_less_covers_each_example_once_and_resumes_with_skip():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    ids = [[0] + [100 + i] * int(torch.randint(1, 60, (1,), generator=g)) + [2] for i in range(n)]
+    labels = torch.arange(n)
+
+    def epoch(bucketing, skip=0, seed=5):
+        gen = torch.Generator().manual_seed(seed)
+        return list(data.iterate_batches(ids, labels, 8, 1, gen, skip=skip, bucketing=bucketing))
+
+    def padding(batches):
+        return sum(int((m == 0).sum()) for _, m, _ in batches)
+
+    bucketed, plain = epoch(True), epoch(False)
+    order = torch.cat([y for *_, y in bucketed]).tolist()
+    assert sorted(order) == list(range(n))  # every example exactly once
+    for input_ids, mask, y in bucketed:
+        for row, m, label in zip(input_ids.tolist(), mask.tolist(), y.tolist()):
+            assert row[: sum(m)] == ids[label]
+    assert padding(bucketed) < padding(plain) / 5, (padding(bucketed), padding(plain))
+    assert order == torch.cat([y for *_, y in epoch(True)]).tolist()  # deterministic in the generator
+    assert order != torch.cat([y for *_, y in epoch(True, seed=6)]).tolist()
+    # the batches are shuffled, not served shortest first
+    widths = [x.shape[1] for x, _, _ in bucketed]
+    assert widths != sorted(widths)
+    resumed = torch.cat([y for *_, y in epoch(True, skip=7)]).tolist()
+    assert resumed == order[7 * 8:]
+
+
 # ------------------------------------------------------------------------------------------------------ masking
 
 

@@ -1,9 +1,13 @@
 """Masked-LM pre-training: the plain loop, and the chain as a Ray Train job with two DDP workers (gloo)."""
 
+import dataclasses
+import math
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from raysys import models, pretrain, results, world
+from raysys import data, models, pretrain, results, world
 from raysys.config import PretrainConfig, WorldConfig, load_study
 from raysys.stages import plan_chain
 from raysys.store import Store
@@ -56,9 +60,11 @@ def test_a_link_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterr
     assert first.saves == 2  # steps 5 and 10; the last step is never checkpointed (the PLM itself is saved)
     torch.manual_seed(123)
     resumed = models.new_masked_lm(study.model, tokenizer, seed=5)
+    reported = []
     curve = pretrain.train_masked_lm(resumed, sequences, tokenizer, cfg, plan,
-                                     checkpointer=Checkpointer(Store(tmp_path), 3600, "link"))
+                                     checkpointer=Checkpointer(Store(tmp_path), 3600, "link", on_report=reported.append))
     assert [r["step"] for r in curve] == [5, 10, 15, 20]
+    assert [r["step"] for r in reported] == [15, 20]  # the first report, then the last (every 5 s between)
     assert [r["loss"] for r in curve] == [r["loss"] for r in reference_curve]
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
@@ -108,3 +114,109 @@ def test_control_chain_shares_nothing_but_the_recipe():
     assert [chain.link(h).parent for h in control] == [None, control[0], control[1]]
     off = load_study("tiny", ["pilot.control_length=0"])
     assert plan_chain(off).hashes("control") == () and plan_chain(off).plm_hashes == main
+
+
+def _no_dropout_model(tokenizer, seed=0):
+    model_cfg = dataclasses.replace(load_study("tiny").model, dropout=0.0)
+    return models.new_masked_lm(model_cfg, tokenizer, seed=seed)
+
+
+def test_gradient_accumulation_matches_the_whole_batch_weighting_every_masked_token_the_same():
+    _, tokenizer, sequences = _tiny_setup()
+    plan = pretrain.LinkPlan(6, 2e-3)
+    whole, accumulated = _no_dropout_model(tokenizer), _no_dropout_model(tokenizer)
+    curve_whole = pretrain.train_masked_lm(whole, sequences, tokenizer, PretrainConfig(batch_size=32, log_every_steps=2),
+                                           plan)
+    cfg = PretrainConfig(batch_size=32, micro_batch_size=4, log_every_steps=2)
+    curve_accumulated = pretrain.train_masked_lm(accumulated, sequences, tokenizer, cfg, plan)
+    for a, b in zip(curve_whole, curve_accumulated):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and a["tokens"] == b["tokens"]
+    for (name, a), b in zip(whole.state_dict().items(), accumulated.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_accumulated_slices_are_weighted_by_their_masked_tokens_not_averaged_per_slice():
+    _, tokenizer, sequences = _tiny_setup()
+    model = _no_dropout_model(tokenizer)
+    objective = pretrain.MaskedLMObjective(model)
+    ids, mask = data.pad_batch(sequences[:8], tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    labels[:4, 1] = ids[:4, 1]  # 4 masked tokens in the first half
+    labels[4:, 1:9] = ids[4:, 1:9]  # 32 in the second
+    grads = {}
+    for name, micro in (("whole", 1), ("slices", 2)):
+        model.zero_grad()
+        share = pretrain.accumulate_gradients(objective, ids, mask, labels, micro, 1, "fp32", "cpu")
+        grads[name] = (share, model.roberta.embeddings.word_embeddings.weight.grad.clone())
+    assert grads["whole"][0] == pytest.approx(grads["slices"][0], rel=1e-5)
+    torch.testing.assert_close(grads["whole"][1], grads["slices"][1], atol=1e-6, rtol=1e-4)
+    # the per-slice mean the loop does not use would give the 4 tokens as much weight as the 32
+    first = objective(ids[:4], mask[:4], labels[:4]).item()
+    second = objective(ids[4:], mask[4:], labels[4:]).item()
+    assert abs((first + second) / 2 - grads["whole"][0]) > 1e-3
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights():
+    _, tokenizer, sequences = _tiny_setup()
+    model = models.new_masked_lm(load_study("tiny").model, tokenizer, seed=0)
+    before = pretrain.masked_lm_loss(model, sequences[:256], tokenizer, 0.15)
+    cfg = PretrainConfig(batch_size=32, log_every_steps=10, precision="bf16")
+    curve = pretrain.train_masked_lm(model, sequences, tokenizer, cfg, pretrain.LinkPlan(40, 2e-3))
+    after = pretrain.masked_lm_loss(model, sequences[:256], tokenizer, 0.15)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert after < before - 1.0 and all(math.isfinite(r["loss"]) for r in curve)
+
+
+def _pad_to(t, width, value):
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _ddp_worker(rank, port, sequences, tokenizer, result_path):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = _no_dropout_model(tokenizer)
+    cfg = PretrainConfig(batch_size=32, micro_batch_size=4, log_every_steps=3, num_workers=2)
+    curve = pretrain.train_masked_lm(model, sequences, tokenizer, cfg, pretrain.LinkPlan(3, 2e-3), rank, 2,
+                                     wrap=lambda m: torch.nn.parallel.DistributedDataParallel(m))
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "loss": curve[-1]["loss"]}, result_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_workers_accumulating_micro_batches_equal_one_process_on_the_global_batch(tmp_path):
+    """The same 32 sequences per step, as 2 workers × 4 micro-batches of 4 under DDP (no_sync on all but the last
+    slice) or as one batch in one process: the same update, because every masked token weighs the same."""
+    import socket
+
+    _, tokenizer, sequences = _tiny_setup()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, sequences, tokenizer, tmp_path / "ddp.pt"), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    single = _no_dropout_model(tokenizer)
+    # one process drawing both workers' slices: rank 0's sequences then rank 1's, each masked by its own generator
+    masks = [torch.Generator().manual_seed(0 * 7919 + r) for r in range(2)]
+    objective = pretrain.MaskedLMObjective(single)
+    optimizer = torch.optim.AdamW(single.parameters(), lr=2e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: pretrain.linear_schedule(s, 3, 0))
+    special = set(tokenizer.all_special_ids)
+    for step in range(3):
+        parts = []
+        for rank in range(2):
+            ids, mask = data.pad_batch(pretrain.sample_batch(sequences, step, 16, rank, 2, 0), tokenizer.pad_token_id)
+            corrupted, labels = data.mask_tokens(ids, sum((ids == s) for s in special).bool(),
+                                                 tokenizer.mask_token_id, len(tokenizer),
+                                                 models.first_regular_token_id(tokenizer), 0.15, masks[rank])
+            parts.append((corrupted, mask, labels))
+        width = max(p[0].shape[1] for p in parts)
+        ids, mask, labels = (torch.cat([_pad_to(p[k], width, value) for p in parts])
+                             for k, value in ((0, tokenizer.pad_token_id), (1, 0), (2, -100)))
+        optimizer.zero_grad()
+        loss = objective(ids, mask, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(single.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    for (name, a), b in zip(single.state_dict().items(), ddp["state"].values()):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=name)

@@ -76,3 +76,23 @@ def test_concurrent_identical_artifact_keeps_the_first(tmp_path):
         (first / "x").write_text("first")
     assert (store.artifact("tuned", "h") / "x").read_text() == "second"
     assert [p.name for p in (tmp_path / "artifacts" / "tuned").iterdir()] == ["h"]
+
+
+def test_a_table_of_schema_4_files_reads_on_with_node_id_null(tmp_path, ray_cluster):
+    import io
+
+    import pyarrow.parquet as pq
+    import ray
+
+    store = Store(tmp_path)
+    old_schema = results.SCHEMAS["compatibility"].remove(results.SCHEMAS["compatibility"].get_field_index("node_id"))
+    old = {k: v for k, v in _row().items() if k != "node_id"}
+    buffer = io.BytesIO()
+    pq.write_table(results.pa.Table.from_pylist([{"cell_hash": "old", **old, "schema_version": 4}], schema=old_schema),
+                   buffer)
+    store.write_bytes("results/compatibility/old.parquet", buffer.getvalue())
+    results.write_rows(store, "compatibility", "new", [_row()])  # written in a process attached to Ray
+    rows = {r["cell_hash"]: r for r in results.read_table(store, "compatibility").to_pylist()}
+    assert rows["old"]["node_id"] is None and rows["old"]["schema_version"] == 4
+    assert rows["new"]["node_id"] == ray.get_runtime_context().get_node_id()
+    assert rows["new"]["schema_version"] == 5

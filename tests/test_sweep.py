@@ -497,3 +497,56 @@ def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tm
         (i, t, d) for i in range(3) for t, d in (("chem", "bio"), ("help", "rev"))]
     assert {(r["status"], r["num_labels"], r["num_train"]) for r in runs} == {("ok", 2, 48)}
     assert json.loads(store.read_bytes(sweep.STUDY_FILE))["name"] == "mine"
+
+
+TWO_NODES = r'''
+import json, subprocess, sys
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2})
+cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+cluster.wait_for_nodes()
+nodes = [n.node_id for n in cluster.list_all_nodes()]
+try:
+    driver = subprocess.run([sys.executable, sys.argv[1], "--address", cluster.address, *sys.argv[2:]],
+                            capture_output=True, text=True, timeout=540)
+finally:
+    cluster.shutdown()
+print(json.dumps({"nodes": nodes, "rc": driver.returncode, "stdout": driver.stdout, "stderr": driver.stderr[-3000:]}))
+'''
+
+
+def test_a_reduced_sweep_spreads_over_two_nodes_sharing_local_storage(tmp_path):
+    """A head and a second node (ray.cluster_utils.Cluster, one CPU each, in their own processes) and one storage
+    folder both see. Pre-training's two DDP workers need a CPU each, so they run one per node (each accumulating
+    micro-batches of 4 of its 8 sequences); every other stage's cells are placed by Ray across both, and each row
+    records the node that ran it."""
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    storage = tmp_path / "store"
+    overrides = [*MICRO_OVERRIDES, "pilot.control_length=0", "tune_plms=[0,1]", 'tuning.types=["finetune"]',
+                 "pretrain.micro_batch_size=4",
+                 'methods.tasks=["d1_rel"]', "methods.regimes=[\"full\"]", "methods.training_free.enabled=false"]
+    args = [str(Path(sweep.__file__).parents[1] / "sweeps" / "full_paper.py"), "--preset", "tiny",
+            "--storage", str(storage), *[a for o in overrides for a in ("--set", o)]]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["stdout"][-3000:] + report["stderr"]
+    assert "running on the cluster at" in report["stdout"], report["stdout"][:2000]
+    nodes = set(report["nodes"])
+    assert len(nodes) == 2
+    store = Store(storage)
+    pretrain = results.ok_rows(store, "pretrain_runs")
+    assert len(pretrain) == 4 and all(r["num_workers"] == 2 for r in pretrain)  # M0..M3, DDP across the nodes
+    ran_on = {}
+    for table in ("tuning_runs", "compatibility", "baselines", "interpolation", "head_similarity", "methods_runs"):
+        rows = results.read_table(store, table).to_pylist()
+        assert rows and all(r["status"] == "ok" for r in rows), table
+        ran_on[table] = {r["node_id"] for r in rows}
+        assert ran_on[table] <= nodes, table
+    assert len(results.ok_rows(store, "tuning_runs")) == 2 * 3  # M0, M1 x 3 tasks x 1 seed
+    everywhere = set().union(*ran_on.values())
+    assert everywhere == nodes, ran_on  # both nodes ran cells
+    assert len(ran_on["tuning_runs"]) == 2, ran_on  # two concurrent trials of one CPU each: one per node

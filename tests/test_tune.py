@@ -138,11 +138,12 @@ def _dropout_model(seed=0):
     return _model(seed, dropout=0.1)  # dropout draws from the global RNG, which a resume must restore
 
 
+@pytest.mark.parametrize("speed", [{}, {"length_bucketing": True, "precision": "bf16"}], ids=["plain", "bucketed-bf16"])
 @pytest.mark.parametrize("stop_at", [4, 8])  # mid-epoch (6 batches of 6 per epoch) and in the second epoch
-def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_one_does(tmp_path, stop_at):
+def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_one_does(tmp_path, stop_at, speed):
     from raysys.checkpoint import Checkpointer
 
-    cfg = TuningConfig(max_steps=12, eval_every_steps=4, batch_size=6, lr=1e-2)
+    cfg = TuningConfig(max_steps=12, eval_every_steps=4, batch_size=6, lr=1e-2, **speed)
     torch.manual_seed(1)
     reference = tune.train_classifier(_dropout_model(), ENCODED, cfg, seed=3, pad_id=1, eval_at_start=True)
 
@@ -169,3 +170,12 @@ def test_a_run_resumed_from_its_checkpoint_ends_exactly_where_an_uninterrupted_o
     assert resumed.primary.test_accuracy == reference.primary.test_accuracy
     assert resumed.primary.best_step == reference.primary.best_step
     assert second.saves == 0 and [r["step"] for r in reported][1:] == list(range(stop_at + 4, 13, 4))
+
+
+def test_bf16_autocast_and_length_bucketing_still_fit_the_training_set():
+    cfg = TuningConfig(max_steps=80, eval_every_steps=20, batch_size=8, lr=3e-3, precision="bf16", length_bucketing=True)
+    model = _model()
+    result = tune.train_classifier(model, ENCODED, cfg, seed=0, pad_id=1)
+    losses = [r["train_loss"] for r in result.curve]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())

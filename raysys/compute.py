@@ -1,0 +1,75 @@
+"""Where and how the arithmetic runs: the trial's device, mixed precision, the optimizer's kernel, and the model-FLOPs
+arithmetic used for utilisation figures. Nothing here changes what is computed beyond floating-point rounding."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def trial_device() -> torch.device:
+    """The GPU Ray gave this process, else the CPU. Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs (empty
+    when it asked for none), so a visible GPU is one the trial owns, or a share of one with fractional GPUs."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        allow_tf32(device)
+        return device
+    return torch.device("cpu")
+
+
+def allow_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the fp32 matmuls that remain on a GPU (evaluation, fp32 runs): its 10-bit mantissa is
+    plenty for training and accuracy measurements, at several times fp32's speed."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16 autocast on `device` for `precision == "bf16"`, else nothing. Weights, gradients and the optimizer
+    stay fp32 (bf16 has fp32's range, so no loss scaling is needed)."""
+    device_type = torch.device(device).type
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision: '{precision}' is not one of ['fp32', 'bf16']")
+    return contextlib.nullcontext()
+
+
+def adamw(params, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW with the fused (one kernel for all parameters) implementation on CUDA, where it is fastest."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def encoder_flops_per_token(hidden: int, layers: int, intermediate: int, sequence: int) -> int:
+    """Forward FLOPs per token of a transformer encoder's layers: the four attention projections (4·h²), the
+    feed-forward (2·h·i), and the attention scores and their weighted sum (2·s·h), each multiply-add 2 FLOPs."""
+    per_layer = 2 * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * sequence * hidden
+    return layers * per_layer
+
+
+def training_flops(tokens: int, hidden: int, layers: int, intermediate: int, sequence: int,
+                   vocab: int = 0, predicted_tokens: int = 0) -> float:
+    """Training FLOPs (forward + backward = 3 × forward) of `tokens` through the encoder, plus the output
+    projection over `vocab` for the `predicted_tokens` (masked positions only: the masked-LM head never runs
+    elsewhere)."""
+    encoder = encoder_flops_per_token(hidden, layers, intermediate, sequence) * tokens
+    head = 2 * hidden * vocab * predicted_tokens
+    return 3.0 * (encoder + head)
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets; the first name contained in the device's name wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0))
+
+
+def peak_tflops(device: torch.device | str) -> float | None:
+    """Dense bf16 peak of a known GPU (for model-FLOPs utilisation); None for CPUs and unknown GPUs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
