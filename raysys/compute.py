@@ -9,14 +9,23 @@ import torch
 
 
 def trial_device() -> torch.device:
-    """The GPU Ray gave this process, else the CPU. Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs (empty
-    when it asked for none), so a visible GPU is one the trial owns, or a share of one with fractional GPUs."""
+    """The GPU Ray gave this process (a whole one or a share), else the CPU. Inside Ray a trial that asked for no
+    GPU trains on the CPU even on a GPU node; Ray narrows CUDA_VISIBLE_DEVICES to the trial's GPUs, so device 0 is
+    the trial's own."""
+    if _ray_gave_no_gpu():
+        return torch.device("cpu")
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         allow_tf32(device)
         return device
     return torch.device("cpu")
+
+
+def _ray_gave_no_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and not ray.get_gpu_ids()
 
 
 def allow_tf32(device: torch.device) -> None:

@@ -64,3 +64,13 @@ def test_the_throughput_benchmark_measures_both_loops_and_bucketing_saves_paddin
     tuned = bench.main(["--what", "tune", "--batch", "8", "--max-length", "64", "--bucketing", *common])
     assert tuned["tokens_per_second"] > 0 and tuned["bucketing"] is True
     assert [json.loads(line)["what"] for line in out.read_text().splitlines()] == ["pretrain", "tune"]
+
+
+def test_a_ray_task_without_gpus_gets_the_cpu(ray_cluster):
+    @ray_cluster.remote(num_cpus=1, num_gpus=0)
+    def device_of_a_trial():
+        import ray
+
+        return str(compute.trial_device()), ray.get_gpu_ids()
+
+    assert ray_cluster.get(device_of_a_trial.remote()) == ("cpu", [])
