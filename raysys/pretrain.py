@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from raysys import compute, data, models
 from raysys.config import PretrainConfig
 
-REPORT_EVERY_SECONDS = 5.0  # metrics to Ray Train and the dashboard: often enough to watch, rarely enough to be free
+REPORT_EVERY_SECONDS = 30.0  # metrics to Ray Train and the dashboard: often enough to watch, rarely enough to be quiet
 
 
 class MaskedLMObjective(torch.nn.Module):
