@@ -7,6 +7,8 @@ import contextlib
 
 import torch
 
+from raysys.config import PRECISIONS
+
 
 def trial_device() -> torch.device:
     """The GPU Ray gave this process (a whole one or a share), else the CPU. Inside Ray a trial that asked for no
@@ -42,9 +44,22 @@ def autocast(device: torch.device | str, precision: str):
     device_type = torch.device(device).type
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision: '{precision}' is not one of ['fp32', 'bf16']")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: '{precision}' is not one of {list(PRECISIONS)}")
     return contextlib.nullcontext()
+
+
+def random_state(device: torch.device | str) -> dict:
+    """The global random streams a training step draws from (dropout): the CPU's, and the GPU's on CUDA."""
+    on_cuda = torch.device(device).type == "cuda"
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None}
+
+
+def restore_random_state(saved: dict, device: torch.device | str) -> None:
+    """Undo `random_state` (a checkpoint written on a CPU restores no GPU stream)."""
+    torch.set_rng_state(saved["torch_rng"])
+    if torch.device(device).type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"])
 
 
 def adamw(params, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:

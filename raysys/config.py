@@ -32,6 +32,10 @@ def _check(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
+def _check_precision(precision: str, field_name: str) -> None:
+    _check(precision in PRECISIONS, field_name, f"'{precision}' is not one of {list(PRECISIONS)}")
+
+
 def _check_gpus(gpus: float, field_name: str) -> None:
     """Ray packs fractional GPUs onto one device, so a trial takes a fraction below 1 or whole GPUs."""
     _check(gpus >= 0, field_name, "must be >= 0")
@@ -158,7 +162,7 @@ class PretrainConfig:
     micro_batch_size: int | None = None  # sequences per worker per forward pass (None: the whole worker batch)
 
     def __post_init__(self):
-        _check(self.precision in PRECISIONS, "pretrain.precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
+        _check_precision(self.precision, "pretrain.precision")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "pretrain.micro_batch_size", "must be >= 1")
         _check(self.initial_steps >= 0, "pretrain.initial_steps", "must be >= 0")
         _check(self.continual_steps > 0, "pretrain.continual_steps", "must be > 0")
@@ -235,7 +239,7 @@ class TuningConfig:
     length_bucketing: bool = False  # training batches of similar lengths (less padding; a different data order)
 
     def __post_init__(self):
-        _check(self.precision in PRECISIONS, "tuning.precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
+        _check_precision(self.precision, "tuning.precision")
         _check(len(self.types) >= 1, "tuning.types", f"name at least one of {list(TUNING_TYPES)}")
         for t in self.types:
             _check(t in TUNING_TYPES, "tuning.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")

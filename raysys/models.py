@@ -97,7 +97,8 @@ def random_classifier(model: ModelConfig, tokenizer, num_labels: int, seed: int)
 
 
 def load_classifier(path: str | Path) -> RobertaForSequenceClassification:
-    return RobertaForSequenceClassification.from_pretrained(str(path), use_safetensors=True, attn_implementation=ATTENTION)
+    return RobertaForSequenceClassification.from_pretrained(str(path), use_safetensors=True,
+                                                            attn_implementation=ATTENTION)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

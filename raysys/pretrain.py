@@ -117,8 +117,8 @@ def train_masked_lm(
     With a `checkpointer` (raysys.checkpoint.Checkpointer, one per worker over the same shared folder) a logging
     step is reported to it every REPORT_EVERY_SECONDS and at the end, and the full state is saved by rank 0 at a
     logging step when it is due (rank 0 decides both, every worker learns it through the loss all-reduce) and
-    resumed from: weights, optimizer, schedule, step and
-    curve exactly; rank 0's random streams exactly, the other ranks' reseeded from (seed, rank, step)."""
+    resumed from: weights, optimizer, schedule, step and curve exactly; rank 0's random streams exactly, the other
+    ranks' reseeded from (seed, rank, step)."""
     if cfg.batch_size % world_size:
         raise ValueError(f"pretrain.batch_size={cfg.batch_size} is not divisible by {world_size} workers")
     batch_per_worker = cfg.batch_size // world_size
@@ -134,7 +134,6 @@ def train_masked_lm(
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
     first_regular = models.first_regular_token_id(tokenizer)
     special = set(tokenizer.all_special_ids)
-    on_cuda = torch.device(device).type == "cuda"
     curve, window_loss, window_tokens, tokens_seen, first_step, elapsed_before = [], 0.0, 0, 0, 0, 0.0
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
@@ -143,9 +142,7 @@ def train_masked_lm(
         elapsed_before = resumed["seconds"]
         if rank == 0:
             generator.set_state(resumed["mask_generator"])
-            torch.set_rng_state(resumed["torch_rng"])
-            if on_cuda and resumed.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(resumed["cuda_rng"])
+            compute.restore_random_state(resumed, device)
         else:
             generator.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
             torch.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
@@ -154,8 +151,7 @@ def train_masked_lm(
 
     def state(step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "mask_generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None, "curve": curve,
+                "mask_generator": generator.get_state(), **compute.random_state(device), "curve": curve,
                 "tokens": tokens_seen, "seconds": time.time() - start}
 
     objective.train()

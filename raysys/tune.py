@@ -184,7 +184,6 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = compute.adamw(params, cfg.lr, cfg.weight_decay, device)
-    on_cuda = torch.device(device).type == "cuda"
     warmup = int(cfg.warmup_fraction * cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, cfg.max_steps, warmup))
     generator = torch.Generator().manual_seed(seed)
@@ -199,9 +198,7 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         generator.set_state(resumed["epoch_generator"])
-        torch.set_rng_state(resumed["torch_rng"])
-        if on_cuda and resumed.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resumed["cuda_rng"])
+        compute.restore_random_state(resumed, device)
         curve = resumed["curve"]
         best = {name: Selection(**sel) for name, sel in resumed["best"].items()}
         step, skip, elapsed_before = resumed["step"], resumed["batches_into_epoch"], resumed["seconds"]
@@ -209,10 +206,8 @@ def train_classifier(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id:
 
     def state() -> dict:
         return {"model": _snapshot(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch_generator": epoch_state, "batches_into_epoch": into_epoch, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None,
-                "curve": curve, "best": {name: vars(sel) for name, sel in best.items()},
-                "seconds": time.time() - start}
+                "epoch_generator": epoch_state, "batches_into_epoch": into_epoch, **compute.random_state(device),
+                "curve": curve, "best": {name: vars(sel) for name, sel in best.items()}, "seconds": time.time() - start}
 
     def evaluate_and_keep_best(step: int, train_loss: float | None) -> None:
         row = {"step": step, "train_loss": train_loss}
