@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,49 +17,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from raysys import report, results
 from raysys.config import ConfigError
-from raysys.store import Store, atomic_write_bytes
-from raysys.sweep import PROGRESS_FILE, STAGES, load_saved_study, stage_status
-
-STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
-
-
-def _running_sweep(store: Store) -> dict | None:
-    payload = store.read_bytes(PROGRESS_FILE)
-    if payload is None:
-        return None
-    state = json.loads(payload)
-    if state.get("final") or time.time() - state.get("updated", 0) > STALE_AFTER_S:
-        return None
-    if state.get("host", socket.gethostname()) != socket.gethostname():
-        return state  # a driver on another machine (shared storage): only its freshness can be judged
-    try:
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return state
-
-
-def status_text(store: Store) -> str:
-    study = load_saved_study(store)
-    status = stage_status(study, store)
-    running = _running_sweep(store)
-    lines = [f"study '{study.name}' in {store.root}",
-             f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to do':>7}  state"]
-    for name in STAGES:
-        s = status[name]
-        if running and running["stage"] == name:
-            state = f"running: {running['running']} trial(s), {running['elapsed_s']:.0f}s elapsed" + (
-                f", ETA {running['eta_s']:.0f}s" if running.get("eta_s") is not None else "")
-        elif s["done"] == s["planned"]:
-            state = "complete"
-        else:
-            state = "failed cells: rerun to retry" if s["failed"] else "pending"
-        lines.append(f"{name:<14} {s['planned']:>8} {s['done']:>8} {s['failed']:>7} {s['todo']:>7}  {state}")
-    if not running:
-        lines.append("no sweep is running on this storage")
-    return "\n".join(lines)
+from raysys.report import summary
+from raysys.report.status import status_text
+from raysys.storage import results
+from raysys.storage.store import Store, atomic_write_bytes
+from raysys.storage.study import load_saved_study
 
 
 def _parse_value(text: str):
@@ -147,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
         else:
             study = load_saved_study(store)
-            path = report.write_report(study, store, args.out) if args.out else report.publish_report(study, store)
+            path = summary.write_report(study, store, args.out) if args.out else summary.publish_report(study, store)
             print(f"report: {path}")
     except (OSError, ValueError, ConfigError, pa.ArrowInvalid) as err:
         print(f"error: {err}", file=sys.stderr)

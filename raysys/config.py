@@ -1,13 +1,16 @@
 """Typed, frozen, validated configuration; presets are TOML data; overrides are dotted `key=value` pairs.
 
 A `StudyConfig` describes one whole study (the sweep spec). Every artifact and result row is keyed by a hash of
-the part of the config that produced it, so configs must be frozen (hashable identity) and validated when built.
+the part of the config that produced it (`raysys.identity`), so configs are frozen and validated when built.
+
+Two registries live here because they are part of the schema: the tuning types (full fine-tuning, and one PET
+type per `PetConfig` section of `TuningConfig`) and the recycling methods (`RECYCLING_METHODS`, each a start point
+and an objective). Their implementations register in `raysys.core.pet` and `raysys.stages.methods`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import types
 import typing
@@ -64,7 +67,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The built-in synthetic multi-domain world (see raysys/world.py). Sizes decide whether pre-training can
+    """The built-in synthetic multi-domain world (see raysys/core/world.py). Sizes decide whether pre-training can
     learn the world within the budget: enough mentions per entity, and task train sets too small to teach it."""
 
     seed: int = 0
@@ -182,11 +185,18 @@ class PretrainConfig:
         _check(self.checkpoint_every_seconds >= 0, "pretrain.checkpoint_every_seconds", "must be >= 0")
 
 
-TUNING_TYPES = ("finetune", "lora", "adapter")
+FULL_FINETUNING = "finetune"
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class PetConfig:
+    """The hyper-parameters of one parameter-efficient tuning type. A PET type is a `TuningConfig` field of a
+    `PetConfig` type, named after the type: that section is what the type's identity adds to a tuned model's hash
+    (and what its injection in `raysys.core.pet` receives); other types' sections never enter it."""
+
+
+@dataclass(frozen=True)
+class LoraConfig(PetConfig):
     """LoRA (via `peft`): rank, scaling numerator (scale = alpha / rank), dropout on the LoRA input, and the
     names of the linear modules it adapts."""
 
@@ -203,7 +213,7 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(PetConfig):
     """The paper's bottleneck adapter after the attention and the feed-forward sub-layer of every layer."""
 
     bottleneck: int = 24
@@ -267,7 +277,17 @@ class TuningConfig:
         """The hyper-parameters of the PET module of `tuning_type` (None for full fine-tuning)."""
         if tuning_type not in TUNING_TYPES:
             raise ConfigError(f"tuning type: unknown '{tuning_type}'; known: {list(TUNING_TYPES)}")
-        return {"lora": to_dict(self.lora), "adapter": to_dict(self.adapter)}.get(tuning_type)
+        return to_dict(getattr(self, tuning_type)) if tuning_type in PET_TYPES else None
+
+
+def pet_sections(cls: type) -> tuple[str, ...]:
+    """The fields of a tuning config class that are PET sections (named after their type), in field order."""
+    return tuple(name for name, tp in typing.get_type_hints(cls).items()
+                 if isinstance(tp, type) and issubclass(tp, PetConfig))
+
+
+PET_TYPES = pet_sections(TuningConfig)  # ("lora", "adapter")
+TUNING_TYPES = (FULL_FINETUNING,) + PET_TYPES
 
 
 def _default_alphas(points: int = 26) -> tuple[float, ...]:
@@ -306,7 +326,36 @@ class PilotConfig:
         _check(self.cpus_per_trial > 0, "pilot.cpus_per_trial", "must be > 0")
 
 
-METHODS = ("vanilla", "init", "distill", "combined")
+@dataclass(frozen=True)
+class RecyclingMethod:
+    """What a method of the methods stage is made of. `start`: where tuning M_j begins — "fresh" (a new seeded
+    head, and PET module, on M_j) or "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
+    PET: the old module and head on M_j). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE + a·T²·KL +
+    β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search of it)."""
+
+    start: Literal["fresh", "old_weights"]
+    objective: Literal["cross_entropy", "distillation"]
+
+    @property
+    def distils(self) -> bool:
+        return self.objective == "distillation"
+
+    @property
+    def recycles(self) -> bool:
+        """Does the method need the outdated tuned model (as its start or its teacher)?"""
+        return self.start == "old_weights" or self.distils
+
+
+# The registry of recycling methods: adding one is one entry (report, figures and search read this table). The
+# first is the reference every other method is measured against (convergence targets, the findings).
+RECYCLING_METHODS = {
+    "vanilla": RecyclingMethod("fresh", "cross_entropy"),
+    "init": RecyclingMethod("old_weights", "cross_entropy"),
+    "distill": RecyclingMethod("fresh", "distillation"),
+    "combined": RecyclingMethod("old_weights", "distillation"),
+}
+METHODS = tuple(RECYCLING_METHODS)
+REFERENCE_METHOD = METHODS[0]
 REGIMES = ("full", "kshot")
 
 
@@ -391,15 +440,16 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class MethodsConfig:
-    """Recycling the outdated Δ_i when tuning M_{i+h}: `vanilla` (fresh start, cross-entropy), `init` (start from
-    the old delta / module and head), `distill` (fresh start; teacher = the old tuned model on the old PLM; loss
-    (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init start, distillation loss). The grid: temperatures (T),
+    """Recycling the outdated Δ_i when tuning M_{i+h} with the methods `names` of RECYCLING_METHODS: `vanilla`
+    (fresh start, cross-entropy), `init` (start from the old delta / module and head), `distill` (fresh start;
+    teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init start,
+    distillation loss). The grid: temperatures (T),
     kd_weights (a) and betas (β) multiply only the distilling methods; upgrades are (i, i + h) for i in
     `sources` (None = every tuned PLM with a successor) and h in `hops`; regimes `full` and `kshot` (K per class
     for each K in `shots`). Convergence is measured against the vanilla run: the first evaluation reaching
     `target_fraction` of its best dev accuracy."""
 
-    methods: tuple[str, ...] = METHODS
+    names: tuple[str, ...] = METHODS  # which of RECYCLING_METHODS run
     tasks: tuple[str, ...] | None = None  # None = every task
     types: tuple[str, ...] | None = None  # None = every tuning type
     sources: tuple[int, ...] | None = None
@@ -418,10 +468,11 @@ class MethodsConfig:
     gpus_per_trial: float = 0.0
 
     def __post_init__(self):
-        _check(len(self.methods) >= 1 and len(set(self.methods)) == len(self.methods), "methods.methods",
+        _check(len(self.names) >= 1 and len(set(self.names)) == len(self.names), "methods.names",
                "name each method once, at least one")
-        for m in self.methods:
-            _check(m in METHODS, "methods.methods", f"unknown method '{m}'; known: {list(METHODS)}")
+        for name in self.names:
+            _check(name in RECYCLING_METHODS, "methods.names",
+                   f"unknown method '{name}'; known: {list(RECYCLING_METHODS)}")
         for t in self.types or ():
             _check(t in TUNING_TYPES, "methods.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
         _check(self.types is None or len(self.types) >= 1, "methods.types", "name at least one tuning type")
@@ -438,8 +489,9 @@ class MethodsConfig:
         _check(len(self.betas) >= 1 and all(b >= 0 for b in self.betas), "methods.betas",
                "every hidden-state weight beta must be >= 0")
         _check(0.0 < self.target_fraction <= 1.0, "methods.target_fraction", "must be in (0, 1]")
-        _check(self.search.algorithm == "grid" or "vanilla" in self.methods, "methods.search.algorithm",
-               "an Optuna search measures convergence against the vanilla run: keep 'vanilla' in methods.methods")
+        _check(self.search.algorithm == "grid" or REFERENCE_METHOD in self.names, "methods.search.algorithm",
+               f"an Optuna search measures convergence against the {REFERENCE_METHOD} run: keep "
+               f"'{REFERENCE_METHOD}' in methods.names")
         _check(self.cpus_per_trial > 0, "methods.cpus_per_trial", "must be > 0")
         _check_gpus(self.gpus_per_trial, "methods.gpus_per_trial")
 
@@ -619,12 +671,6 @@ def to_dict(config: Any) -> Any:
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     return config
-
-
-def config_hash(*parts: Any) -> str:
-    """Stable identity of the work described by `parts` (configs, strings, upstream hashes)."""
-    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def available_presets() -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from raysys.sweep import main
+from raysys.sweep.driver import main
 
 if __name__ == "__main__":
     sys.exit(main())

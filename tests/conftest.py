@@ -62,8 +62,8 @@ def micro_study():
 @pytest.fixture(scope="session")
 def micro_run(ray_cluster, micro_study, tmp_path_factory):
     """The whole micro study, run once: (study, store, what run_study reported)."""
-    from raysys.store import Store
-    from raysys.sweep import run_study
+    from raysys.storage.store import Store
+    from raysys.sweep.driver import run_study
 
     store = Store(tmp_path_factory.mktemp("micro"))
     ran = run_study(micro_study, store, log=lambda *_: None)

@@ -29,11 +29,11 @@ from raysys.config import (
     apply_override,
     available_presets,
     build,
-    config_hash,
     load_preset,
     load_study,
     to_dict,
 )
+from raysys.identity import config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (lambda: SearchConfig(lr=(0.0, 1e-3)), "methods.search.lr"),
     (lambda: SearchConfig(temperature=(5.0, 1.0)), "methods.search.temperature"),
     (lambda: SearchConfig(kd_weight=(0.5, 1.5)), "methods.search.kd_weight"),
-    (lambda: MethodsConfig(methods=("init", "distill"), search=SearchConfig(algorithm="optuna")),
+    (lambda: MethodsConfig(names=("init", "distill"), search=SearchConfig(algorithm="optuna")),
      "methods.search.algorithm"),
     (lambda: TuningConfig(types=("finetune", "prompt")), "tuning.types"),
     (lambda: TuningConfig(types=("lora", "lora")), "tuning.types"),
@@ -382,7 +382,7 @@ def bad_override_process(tmp_path_factory):
 
 
 def test_cli_print_config_prints_the_resolved_config(bad_override_process, tmp_path, capsys):
-    from raysys import sweep
+    from raysys.sweep import driver as sweep
 
     argv = ["--print-config", "--set", "tuning.lr=5e-4", "--set", "corpora.1.max_documents=50",
             "--storage", str(tmp_path / "store")]
@@ -440,39 +440,6 @@ def test_speed_fields_validate_and_name_themselves():
             load_study("tiny", [f"{field}.gpus_per_trial=1.5"])
         assert getattr(load_study("tiny", [f"{field}.gpus_per_trial=0.25"]), field).gpus_per_trial == 0.25
         assert getattr(load_study("tiny", [f"{field}.gpus_per_trial=2"]), field).gpus_per_trial == 2.0
-
-
-# The tiny preset's hashes before the speed fields existed (commit 2eba0ae): artifacts made then stay addressable.
-TINY_PLM_HASHES = ["3c16893ec9c3e5dd", "8b6fb13612ad205c", "cd2eb1992439d88b", "5f2e8a049f39be6a", "ae51f319c8d416b9",
-                   "293349c4f38c08a7"]
-
-
-def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketing_change_identity():
-    from raysys import methods, stages
-
-    study = load_study("tiny")
-    chain = stages.plan_chain(study)
-    assert [link.hash for link in chain.links] == TINY_PLM_HASHES
-    tuning = stages.plan_tuning(study, chain)
-    assert (tuning[0]["cell_hash"], tuning[-1]["cell_hash"]) == ("19d186c9d2203189", "8958a4aeb63c5e92")
-    cells = methods.plan_methods(study, chain)
-    assert (cells[0]["cell_hash"], cells[-1]["cell_hash"]) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
-
-    def hashes(*overrides):
-        s = load_study("tiny", list(overrides))
-        c = stages.plan_chain(s)
-        return [link.hash for link in c.links], [t["cell_hash"] for t in stages.plan_tuning(s, c)]
-
-    plms, tuned = hashes()
-    # how the work is spread: no new identity
-    assert hashes("pretrain.micro_batch_size=16", "tuning.gpus_per_trial=0.5", "pilot.gpus_per_trial=0.25") == (
-        plms, tuned)
-    # what is computed: new identities, downstream included
-    bf16_plms, bf16_tuned = hashes("pretrain.precision=bf16")
-    assert not set(bf16_plms) & set(plms) and not set(bf16_tuned) & set(tuned)
-    for override in ("tuning.precision=bf16", "tuning.length_bucketing=true"):
-        other_plms, other_tuned = hashes(override)
-        assert other_plms == plms and not set(other_tuned) & set(tuned)
 
 
 def test_the_paper_preset_runs_bf16_with_accumulation_and_gpu_shares():

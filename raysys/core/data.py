@@ -1,0 +1,292 @@
+"""Corpora and tasks from the built-in world, local files, or `datasets`; tokenization, packing, MLM masking,
+batching. Everything returns plain Python/torch objects so the training loops know nothing of where data came from."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raysys.config import CorpusConfig, TaskConfig, WorldConfig
+from raysys.core import world as world_mod
+
+SPLITS = ("train", "dev", "test")
+
+
+class DataError(ValueError):
+    """Input data is missing or malformed; the message names the file or field."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str
+    labels: tuple[str, ...]  # label names; the index is the class id
+    splits: dict  # split -> list[(text, label_id)]
+
+
+# ------------------------------------------------------------------------------------------------------ corpora
+
+
+def _hf_rows(loader: str, files_or_name: str | list[str], split: str) -> list[dict]:
+    import datasets  # heavy import, only on the real-data path
+
+    if loader == "hf":
+        ds = datasets.load_dataset(files_or_name, split=split)
+    else:
+        ds = datasets.load_dataset(loader, data_files=files_or_name, split="train")
+    return list(ds)
+
+
+def _local_files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"{what}: no files match '{pattern}'")
+    return files
+
+
+def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
+    """The documents (lines/sentences) of one domain corpus."""
+    if spec.source == "builtin":
+        texts = world_mod.domain_corpus(world_mod.build_world(world_config), spec.name)
+    else:
+        if spec.source == "hf":
+            rows = _hf_rows("hf", spec.path, spec.split)
+        else:
+            loader = {"text": "text", "jsonl": "json", "parquet": "parquet"}[spec.source]
+            rows = _hf_rows(loader, _local_files(spec.path, f"corpus {spec.name}"), "train")
+        field = "text" if spec.source == "text" else spec.text_field
+        if rows and field not in rows[0]:
+            raise DataError(f"corpus {spec.name}: field '{field}' not in records (have {sorted(rows[0])})")
+        texts = [r[field] for r in rows if r[field] and r[field].strip()]
+    if spec.max_documents is not None:
+        texts = texts[: spec.max_documents]
+    if not texts:
+        raise DataError(f"corpus {spec.name}: no documents")
+    return texts
+
+
+# -------------------------------------------------------------------------------------------------------- tasks
+
+
+def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
+    if not path.is_file():
+        raise DataError(f"missing task file {path}")
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
+            for key in (text_field, label_field):
+                if key not in record:
+                    raise DataError(f"{path}:{lineno}: missing field '{key}'")
+            rows.append((record[text_field], record[label_field]))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def _read_parquet(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"missing task file {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 — any unreadable file is a data error naming the file
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    for key in (text_field, label_field):
+        if key not in table.column_names:
+            raise DataError(f"{path}: missing column '{key}' (have {table.column_names})")
+    rows = list(zip(table[text_field].to_pylist(), table[label_field].to_pylist()))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict, list | None]:
+    if spec.source == "builtin":
+        w = world_mod.build_world(world_config)
+        splits = world_mod.task_splits(w, spec.domain)
+        return {s: [(r["text"], r["label"]) for r in rows] for s, rows in splits.items()}, world_mod.task_label_names(w)
+    if spec.source in ("jsonl", "parquet"):
+        root = Path(spec.path) / spec.name
+        read = _read_jsonl if spec.source == "jsonl" else _read_parquet
+        return {s: read(root / f"{name}.{spec.source}", spec.text_field, spec.label_field)
+                for s, name in zip(SPLITS, spec.splits)}, None
+    out = {}
+    for split, name in zip(SPLITS, spec.splits):
+        rows = _hf_rows("hf", spec.path, name)
+        for key in (spec.text_field, spec.label_field):
+            if rows and key not in rows[0]:
+                raise DataError(f"task {spec.name} ({spec.path}:{name}): missing field '{key}'")
+        out[split] = [(r[spec.text_field], r[spec.label_field]) for r in rows]
+    return out, None
+
+
+def _label_order(label) -> tuple:
+    """Numbers in numeric order (0, 1, 2, …, 10), anything else by its text, numbers first."""
+    numeric = isinstance(label, (int, float)) and not isinstance(label, bool)
+    return (0, label, "") if numeric else (1, 0, str(label))
+
+
+def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:
+    """Load train/dev/test and map labels to ids. The label set comes from the training split (sorted), so the
+    same task always maps labels identically; a dev/test label unseen in training is an error."""
+    raw, label_names = _raw_task_splits(spec, world_config)
+    if label_names is None:
+        label_names = sorted({label for _, label in raw["train"]}, key=_label_order)
+    index = {label: i for i, label in enumerate(label_names)}
+    splits = {}
+    for split, rows in raw.items():
+        unknown = {label for _, label in rows if label not in index}
+        if unknown:
+            raise DataError(f"task {spec.name}/{split}: labels {sorted(map(str, unknown))} not in training labels")
+        splits[split] = [(text, index[label]) for text, label in rows]
+    return TaskData(spec.name, tuple(str(x) for x in label_names), splits)
+
+
+def sample_per_class(rows: list[tuple[str, int]], k: int, seed: int) -> list[tuple[str, int]]:
+    """K examples of every class, drawn without replacement with `seed`; a class with <= K examples is taken
+    whole. The result keeps the rows' original order, so it depends only on (rows, k, seed)."""
+    if k < 1:
+        raise ValueError(f"K: must be >= 1, got {k}")
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(rows):
+        by_class.setdefault(label, []).append(i)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) <= k:
+            chosen += members
+        else:
+            chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:k].tolist()]
+    return [rows[i] for i in sorted(chosen)]
+
+
+def k_shot(task: TaskData, k: int, seed: int) -> TaskData:
+    """The paper's few-shot regime: K per class for train and for dev (seeded), the full test set; the full dev
+    set is kept as `full_dev` so model selection can be reported both ways."""
+    splits = {"train": sample_per_class(task.splits["train"], k, seed),
+              "dev": sample_per_class(task.splits["dev"], k, seed + 1),
+              "test": task.splits["test"], "full_dev": task.splits["dev"]}
+    return TaskData(task.name, task.labels, splits)
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def pack_sequences(token_lists: list[list[int]], max_length: int, bos_id: int, eos_id: int) -> list[list[int]]:
+    """RoBERTa's FULL-SENTENCES packing: consecutive whole documents in one sequence of at most `max_length`
+    tokens, `<s> doc </s> doc </s> ...`. A document is never split across sequences unless it alone is longer
+    than the window, in which case it is cut into windows."""
+    sequences, current = [], [bos_id]
+    for tokens in token_lists:
+        piece = tokens + [eos_id]
+        if len(current) > 1 and len(current) + len(piece) > max_length:
+            sequences.append(current)
+            current = [bos_id]
+        while len(current) + len(piece) > max_length:
+            room = max_length - len(current)
+            sequences.append(current + piece[:room])
+            current, piece = [bos_id], piece[room:]
+        current = current + piece
+    if len(current) > 1:
+        sequences.append(current)
+    return sequences
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding to the longest sequence in the batch."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_mask: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    first_regular_id: int,
+    mask_prob: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoBERTa's dynamic masking: choose `mask_prob` of the non-special tokens; of those 80% become <mask>, 10% a
+    random regular token, 10% stay. Returns (corrupted ids, labels with -100 where no prediction is made)."""
+    probs = torch.full(input_ids.shape, mask_prob)
+    probs.masked_fill_(special_mask.bool(), 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    corrupted = input_ids.clone()
+    u = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    corrupted[to_mask] = mask_id
+    random_ids = torch.randint(first_regular_id, vocab_size, input_ids.shape, generator=generator)
+    corrupted[to_random] = random_ids[to_random]
+    return corrupted, labels
+
+
+def encode_task(task: TaskData, tokenizer, max_length: int) -> dict:
+    """split -> (list of token id lists, label tensor)."""
+    out = {}
+    for split, rows in task.splits.items():
+        texts = [t for t, _ in rows]
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        out[split] = (ids, torch.tensor([y for _, y in rows], dtype=torch.long))
+    return out
+
+
+BUCKET_BATCHES = 50  # length bucketing sorts windows of this many batches: similar lengths, still well mixed
+
+
+def _bucketed(order: list[int], ids: list[list[int]], batch_size: int, generator: torch.Generator) -> list[int]:
+    """`order` regrouped so that each batch holds examples of similar length: sort windows of BUCKET_BATCHES
+    batches by length, cut them into batches, and shuffle the batches (with the same generator, so that a resumed
+    epoch finds the same order)."""
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        by_length = sorted(order[start : start + window], key=lambda i: len(ids[i]))
+        batches += [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
+
+
+def iterate_batches(ids: list[list[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
+                    generator: torch.Generator | None = None, with_index: bool = False, by_length: bool = False,
+                    skip: int = 0, bucketing: bool = False):
+    """Yield (input_ids, attention_mask, labels) batches, plus the examples' indices with `with_index` (to look
+    up per-example cached values such as teacher outputs); shuffled when a generator is given (with `bucketing`,
+    into batches of similar length: less padding), else in order, or shortest first with `by_length` (for
+    evaluation: batches of similar length waste little on padding). `skip` drops the first batches of the order
+    (a resumed run re-enters its epoch)."""
+    if generator is not None:
+        order = torch.randperm(len(ids), generator=generator).tolist()
+        if bucketing:
+            order = _bucketed(order, ids, batch_size, generator)
+    elif by_length:
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    else:
+        order = list(range(len(ids)))
+    for start in range(skip * batch_size, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in chunk], pad_id)
+        if with_index:
+            yield input_ids, mask, labels[chunk], torch.tensor(chunk, dtype=torch.long)
+        else:
+            yield input_ids, mask, labels[chunk]

@@ -1,0 +1,172 @@
+"""Parameter-efficient tuning for RoBERTa classifiers: the paper's bottleneck adapter and LoRA (via `peft`).
+
+Both start as the identity (the adapter's up-projection and LoRA's B are zero), so a freshly adapted model computes
+exactly what the PLM with its head computes. Modules are inserted in place, without a wrapper model, so state-dict
+names stay those of the HF model plus the module's own entries:
+
+    adapter  roberta.encoder.layer.0.attention.output.dense.{weight,bias}          (the PLM's, unchanged)
+             roberta.encoder.layer.0.attention.output.dense.adapter.{down,up}.{weight,bias}
+    lora     roberta.encoder.layer.0.attention.self.query.base_layer.{weight,bias}  (peft renames the PLM's)
+             roberta.encoder.layer.0.attention.self.query.lora_{A,B}.default.weight
+
+peft moves a targeted projection's own weights under `base_layer`. Each type is one entry of `TUNING_TYPES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysys.config import FULL_FINETUNING, TuningConfig
+from raysys.config import TUNING_TYPES as CONFIG_TUNING_TYPES
+from raysys.core.recycle import WeightMismatchError
+
+WEIGHTS_FILE = "trainable.safetensors"
+
+
+class BottleneckAdapter(nn.Module):
+    """x + up(gelu(down(x))): Houlsby et al.'s adapter as OpenDelta's AdapterModel builds it for the official code
+    (tanh-approximated GELU, OpenDelta's 'gelu_new'; down-projection ~ N(0, 0.01)). OpenDelta also draws the
+    up-projection from N(0, 0.01); here it is zero so that the adapted model starts as the PLM exactly."""
+
+    def __init__(self, hidden_size: int, bottleneck: int, **factory):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, hidden_size, **factory)
+        nn.init.normal_(self.down.weight, std=0.01)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x), approximate="tanh"))
+
+
+class AdaptedLinear(nn.Module):
+    """A sub-layer's output projection followed by an adapter, before the sub-layer's dropout, residual and
+    LayerNorm (where OpenDelta's sequential adapter hooks the projection's output). It owns the projection's
+    `weight` and `bias` under their original names, so PLM weights load into it unchanged."""
+
+    def __init__(self, linear: nn.Linear, bottleneck: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.adapter = BottleneckAdapter(linear.out_features, bottleneck, device=linear.weight.device,
+                                         dtype=linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(F.linear(x, self.weight, self.bias))
+
+
+def inject_adapters(model, spec: dict):
+    """The paper's adapter after the attention and after the feed-forward sub-layer of every layer."""
+    for layer in model.roberta.encoder.layer:
+        for parent in (layer.attention.output, layer.output):
+            parent.dense = AdaptedLinear(parent.dense, spec["bottleneck"])
+    return model
+
+
+def inject_lora(model, spec: dict):
+    # inject_adapter_in_model, not get_peft_model: no PeftModel wrapper, so names keep their `roberta.` prefix
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(spec["targets"])
+    config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                        target_modules=targets, bias="none")
+    try:
+        return inject_adapter_in_model(config, model)
+    except ValueError as err:
+        raise ValueError(f"tuning.lora.targets: {targets} do not fit the model ({err})") from None
+
+
+@dataclass(frozen=True)
+class TuningType:
+    """How a tuning type changes a classifier: `inject(model, spec)` inserts its module in place (`spec` is the
+    type's `TuningConfig` section as a dict; None for full fine-tuning), `trains(name)` says which parameters
+    train, `is_module(name)` which entries are the module's own weights (not the backbone's or the head's)."""
+
+    inject: Callable | None
+    trains: Callable[[str], bool]
+    is_module: Callable[[str], bool]
+
+
+def _head(name: str) -> bool:
+    return name.startswith("classifier.")
+
+
+# The registry: a PET type is a `PetConfig` section of `TuningConfig` (its options and identity) plus one entry here.
+TUNING_TYPES: dict[str, TuningType] = {
+    FULL_FINETUNING: TuningType(None, trains=lambda name: True, is_module=lambda name: False),
+    "lora": TuningType(inject_lora, trains=lambda name: "lora_" in name or _head(name),
+                       is_module=lambda name: "lora_" in name),
+    # the official runs unfreeze the adapters, every LayerNorm and the classifier
+    "adapter": TuningType(inject_adapters, is_module=lambda name: ".adapter." in name,
+                          trains=lambda name: ".adapter." in name or "LayerNorm" in name or _head(name)),
+}
+if set(TUNING_TYPES) != set(CONFIG_TUNING_TYPES):  # a registry entry without its config section, or the reverse
+    raise RuntimeError(f"tuning types registered {sorted(TUNING_TYPES)} != configured {sorted(CONFIG_TUNING_TYPES)}")
+
+
+def apply_pet(model, tuning_type: str, spec: dict | None = None, seed: int = 0):
+    """Make `model` (a RobertaForSequenceClassification) ready for `tuning_type`, in place: fine-tuning trains
+    everything; a PET type inserts its seeded module (`spec`: its config section as a dict, default the config's
+    defaults) and freezes all but what the type trains. The module's init draws from a forked RNG, so adding it
+    does not shift what the caller's seed draws next (data order, dropout). The spec is kept on the model."""
+    if tuning_type not in TUNING_TYPES:
+        raise ValueError(f"tuning type: unknown '{tuning_type}'; known: {list(TUNING_TYPES)}")
+    if hasattr(model, "pet_spec"):
+        raise ValueError(f"model already prepared for '{model.pet_spec['tuning_type']}'")
+    kind = TUNING_TYPES[tuning_type]
+    if spec is None:
+        spec = TuningConfig().pet_spec(tuning_type)
+    if kind.inject is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = kind.inject(model, spec)
+        for name, param in model.named_parameters():
+            param.requires_grad_(bool(kind.trains(name)))
+    model.pet_spec = {"tuning_type": tuning_type, "seed": seed, "spec": spec}
+    return model
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Exactly the trainable parameters, detached copies, named as in `model.state_dict()`."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_fits(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], what: str) -> None:
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise WeightMismatchError(f"{what} do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, value in state.items():
+        if value.shape != expected[name]:
+            raise WeightMismatchError(f"{what}: '{name}' has shape {tuple(value.shape)}, the model expects "
+                                      f"{tuple(expected[name])} (tuned on another backbone shape?)")
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a `trainable_state_dict` strictly: the same names, the same shapes, nothing else touched."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _check_fits({n: p.shape for n, p in params.items()}, state, "PET weights")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def is_module_weight(name: str) -> bool:
+    """A PET module's own weight (LoRA A/B, adapter down/up), as opposed to the backbone or head."""
+    return any(kind.is_module(name) for kind in TUNING_TYPES.values())
+
+
+def save_trainable(model, directory: str | Path) -> None:
+    """The trainable weights as safetensors: with the PLM they were tuned on, `apply_pet` and
+    `load_trainable_state` rebuild the model."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model), str(directory / WEIGHTS_FILE))

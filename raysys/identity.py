@@ -1,0 +1,56 @@
+"""Identity: what makes two pieces of work the same piece of work.
+
+Every artifact and result row is addressed by `config_hash` of the inputs that determine it — configs, upstream
+hashes, strings. The rules here decide which config fields take part: resources never do (how work is spread is
+not what it computes), fields added after artifacts existed only when set away from their old behaviour, and a
+tuning type's hyper-parameters only for that type. The pinned hashes in tests/test_identity.py hold them still.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from raysys.config import StudyConfig, TaskConfig, TuningConfig, pet_sections, to_dict
+
+# How the work is spread and paced, not what it computes: never part of an artifact's identity.
+RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
+                   "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size"}
+# Fields added after artifacts were made: part of the identity only when set away from their default, so that the
+# artifacts made before they existed keep their hashes.
+IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False}
+# What the tuning type decides itself (its learning rate and step budget; its PET section): replaced per type below.
+_PER_TYPE_FIELDS = {"types", "lr", "max_steps", "pet_lr", "pet_max_steps"}
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable identity of the work described by `parts` (configs, strings, upstream hashes)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def identity(config) -> dict:
+    """The fields of a (flat) config section that decide what it computes."""
+    return {k: v for k, v in to_dict(config).items()
+            if k not in RESOURCE_FIELDS and IDENTITY_ONLY_WHEN_SET.get(k, object()) != v}
+
+
+def world_if_builtin(study: StudyConfig, source: str) -> dict | None:
+    """The built-in world's config for data generated from it; None for data from files or hubs."""
+    return to_dict(study.world) if source == "builtin" else None
+
+
+def tuning_identity(tuning: TuningConfig, tuning_type: str) -> dict:
+    """What determines a tuned model besides PLM, task and seed: the shared tuning fields, the learning rate and
+    step budget of this type, and its own PET section only (changing LoRA's rank leaves adapters alone)."""
+    own = _PER_TYPE_FIELDS | set(pet_sections(type(tuning)))  # every PET section, whatever types exist
+    shared = {k: v for k, v in identity(tuning).items() if k not in own}
+    return {**shared, "tuning_type": tuning_type, "lr": tuning.lr_for(tuning_type),
+            "max_steps": tuning.max_steps_for(tuning_type), "pet": tuning.pet_spec(tuning_type)}
+
+
+def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type: str, seed: int) -> str:
+    """The tuned model of (PLM, task, tuning type, seed) under the study's tuning settings."""
+    return config_hash("tuned", plm_hash, task, world_if_builtin(study, task.source),
+                       tuning_identity(study.tuning, tuning_type), seed)

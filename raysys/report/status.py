@@ -1,0 +1,105 @@
+"""Where a storage stands against its study, per stage: cells planned, done, failed, still to do — the stages' own
+done rule, read from the store alone (no Ray, no torch) — the training compute of the plan, and the sweep running
+on it. `raysys status` and `--dry-run` print these; the driver counts what is left with them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from raysys.config import StudyConfig
+from raysys.stages.base import View
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import STAGES
+from raysys.storage.store import Store
+from raysys.storage.study import load_saved_study, read_progress
+
+STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
+
+
+def stage_status(study: StudyConfig, store: Store) -> dict[str, dict[str, int]]:
+    """Per stage: planned cells, done, failed (their last attempt recorded an error) and to do (not tried yet)."""
+    chain, view, out = plan_chain(study), View(store), {}
+    for stage in STAGES:
+        cells = stage.plan(study, chain)
+        done = sum(stage.done(cell, view) for cell in cells)
+        failed = sum(stage.failed(cell, view) for cell in cells)
+        out[stage.name] = {"planned": len(cells), "done": done, "failed": failed, "todo": len(cells) - done - failed}
+    return out
+
+
+def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
+    """Per stage, how many planned cells are not done."""
+    return {name: s["planned"] - s["done"] for name, s in stage_status(study, store).items()}
+
+
+def _layer_parameters(study: StudyConfig) -> int:
+    """Weights of the transformer layers (what every token passes through; embeddings are lookups)."""
+    m = study.model
+    return m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
+
+
+def training_flops(study: StudyConfig) -> dict[str, float]:
+    """An upper bound of the training compute per stage, 6 · layer weights · tokens (sequences counted at their
+    maximum length; evaluation and the MLM output layer not counted): enough to tell minutes from GPU-days."""
+    chain, per_token = plan_chain(study), 6 * _layer_parameters(study)
+    flops = {}
+    for stage in STAGES:
+        tokens = sum(stage.train_tokens(study, cell) for cell in stage.plan(study, chain))
+        if tokens:
+            flops[stage.name] = per_token * tokens
+    return flops
+
+
+def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
+    """The `--dry-run` plan: per stage the cells planned, done, failed and to do, and the training compute."""
+    status, flops, chain = stage_status(study, store), training_flops(study), plan_chain(study)
+    lines = [f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to run':>7} {'train PFLOP':>12}"]
+    for stage in STAGES:
+        counts, pflop = status[stage.name], flops.get(stage.name)
+        note = stage.plan_note(study, stage.plan(study, chain))
+        lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
+                     f"{counts['planned'] - counts['done']:>7} {'—' if pflop is None else f'{pflop / 1e15:.3g}':>12}"
+                     + (f"   {note}" if note else ""))
+    total = sum(flops.values())
+    hours = total / (tflops * 1e12) / 3600
+    lines.append(f"training compute ≈ {total / 1e15:.3g} PFLOP (upper bound, evaluation not counted): "
+                 f"{hours:.3g} device-hours at a sustained {tflops:g} TFLOP/s (--assume-tflops)")
+    return "\n".join(lines)
+
+
+def running_sweep(store: Store) -> dict | None:
+    """The state of the sweep running on this storage, or None (none started, finished, or gone)."""
+    state = read_progress(store)
+    if state is None or state.get("final") or time.time() - state.get("updated", 0) > STALE_AFTER_S:
+        return None
+    if state.get("host", socket.gethostname()) != socket.gethostname():
+        return state  # a driver on another machine (shared storage): only its freshness can be judged
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+def status_text(store: Store) -> str:
+    study = load_saved_study(store)
+    status = stage_status(study, store)
+    running = running_sweep(store)
+    lines = [f"study '{study.name}' in {store.root}",
+             f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to do':>7}  state"]
+    for stage in STAGES:
+        counts = status[stage.name]
+        if running and running["stage"] == stage.name:
+            state = f"running: {running['running']} trial(s), {running['elapsed_s']:.0f}s elapsed" + (
+                f", ETA {running['eta_s']:.0f}s" if running.get("eta_s") is not None else "")
+        elif counts["done"] == counts["planned"]:
+            state = "complete"
+        else:
+            state = "failed cells: rerun to retry" if counts["failed"] else "pending"
+        lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
+                     f"{counts['todo']:>7}  {state}")
+    if not running:
+        lines.append("no sweep is running on this storage")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""The plan every stage builds on: the PLM chains (main M0 → … → Mk and the control chain), the pairs of tuned
+models the pilot studies compare, and the checks that the chain's checkpoints can be recycled between at all."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from raysys.config import StudyConfig
+from raysys.identity import config_hash, identity, tuned_hash, world_if_builtin
+from raysys.storage.store import Store, atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class Link:
+    """One PLM of a chain: `chain` is "main" or "control", `index` the corpus (`domain`) it was last trained on."""
+
+    chain: str
+    index: int
+    plm_hash: str
+    parent: str | None
+    seed: int
+    checkpoint: str | None  # the pretrained checkpoint an index-0 link starts from (None: from scratch)
+    domain: str
+
+    @property
+    def cell_hash(self) -> str:
+        return self.plm_hash
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    tokenizer_hash: str
+    links: tuple[Link, ...]
+
+    def hashes(self, chain: str = "main") -> tuple[str, ...]:
+        return tuple(link.plm_hash for link in self.links if link.chain == chain)
+
+    @property
+    def plm_hashes(self) -> tuple[str, ...]:
+        """M0 .. Mk of the main chain."""
+        return self.hashes("main")
+
+    def link(self, plm_hash: str) -> Link:
+        return next(link for link in self.links if link.plm_hash == plm_hash)
+
+
+def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed: int,
+           checkpoint: str | None) -> list[Link]:
+    first_corpus = study.corpora[0]
+    recipe = identity(dataclasses.replace(study.pretrain, seed=seed))
+    initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr")}
+    continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
+    model = dataclasses.replace(study.model, name_or_path=checkpoint)
+    first = config_hash("plm", model, tokenizer_hash, first_corpus, world_if_builtin(study, first_corpus.source),
+                        initial)
+    links = [Link(name, 0, first, None, seed, checkpoint, first_corpus.name)]
+    for index, corpus in enumerate(study.corpora[1:length], start=1):
+        plm_hash = config_hash("plm", links[-1].plm_hash, corpus, world_if_builtin(study, corpus.source), continual)
+        links.append(Link(name, index, plm_hash, links[-1].plm_hash, seed, None, corpus.name))
+    return links
+
+
+def plan_chain(study: StudyConfig) -> ChainPlan:
+    """The main chain M0 → … → Mk and the control chain M0' → … (another origin, the same continual data)."""
+    first_corpus = study.corpora[0]
+    tokenizer_hash = config_hash("tokenizer", study.model.name_or_path or
+                                 [study.model.vocab_size, first_corpus,
+                                  world_if_builtin(study, first_corpus.source)])
+    main = _chain(study, tokenizer_hash, "main", len(study.corpora), study.pretrain.seed, study.model.name_or_path)
+    control = _chain(study, tokenizer_hash, "control", study.control_length, study.pilot.control_seed,
+                     study.pilot.control_name_or_path) if study.control_length else []
+    return ChainPlan(tokenizer_hash, tuple(main + control))
+
+
+def pilot_hops(study: StudyConfig) -> list[tuple[int, int]]:
+    """(i, i + h) for every hop h of the pilot studies between two tuned PLMs of the main chain."""
+    tuned = set(study.plms_to_tune)
+    return [(i, i + h) for h in study.pilot.hops for i in range(len(study.corpora))
+            if i in tuned and i + h in tuned]
+
+
+def control_indices(study: StudyConfig) -> list[int]:
+    """The control-chain PLMs some control pair needs (and so the tuning stage tunes)."""
+    return sorted({j for _, j in pilot_hops(study) if j < study.control_length})
+
+
+def task_grid(study: StudyConfig):
+    """(task, tuning type, seed) of every tuned model of one PLM."""
+    for task in study.tasks:
+        for tuning_type in study.tuning.types:
+            for seed in study.seeds:
+                yield task, tuning_type, seed
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two tuned models the interpolation and similarity stages compare: tuned M_i and tuned M_j of the main chain
+    ("continual"), or tuned M_i and the control chain's tuned C_j ("control": no shared pre-training history)."""
+
+    pair_hash: str
+    pair_kind: str
+    task: str
+    tuning_type: str
+    seed: int
+    plm_index_a: int
+    plm_index_b: int
+    chain_b: str
+    tuned_hash_a: str
+    tuned_hash_b: str
+
+
+def plan_pairs(study: StudyConfig, chain: ChainPlan) -> list[Pair]:
+    """The continual pair of each hop and, where the control chain reaches j, the control pair."""
+    pairs = []
+    for i, j in pilot_hops(study):
+        ends = [("continual", "main")] + ([("control", "control")] if j < study.control_length else [])
+        for kind, chain_b in ends:
+            plm_a, plm_b = chain.plm_hashes[i], chain.hashes(chain_b)[j]
+            for task, tuning_type, seed in task_grid(study):
+                a = tuned_hash(study, plm_a, task, tuning_type, seed)
+                b = tuned_hash(study, plm_b, task, tuning_type, seed)
+                pairs.append(Pair(config_hash("pair", a, b), kind, task.name, tuning_type, seed, i, j, chain_b, a, b))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ checking
+
+
+def check_same_architecture(named: dict[str, str | Path]) -> None:
+    """Refuse, before any trial starts, to recycle weights between checkpoints whose architecture or vocabulary
+    differ (name -> checkpoint path or hub name); the error names both and the first differing field."""
+    from raysys.core import models  # transformers: only where checkpoints are compared
+    from raysys.core.recycle import WeightMismatchError
+
+    shapes = {name: models.architecture(path) for name, path in named.items()}
+    (first, reference), *others = shapes.items()
+    for name, shape in others:
+        for field in models.ARCHITECTURE_FIELDS:
+            if shape[field] != reference[field]:
+                raise WeightMismatchError(
+                    f"{first} and {name} differ in {field} ({reference[field]} vs {shape[field]}): deltas, "
+                    "interpolation and PET modules need one architecture and one vocabulary")
+
+
+def _plm_config_folder(store: Store, plm_hash: str) -> Path:
+    """A folder holding only the PLM's config.json: enough to compare architectures without fetching weights."""
+    if not store.remote:
+        return store.artifact("plm", plm_hash)
+    folder = store.local / "configs" / plm_hash
+    atomic_write_bytes(folder / "config.json", store.artifact_file("plm", plm_hash, "config.json"))
+    return folder
+
+
+def preflight(study: StudyConfig, store: Store, chain: ChainPlan) -> None:
+    """Checks that need checkpoints: the control origin must match the main chain, and every PLM already in the
+    store must share one architecture (a store reused across studies could mix them)."""
+    named = {f"plm {link.chain}[{link.index}]": _plm_config_folder(store, link.plm_hash) for link in chain.links
+             if store.has_artifact("plm", link.plm_hash)}
+    if study.pilot.control_name_or_path and study.control_length:
+        main = study.model.name_or_path
+        named = {f"model.name_or_path ({main})": main,
+                 f"pilot.control_name_or_path ({study.pilot.control_name_or_path})": study.pilot.control_name_or_path,
+                 **named}
+    if len(named) > 1:
+        check_same_architecture(named)

@@ -1,0 +1,136 @@
+"""Stage `interpolation`: linear mode connectivity. For every pair (tuned M_i, tuned M_j), the model
+θ(α) = (1 − α)·θ_a + α·θ_b at each α of `pilot.alphas` — each end keeping its own backbone, so for PET the
+backbone and the module are interpolated together — then the path's loss barrier and accuracy drop.
+
+A path's points share one file (keyed by the pair): one write per path instead of one per α, and the summary
+reads back one file, not the table. A trial runs one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raysys.config import StudyConfig
+from raysys.identity import config_hash
+from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, cell_columns, error_text
+from raysys.stages.chain import ChainPlan, Pair, plan_pairs
+from raysys.storage import results
+
+
+@dataclass(frozen=True)
+class PathPoint(Pair):
+    """θ(α) of one pair, evaluated on dev and test."""
+
+    cell_hash: str
+    alpha: float
+
+
+@dataclass(frozen=True)
+class PathSummary(Pair):
+    """The barrier and accuracy drop of one pair's path over its `num_alphas` points (its hash is the pair's)."""
+
+    cell_hash: str
+    num_alphas: int
+
+
+class InterpolationStage(Stage):
+    name = "interpolation"
+    tables = ("interpolation", "interpolation_paths")
+    cell_types = (PathPoint, PathSummary)
+
+    def plan(self, study: StudyConfig, chain: ChainPlan) -> list:
+        pairs = plan_pairs(study, chain)
+        alphas = study.pilot.alphas
+        points = [PathPoint(**vars(pair), cell_hash=config_hash("interp", pair.pair_hash, alpha), alpha=alpha)
+                  for pair in pairs for alpha in alphas]
+        return points + [PathSummary(**vars(pair), cell_hash=pair.pair_hash, num_alphas=len(alphas)) for pair in pairs]
+
+    def outputs(self, cell):
+        if isinstance(cell, PathPoint):
+            return (Rows("interpolation", cell.cell_hash, file=cell.pair_hash),)
+        return (Rows("interpolation_paths", cell.cell_hash),)
+
+    def inputs(self, cell):
+        return Artifact("tuned", cell.tuned_hash_a), Artifact("tuned", cell.tuned_hash_b)
+
+    def done(self, cell, view: View) -> bool:
+        """A summary is done once written over the study's α: a grid with a new α makes it stale."""
+        if isinstance(cell, PathPoint):
+            return super().done(cell, view)
+        rows = view.rows_of("interpolation_paths", cell.cell_hash)
+        return bool(rows) and all(r["num_alphas"] == cell.num_alphas for r in rows)
+
+    def groups(self, cells: list) -> list[list]:
+        paths: dict[str, list] = {}
+        for cell in cells:
+            paths.setdefault(cell.pair_hash, []).append(cell)
+        return list(paths.values())
+
+    def resources(self, study: StudyConfig) -> Resources:
+        return Resources(study.pilot.cpus_per_trial, study.pilot.gpus_per_trial)
+
+    def run_group(self, ctx: Context, cells: list) -> int:
+        """The path's missing points, then its summary (written once every α has a row)."""
+        view = View(ctx.store, scan=False)
+        all_points = [c for c in cells if isinstance(c, PathPoint)]
+        points = [c for c in all_points if not self.done(c, view)]  # a retried trial keeps what it finished
+        pair = cells[0]
+        wanted = {c.cell_hash for c in points}
+        kept = [r for r in results.read_cell(ctx.store, "interpolation", pair.pair_hash)
+                if r["status"] == "ok" and r["cell_hash"] not in wanted]
+        new = []
+        if points:
+            started = results.now()
+            try:
+                new = _point_rows(ctx, pair, points)
+            except Exception as err:  # noqa: BLE001 — recorded; the path runs again next time
+                failed = results.provenance(started, "failed", error_text(err))
+                new = [{"cell_hash": c.cell_hash, **failed, **cell_columns(c, "interpolation")} for c in points]
+            results.write_rows(ctx.store, "interpolation", pair.pair_hash, kept + new)
+        summarised = write_path_summary(ctx, pair) and len(all_points) < len(cells)
+        return len(all_points) - len(points) + sum(r["status"] == "ok" for r in new) + summarised
+
+
+def _point_rows(ctx: Context, pair: Pair, points: list[PathPoint]) -> list[dict]:
+    from raysys.core import recycle
+    from raysys.stages.recipe import Evaluator, clone_state
+    from raysys.storage import artifacts
+
+    evaluator = Evaluator(ctx, pair.task)
+    model_a, _ = artifacts.load_tuned(ctx.store, pair.tuned_hash_a)
+    model_b, _ = artifacts.load_tuned(ctx.store, pair.tuned_hash_b)
+    state_a, state_b = clone_state(model_a.to(evaluator.device)), clone_state(model_b.to(evaluator.device))
+    del model_b
+    rows = []
+    for point in points:
+        started = results.now()
+        metrics = evaluator.state_metrics(model_a, recycle.interpolate(state_a, state_b, point.alpha))
+        rows.append({"cell_hash": point.cell_hash, **results.provenance(started),
+                     **cell_columns(point, "interpolation"), **metrics})
+    return rows
+
+
+def write_path_summary(ctx: Context, pair: Pair) -> bool:
+    """Loss barrier and largest accuracy drop of one pair's path, per split, once all its α have rows."""
+    from raysys.core import analysis
+
+    started = results.now()
+    rows = [r for r in results.read_cell(ctx.store, "interpolation", pair.pair_hash) if r["status"] == "ok"]
+    by_alpha = {r["alpha"]: r for r in rows}
+    if set(by_alpha) != set(ctx.study.pilot.alphas):
+        return False
+    path = [by_alpha[a] for a in sorted(by_alpha)]
+    alphas = [r["alpha"] for r in path]
+    out = []
+    for split in ("dev", "test"):
+        losses, accs = [r[f"{split}_loss"] for r in path], [r[f"{split}_accuracy"] for r in path]
+        out.append({**results.provenance(started), **cell_columns(pair, "interpolation_paths"), "split": split,
+                    "num_alphas": len(path), "loss_a": losses[0], "loss_b": losses[-1], "accuracy_a": accs[0],
+                    "accuracy_b": accs[-1], "min_accuracy": min(accs),
+                    "loss_barrier": analysis.loss_barrier(alphas, losses),
+                    "accuracy_drop": analysis.accuracy_drop(alphas, accs)})
+    results.write_rows(ctx.store, "interpolation_paths", pair.pair_hash, out)
+    return True
+
+
+STAGE = InterpolationStage()

@@ -1,0 +1,145 @@
+"""Stage `pretrain`: (continual) masked-LM pre-training of every PLM of the main and control chains.
+
+One Ray Train job walks the links that are not done, in chain order (a link's parent is done, or comes earlier in
+the same job), each on `pretrain.num_workers` DDP workers; rank 0 saves each PLM before any worker starts the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from raysys.config import StudyConfig
+from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View
+from raysys.stages.chain import ChainPlan, Link
+from raysys.storage import results
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+    tables = ("pretrain_runs", "pretrain_curves")
+    cell_types = (Link,)
+    launcher = "chain"
+
+    def plan(self, study: StudyConfig, chain: ChainPlan) -> list[Link]:
+        return list(chain.links)
+
+    def outputs(self, link: Link):
+        return Rows("pretrain_runs", link.plm_hash), Artifact("plm", link.plm_hash)
+
+    def resources(self, study: StudyConfig) -> Resources:
+        p = study.pretrain
+        return Resources(cpus=p.cpus_per_worker, gpus=1.0 if p.use_gpu else 0.0, workers=p.num_workers)
+
+    def train_tokens(self, study: StudyConfig, link: Link) -> int:
+        return _steps(study, link)[0] * study.pretrain.batch_size * study.pretrain.sequence_length
+
+    def failure_columns(self, study: StudyConfig, link: Link, table: str) -> dict:
+        return {"chain": link.chain, "link": link.index, "domain": link.domain,
+                "num_workers": study.pretrain.num_workers}
+
+    def run_group(self, ctx: Context, links: list[Link]) -> int:
+        """Every worker runs this with the same links; returns how many are done."""
+        from raysys.storage import artifacts
+
+        workers = ctx.workers
+        if workers.rank == 0:
+            ensure_tokenizer(ctx)
+        workers.barrier()
+        tokenizer = artifacts.load_tokenizer(ctx.store, ctx.chain.tokenizer_hash)
+        done = 0
+        for link in links:
+            if self.done(link, View(ctx.store, scan=False)):  # a restarted job keeps the links it finished
+                done += 1
+                continue
+            last = train_link(ctx, link, tokenizer)
+            workers.barrier()
+            workers.report({"chain": link.chain, "link": link.index, "step": last.get("step", 0),
+                            "loss": last.get("loss"), "tokens_per_second": last.get("tokens_per_second")})
+            done += 1
+        return done
+
+
+def _steps(study: StudyConfig, link: Link) -> tuple[int, float]:
+    """(steps, peak lr) of a link: M0 trains `initial_steps` (from scratch, or further from its checkpoint; 0
+    keeps the checkpoint as it is), each later link `continual_steps`."""
+    p = study.pretrain
+    return (p.initial_steps, p.lr) if link.index == 0 else (p.continual_steps, p.continual_lr)
+
+
+def link_config(study: StudyConfig, link: Link):
+    """The chain's seed drives initialisation, data order and masking of every link of that chain."""
+    return dataclasses.replace(study.pretrain, seed=link.seed)
+
+
+def ensure_tokenizer(ctx: Context) -> None:
+    """Train (from scratch) or fetch (a pretrained M0) the one tokenizer of the chain, once."""
+    from raysys.core import data, models
+
+    study, store = ctx.study, ctx.store
+    if store.has_artifact("tokenizer", ctx.chain.tokenizer_hash):
+        return
+    with store.writing_artifact("tokenizer", ctx.chain.tokenizer_hash) as tmp:
+        if study.model.name_or_path:
+            tokenizer = models.load_tokenizer(study.model.name_or_path)
+        else:
+            tokenizer = models.train_tokenizer(data.load_corpus(study.corpora[0], study.world), study.model.vocab_size)
+        tokenizer.save_pretrained(str(tmp))
+
+
+def _initial_model(ctx: Context, link: Link, tokenizer):
+    from raysys.core import models
+    from raysys.storage import artifacts
+
+    if link.parent:
+        return artifacts.load_plm(ctx.store, link.parent)
+    if link.checkpoint:
+        return models.load_masked_lm(link.checkpoint)
+    return models.new_masked_lm(ctx.study.model, tokenizer, link.seed)
+
+
+def train_link(ctx: Context, link: Link, tokenizer) -> dict:
+    """Train one PLM on this worker; rank 0 saves it and its rows. Returns the curve's last row."""
+    from raysys.core import data, masked_lm_loop
+
+    study, workers = ctx.study, ctx.workers
+    started = results.now()
+    model = _initial_model(ctx, link, tokenizer).to(ctx.device)
+    texts = data.load_corpus(study.corpora[link.index], study.world)
+    sequences = masked_lm_loop.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
+    checkpointer = ctx.checkpointer(link.plm_hash, study.pretrain.checkpoint_every_seconds)
+    steps, lr = _steps(study, link)
+    curve = masked_lm_loop.train_masked_lm(model, sequences, tokenizer, link_config(study, link),
+                                           masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,
+                                           ctx.device, wrap=workers.wrap, checkpointer=checkpointer)
+    if workers.rank == 0:
+        save_link(ctx, link, model.cpu(), tokenizer, curve, started)
+        if checkpointer:
+            checkpointer.done()
+    return curve[-1] if curve else {}
+
+
+def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started) -> None:
+    """The PLM artifact (safetensors + tokenizer), then its curve and run rows."""
+    from raysys.config import to_dict
+    from raysys.core import models
+    from raysys.storage import artifacts
+
+    study, store = ctx.study, ctx.store
+    artifacts.save_plm(store, link.plm_hash, model, tokenizer,
+                       {"chain": link.chain, "link": link.index, "config": to_dict(study)})
+    common = {"chain": link.chain, "link": link.index, "domain": link.domain}
+    results.write_rows(store, "pretrain_curves", link.plm_hash, [{**common, **row} for row in curve])
+    last = curve[-1] if curve else {}
+    init = "continual" if link.parent else (f"pretrained:{link.checkpoint}" if link.checkpoint
+                                            else f"scratch:seed={link.seed}")
+    results.write_rows(store, "pretrain_runs", link.plm_hash, [{
+        **results.provenance(started), **common, "parent_hash": link.parent, "init": init,
+        "steps": last.get("step", 0), "lr": _steps(study, link)[1], "num_workers": ctx.workers.world_size,
+        "num_parameters": models.count_parameters(model), "final_loss": last.get("loss"),
+        "tokens": last.get("tokens", 0), "tokens_per_second": last.get("tokens_per_second"),
+        "config": json.dumps(to_dict(link_config(study, link))),
+    }])
+
+
+STAGE = PretrainStage()

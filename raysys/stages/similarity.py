@@ -1,0 +1,98 @@
+"""Stage `similarity`: functional similarity of the pair's two tuned models — per attention head, 1 − JS/ln 2
+between corresponding heads against non-corresponding ones, on the first dev examples — and the distances between
+their PLMs, tuned weights and updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raysys.config import FULL_FINETUNING, StudyConfig
+from raysys.identity import config_hash
+from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, cell_columns
+from raysys.stages.chain import ChainPlan, Pair, plan_pairs
+from raysys.storage import results
+
+
+@dataclass(frozen=True)
+class SimilarityCell(Pair):
+    cell_hash: str
+
+
+class SimilarityStage(Stage):
+    name = "similarity"
+    tables = ("head_similarity", "distances")
+    cell_types = (SimilarityCell,)
+
+    def plan(self, study: StudyConfig, chain: ChainPlan) -> list[SimilarityCell]:
+        pilot = study.pilot
+        return [SimilarityCell(**vars(pair), cell_hash=config_hash("similarity", pair.pair_hash,
+                                                                   pilot.similarity_examples, study.tuning.max_length))
+                for pair in plan_pairs(study, chain)]
+
+    def outputs(self, cell: SimilarityCell):
+        return Rows("head_similarity", cell.cell_hash), Rows("distances", cell.cell_hash)
+
+    def inputs(self, cell: SimilarityCell):
+        return Artifact("tuned", cell.tuned_hash_a), Artifact("tuned", cell.tuned_hash_b)
+
+    def resources(self, study: StudyConfig) -> Resources:
+        return Resources(study.pilot.cpus_per_trial, study.pilot.gpus_per_trial)
+
+    def run(self, ctx: Context, cell: SimilarityCell) -> None:
+        import torch
+
+        from raysys.core import analysis, data
+        from raysys.stages.recipe import Evaluator
+        from raysys.storage import artifacts
+
+        study, store = ctx.study, ctx.store
+        started = results.now()
+        evaluator = Evaluator(ctx, cell.task)
+        model_a, meta_a = artifacts.load_tuned(store, cell.tuned_hash_a)
+        model_b, meta_b = artifacts.load_tuned(store, cell.tuned_hash_b)
+        ids, labels = evaluator.data.encoded["dev"]
+        n = min(study.pilot.similarity_examples, len(ids))
+        batches = [(x, mask) for x, mask, _ in data.iterate_batches(ids[:n], labels[:n], study.pilot.eval_batch_size,
+                                                                    evaluator.data.pad_id)]
+        maps_a, mask = analysis.attention_maps(model_a.to(evaluator.device), batches)
+        maps_b, _ = analysis.attention_maps(model_b.to(evaluator.device), batches)
+        model_a.cpu(), model_b.cpu()  # the distances below are taken against the PLMs' weights, on the CPU
+        common = {**results.provenance(started), **cell_columns(cell, "head_similarity")}
+        rows = []
+        for layer, (a, b) in enumerate(zip(maps_a, maps_b)):
+            js = analysis.head_divergence(a, b, mask)  # (heads, heads)
+            heads = js.shape[0]
+            for head in range(heads):
+                others = torch.cat([js[head, :head], js[head, head + 1:]])
+                rows.append({**common, "layer": layer, "head": head, "num_examples": n,
+                             "js_corresponding": float(js[head, head]),
+                             "js_noncorresponding": float(others.mean()) if heads > 1 else None,
+                             "similarity_corresponding": float(analysis.similarity(js[head, head])),
+                             "similarity_noncorresponding":
+                                 float(analysis.similarity(others.mean())) if heads > 1 else None})
+        results.write_rows(store, "head_similarity", cell.cell_hash, rows)
+        results.write_rows(store, "distances", cell.cell_hash, [
+            {**common, "what": what, **dist} for what, dist in pair_distances(store, model_a, meta_a, model_b, meta_b)])
+
+
+def pair_distances(store, model_a, meta_a: dict, model_b, meta_b: dict):
+    """(what, {num_parameters, l2, l2_per_parameter, cosine}) for the two PLMs' encoders, the two tuned models
+    (classifier excluded, as the paper does), and the two updates: Δ = θ^τ − θ of the encoder for fine-tuning,
+    the trained module for PET."""
+    from raysys.core import pet, recycle
+    from raysys.stages.recipe import clone_state
+    from raysys.storage import artifacts
+
+    plm_a, plm_b = (recycle.select(artifacts.plm_state(store, m["plm_hash"]), "roberta.") for m in (meta_a, meta_b))
+    tuned_a, tuned_b = (recycle.drop(clone_state(m), ["classifier."]) for m in (model_a, model_b))
+    if meta_a["tuning_type"] == FULL_FINETUNING:
+        update_a = recycle.delta(recycle.select(tuned_a, "roberta."), plm_a)
+        update_b = recycle.delta(recycle.select(tuned_b, "roberta."), plm_b)
+    else:
+        update_a, update_b = (recycle.drop(pet.trainable_state_dict(m), ["classifier."]) for m in (model_a, model_b))
+    for what, a, b in (("plm", plm_a, plm_b), ("tuned", tuned_a, tuned_b), ("update", update_a, update_b)):
+        n = sum(v.numel() for v in a.values() if v.is_floating_point())
+        yield what, {"num_parameters": n, **recycle.distance(a, b)}
+
+
+STAGE = SimilarityStage()

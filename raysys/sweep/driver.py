@@ -1,0 +1,213 @@
+"""The driver: `python sweeps/full_paper.py` plans the study, then runs each stage of the registry on its cells
+that are not done and whose inputs exist, until none becomes ready; it prints the summary and writes the report.
+
+It knows no stage by name. Resume rests on the content-addressed store, not on Tune's experiment state (Tune's
+restore recomputes trials that had finished): every launch is built from the cells the store does not hold yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+
+from raysys.config import ConfigError, StudyConfig, available_presets, load_study, to_dict
+from raysys.core.recycle import WeightMismatchError
+from raysys.report.status import missing_cells, plan_text
+from raysys.report.summary import publish_report, summary
+from raysys.stages.base import MissingInputError, Stage, View, hashes
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import NAMES, STAGES
+from raysys.storage.store import Store
+from raysys.storage.study import save_study
+from raysys.sweep.cluster import AUTO, ClusterError, choose_preset, init_ray, local_gpus, resources_text
+from raysys.sweep.launchers import launch
+from raysys.sweep.progress import Progress
+from raysys.sweep.trackers import tracking_callbacks
+
+
+def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
+              tracker: str | None = None, tracking_uri: str | None = None) -> dict:
+    """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
+    finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow."""
+    chain = plan_chain(study)
+    save_study(study, store)
+    ran = {}
+    for stage in STAGES:
+        if stage.name in only:
+            cells = stage.plan(study, chain)
+            stage.check(study, store, chain, tuple(only))
+            trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
+            ran[stage.name] = run_stage(stage, cells, study, store, log, trackers)
+    return ran
+
+
+def count_done(stage: Stage, cells: list, store: Store) -> int:
+    view = View(store)
+    return sum(stage.done(cell, view) for cell in cells)
+
+
+def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=print, trackers=tuple) -> dict:
+    """Launch the stage's cells that are not done and are ready; again while that made more of them ready (the
+    methods stage: the reference runs, then what is measured against them). A cell tried in this run is not
+    launched again: if it failed, its row says so and the next run retries it. `trackers()` gives each launch
+    its tracking callbacks."""
+    view = View(store)
+    finished = sum(stage.done(cell, view) for cell in cells)
+    tried: set[str] = set()
+    seconds = 0.0
+    while True:
+        todo = [c for c in cells if c.cell_hash not in tried and not stage.done(c, view) and stage.ready(c, view)]
+        groups = stage.groups(todo)
+        if todo or not tried:
+            log(f"[{stage.name}] {len(cells)} cells: {finished + len(tried)} finished, {len(todo)} to run in "
+                f"{len(groups)} trials")
+        if not todo:
+            break
+        progress = Progress(stage.name, lambda: count_done(stage, cells, store), len(cells), store, log)
+        seconds += launch(stage, groups, study, store, [progress, *trackers()], log)
+        tried |= hashes(todo)
+        view = View(store)  # what the launch left
+    blocked = len(cells) - finished - len(tried)
+    if blocked:
+        log(f"[{stage.name}] {blocked} cells blocked: their inputs are missing")
+    if tried:
+        log(f"[{stage.name}] done in {seconds:.1f}s")
+    return {"cells": len(cells), "finished_before": finished, "ran": len(tried), "blocked": blocked,
+            "seconds": seconds}
+
+
+def fresh_start(store: Store) -> str | None:
+    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time). An
+    object store has no rename: its objects are copied, then removed (and the local cache of them too)."""
+    if not store.exists():
+        return None
+    suffix = f".old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not store.remote:
+        Path(store.base).rename(store.base + suffix)
+        return store.base + suffix
+    if "/" not in store.base:
+        raise ValueError(f"--fresh: '{store.root}' is a bucket root; give the storage a prefix (bucket/name) to move")
+    pafs.copy_files(store.base, store.base + suffix, source_filesystem=store.fs, destination_filesystem=store.fs)
+    store.fs.delete_dir(store.base)
+    shutil.rmtree(store.local, ignore_errors=True)
+    return store.uri(suffix=suffix)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the recyclable-tuning study on Ray.")
+    parser.add_argument("--preset", default=AUTO,
+                        help=f"one of {available_presets()}, or auto (default): paper when the cluster has GPUs, "
+                             "else tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set tuning.lr=5e-4 --set seeds=[1,2]")
+    parser.add_argument("--storage", default=None,
+                        help="storage root: a path, or a URI pyarrow.fs opens (s3://bucket/run, gs://...); "
+                             "default runs/<preset>")
+    parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES), help="run only these stages")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to attach to (host:port, ray://host:port, auto, or local for a new local "
+                             "Ray); default: the cluster `ray start` runs on this machine if any, else a local Ray")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, cell counts, training compute) and exit; starts no Ray work")
+    parser.add_argument("--assume-tflops", type=float, default=None,
+                        help="sustained TFLOP/s per device for the --dry-run estimate (default: 100 with GPUs, "
+                             "0.05 on CPU)")
+    parser.add_argument("--search", choices=("grid", "optuna"), default=None,
+                        help="how the methods' continuous knobs (lr, T, a, beta) are chosen: the preset's grid, or "
+                             "an Optuna search inside each grid cell (= --set methods.search.algorithm=...)")
+    parser.add_argument("--search-trials", type=int, default=None, metavar="N",
+                        help="Optuna trials per grid cell (= --set methods.search.trials=N)")
+    parser.add_argument("--tracker", choices=("mlflow",), default=None,
+                        help="also log every trial to MLflow (TensorBoard event files are always written under "
+                             "<storage>/ray: tensorboard --logdir <storage>/ray/tune)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db; "
+                             "for a URI storage, a file in its local cache)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: move the storage aside to <storage>.old-<time>, then run")
+    return parser.parse_args(argv)
+
+
+def _search_overrides(args: argparse.Namespace) -> list[str]:
+    out = [] if args.search is None else [f"methods.search.algorithm={args.search}"]
+    return out + ([] if args.search_trials is None else [f"methods.search.trials={args.search_trials}"])
+
+
+def _load(args: argparse.Namespace, preset: str) -> tuple[StudyConfig, Store]:
+    study = load_study(preset, args.overrides + _search_overrides(args))
+    store = Store(args.storage or Path("runs") / preset)
+    tracking_callbacks(args.tracker, study, store, "check", args.tracking_uri)  # fail before any work
+    return study, store
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # `auto` is settled by the cluster's GPUs once Ray is up; until then (and for --dry-run / --print-config, which
+    # start no Ray) by this machine's.
+    preset, why = (args.preset, "") if args.preset != AUTO else choose_preset(local_gpus(), "this machine")
+    try:
+        study, store = _load(args, preset)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.preset == AUTO:
+        print(f"raysys: --preset auto -> {preset} ({why})",
+              file=sys.stderr if args.print_config else sys.stdout)  # --print-config prints JSON only
+    if args.print_config:
+        print(json.dumps(to_dict(study), indent=1))
+        return 0
+    if args.dry_run:
+        tflops = args.assume_tflops or (100.0 if study.pretrain.use_gpu else 0.05)
+        print(f"raysys: plan of study '{study.name}' (preset {preset}) in {store.root}")
+        print(plan_text(study, store, tflops))
+        return 0
+    try:
+        joined = init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"raysys: running on {joined}: {resources_text()}")
+    if args.preset == AUTO:
+        chosen, why = choose_preset(ray.cluster_resources().get("GPU", 0))
+        if chosen != preset:
+            try:
+                (study, store), preset = _load(args, chosen), chosen
+            except (ConfigError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        print(f"raysys: --preset auto -> {preset} ({why})")
+    try:
+        if args.fresh:
+            aside = fresh_start(store)
+            if aside:
+                print(f"raysys: --fresh: moved the old storage to {aside}")
+        store.ensure_writable()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"raysys: study '{study.name}' (preset {preset}) -> {store.root}")
+    started = time.time()
+    try:
+        run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
+    except (WeightMismatchError, MissingInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(study, store))
+    print(f"\nreport: {publish_report(study, store)}")
+    print(f"\nresults: {store.uri('results')} (Parquet; schemas in docs/results.md)")
+    print(f"total wall time: {time.time() - started:.1f}s")
+    incomplete = {k: v for k, v in missing_cells(study, store).items() if v and k in args.only}
+    if incomplete:
+        print(f"incomplete: {incomplete} — rerun the same command to retry failed or blocked cells", file=sys.stderr)
+        return 1
+    return 0

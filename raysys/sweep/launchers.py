@@ -1,0 +1,236 @@
+"""How a stage's groups of cells run on Ray, knowing no stage by name: one generic trainable per launcher kind,
+one checkpointer factory, and the three launchers a stage can ask for —
+
+    grid    one Tune experiment, `grid_search` over the groups, a trial per group (`run_group`)
+    chain   one Tune trial fitting a Ray Train `TorchTrainer`: every worker runs `run_group` over all the cells
+    search  per group (one search cell) a Tune experiment driven by a seeded `OptunaSearch`
+
+Ray's own examples are the pattern: small identifiers in `param_space`, big constants through
+`tune.with_parameters`, the typed config built once inside each trial, the stage's plain code called from there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+
+from raysys.config import StudyConfig, build, to_dict
+from raysys.core import compute
+from raysys.identity import config_hash
+from raysys.stages.base import Context, Resources, Stage, View, Workers, write_failure
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import stage as stage_named
+from raysys.storage import results
+from raysys.storage.checkpoint import Checkpointer
+from raysys.storage.store import Store
+from raysys.sweep import monitor
+
+# ------------------------------------------------------------------------------------------- in the trial
+
+
+def trial_device() -> torch.device:
+    """The GPU Ray gave this process (a whole one or a share), else the CPU. A trial that asked for no GPU trains
+    on the CPU even on a GPU node; Ray narrows CUDA_VISIBLE_DEVICES to the trial's GPUs, so device 0 is its own."""
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        compute.allow_tf32(device)
+        return device
+    return torch.device("cpu")
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _local_copy(checkpoint) -> Path | None:
+    """A Ray checkpoint as a local folder (downloaded if its storage is remote)."""
+    return Path(checkpoint.to_directory()) if checkpoint else None
+
+
+def checkpointer_factory(api, store: Store, stage_name: str, record: bool = True) -> Callable[[str, float], Checkpointer]:
+    """`make(cell_hash, every_seconds)`: a training cell's mid-run checkpoints, in the store (a new driver finds
+    them) and reported to Ray through `api` — `ray.tune` in a trial, `ray.train` in a Train worker: both have
+    `report(metrics, checkpoint=...)`, `Checkpoint` and `get_checkpoint()` — with every evaluation (TensorBoard
+    curves; Ray hands the newest back when it retries), and to the dashboard's metrics when `record`."""
+
+    def make(cell_hash: str, every_seconds: float) -> Checkpointer:
+        def metrics(m: dict) -> dict:
+            if record:
+                monitor.record_trial(stage_name, cell_hash, m)
+            return {**_numeric(m), "cell_hash": cell_hash}
+
+        return Checkpointer(
+            store, every_seconds, cell_hash,
+            on_save=lambda m, path: api.report(metrics(m), checkpoint=api.Checkpoint.from_directory(path)),
+            on_report=lambda m: api.report(metrics(m)), fallback=lambda: _local_copy(api.get_checkpoint()))
+
+    return make
+
+
+def trial_context(study_dict: dict, storage: str, stage: Stage, api=tune) -> Context:
+    """The typed config, built once per trial; the store, the chain, the device; torch's threads set to the CPUs
+    the stage's trials hold."""
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    torch.set_num_threads(stage.resources(study).threads)
+    return Context(study, store, plan_chain(study), trial_device(), checkpointer_factory(api, store, stage.name))
+
+
+def cell_trainable(config: dict, study_dict: dict, storage: str) -> None:
+    """A trial of a grid stage: run its group of cells, report how many succeeded."""
+    group = config["group"]
+    stage = stage_named(group["stage"])
+    cells = [stage.decode(cell) for cell in group["cells"]]
+    ok = stage.run_group(trial_context(study_dict, storage, stage), cells)
+    tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
+
+
+def search_trainable(config: dict, study_dict: dict, storage: str, stage_name: str, search: dict) -> None:
+    """A trial of an Optuna search: the cell of the proposed knobs, its metric reported for Optuna."""
+    stage = stage_named(stage_name)
+    trial = stage.trial(stage.decode(search), config)
+    tune.report({**stage.run_trial(trial_context(study_dict, storage, stage), trial), "cells_ok": 1,
+                 "cells_failed": 0})
+
+
+def chain_worker(config: dict) -> None:
+    """A Ray Train worker of a chain stage: every worker runs the stage's group over the same cells."""
+    stage = stage_named(config["stage"])
+    study, store = build(StudyConfig, config["study"]), Store(config["storage"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(stage.resources(study).threads)
+    device = ray.train.torch.get_device()
+    compute.allow_tf32(device)
+    workers = Workers(rank, world_size, wrap=ray.train.torch.prepare_model, report=ray.train.report,
+                      barrier=torch.distributed.barrier if world_size > 1 else (lambda: None))
+    # rank 0 feeds the dashboard's metrics; every rank reports to Ray Train, which expects all of them to
+    checkpointer = checkpointer_factory(ray.train, store, stage.name, record=rank == 0)
+    stage.run_group(Context(study, store, plan_chain(study), device, checkpointer, workers),
+                    [stage.decode(cell) for cell in config["cells"]])
+
+
+def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
+    """The Tune trial of a chain stage: fit one TorchTrainer over the group, then record a failed row for every
+    cell it did not finish."""
+    group = config["group"]
+    stage = stage_named(group["stage"])
+    study, store = build(StudyConfig, study_dict), Store(storage)
+    cells = [stage.decode(cell) for cell in group["cells"]]
+    started = results.now()
+    res = stage.resources(study)
+    trainer = ray.train.torch.TorchTrainer(
+        chain_worker,
+        train_loop_config={"study": study_dict, "storage": storage, "stage": stage.name, "cells": group["cells"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                               resources_per_worker={"CPU": res.cpus}),
+        # A deterministic name, so that a restarted trial finds its Train run again.
+        run_config=ray.train.RunConfig(name=f"{stage.name}-{config_hash([c.cell_hash for c in cells])}",
+                                       **store.ray_storage("train"),
+                                       failure_config=ray.train.FailureConfig(max_failures=1),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    error = None
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 — recorded per cell below
+        error = f"{type(err).__name__}: {err}"
+    view = View(store, scan=False)
+    failed = [cell for cell in cells if not stage.done(cell, view)]
+    for cell in failed:
+        write_failure(store, study, stage, cell, started, error or f"{stage.name}: the job ended without it")
+    tune.report({"cells_ok": len(cells) - len(failed), "cells_failed": len(failed)})
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def concurrency(resources: Resources) -> int:
+    """Trials at once: as many as the cluster's CPUs hold."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // resources.cpus))
+
+
+def _named(trainable, stage: Stage):
+    """The generic trainable under the stage's name: Ray names a trial's actors, and the dashboard groups its tasks
+    and actors, by the trainable's `__name__` (`tuning_trainable`, `methods_trainable`, ...)."""
+
+    def named(config: dict, **parameters) -> None:
+        trainable(config, **parameters)
+
+    named.__name__ = named.__qualname__ = f"{stage.name}_trainable"
+    return named
+
+
+def _tuner(trainable, study: StudyConfig, store: Store, name: str, resources: dict, param_space: dict,
+           tune_config: tune.TuneConfig, callbacks: list, **parameters) -> tune.Tuner:
+    return tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, study_dict=to_dict(study), storage=store.root,
+                                                 **parameters), resources),
+        param_space=param_space, tune_config=tune_config,
+        run_config=tune.RunConfig(name=name, **store.ray_storage("tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
+
+
+def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, max_concurrent: int,
+                study: StudyConfig, store: Store, callbacks: list) -> None:
+    """One Tune experiment over the groups (`grid_search` over them)."""
+    encoded = [{"stage": stage.name, "cells": [stage.encode(cell) for cell in group]} for group in groups]
+    # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (~2.6 s a trial on 2 cores).
+    tune_config = tune.TuneConfig(max_concurrent_trials=max(1, max_concurrent), reuse_actors=not resources.get("gpu"))
+    _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,
+           {"group": tune.grid_search(encoded)}, tune_config, callbacks).fit()
+
+
+def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+    res = stage.resources(study)
+    _experiment(stage, cell_trainable, groups, {"cpu": res.cpus, "gpu": res.gpus}, concurrency(res), study, store,
+                callbacks)
+
+
+def run_chain(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+    # The trial only coordinates: its Train workers hold the CPUs and GPUs.
+    _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, 1, study, store, callbacks)
+
+
+def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+    """Per search, a Tune experiment of seeded TPE proposals (OptunaSearch cannot take a `grid_search` space, so
+    the grid stays outside); a search already started is told its finished trials (`points_to_evaluate` with
+    `evaluated_rewards`) and runs only the rest of its budget."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    res = stage.resources(study)
+    for (search,) in groups:
+        done = stage.finished(search, View(store))[:search.trials]
+        left = search.trials - len(done)
+        space = {knob: tune.loguniform(low, high) if log_scale else tune.uniform(low, high)
+                 for knob, (low, high, log_scale) in stage.space(study, search).items()}
+        optuna = OptunaSearch(metric=stage.metric, mode="max", seed=stage.sampler_seed(study, len(done)),
+                              points_to_evaluate=[{k: r[k] for k in space} for r in done] or None,
+                              evaluated_rewards=[r[stage.metric] for r in done] or None)
+        log(f"[{stage.name}] {stage.describe(search)}: {len(done)} trials done, {left} to run")
+        tune_config = tune.TuneConfig(search_alg=ConcurrencyLimiter(optuna, max_concurrent=concurrency(res)),
+                                      num_samples=left, reuse_actors=not res.gpus)
+        _tuner(_named(search_trainable, stage), study, store, f"{stage.name}-{search.cell_hash}-{len(done)}",
+               {"cpu": res.cpus, "gpu": res.gpus}, space, tune_config, callbacks, stage_name=stage.name,
+               search=stage.encode(search)).fit()
+
+
+LAUNCHERS = {"grid": run_grid, "chain": run_chain, "search": run_search}
+
+
+def launch(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log=print) -> float:
+    """Run the groups with the stage's launcher; returns the seconds it took."""
+    started = time.time()
+    LAUNCHERS[stage.launcher](stage, groups, study, store, callbacks, log)
+    return time.time() - started

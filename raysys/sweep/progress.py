@@ -1,0 +1,69 @@
+"""Console progress of a running stage, mirrored to `<storage>/progress.json` (for `raysys status`) and to the
+dashboard's metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from ray import tune
+
+from raysys.storage.store import Store
+from raysys.storage.study import write_progress
+from raysys.sweep import monitor
+
+
+class Progress(tune.Callback):
+    """Console progress of one stage (cells done / total, failed, running trials, elapsed, ETA), at most every
+    `every` seconds, mirrored to `<storage>/progress.json` for `raysys status`. Done is counted from the store,
+    so it is right whatever the unit of a trial (a link, a cell, a path)."""
+
+    def __init__(self, stage: str, count_done, total: int, store: Store, log=print, every: float = 15.0):
+        self.stage, self.count_done, self.total, self.log, self.every = stage, count_done, total, log, every
+        self.store = store
+        self.started = self.last = time.time()
+        self.done_at_start = None
+        self.failed = 0
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into the experiment state; the console and the store reader stay behind
+        # (this sweep resumes from the store, never from that state).
+        return {**self.__dict__, "log": None, "count_done": None, "store": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.log = self.log or (lambda *_: None)
+        self.count_done = self.count_done or (lambda: 0)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += len(trial.config.get("group", {}).get("cells", [])) or 1
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.failed += int((trial.last_result or {}).get("cells_failed", 0))
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self.last >= self.every:
+            self.report(sum(t.status == "RUNNING" for t in trials))
+
+    def on_experiment_end(self, trials, **info):
+        self.report(0, final=True)
+
+    def report(self, running: int, final: bool = False) -> dict:
+        self.last = now = time.time()
+        done = self.count_done()
+        if self.done_at_start is None:
+            self.done_at_start = done
+        elapsed, new = now - self.started, done - self.done_at_start
+        left = self.total - done
+        eta = elapsed / new * left if new > 0 and left > 0 else None
+        state = {"stage": self.stage, "done": done, "total": self.total, "failed": self.failed, "running": running,
+                 "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
+                 "pid": os.getpid(), "host": socket.gethostname(), "updated": now, "final": final}
+        if self.store:
+            write_progress(self.store, state)
+            monitor.record_stage(self.stage, self.total, done, self.failed, running)
+        if not final:
+            self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
+                     f"{elapsed:.0f}s elapsed" + ("" if eta is None else f", ETA {eta:.0f}s"))
+        return state

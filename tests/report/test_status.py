@@ -1,0 +1,57 @@
+"""Where a storage stands: the plan's training compute, `--dry-run` (no Ray started, nothing written), and the
+per-stage counts, all from the stages' one done rule."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from raysys.config import load_study
+from raysys.report import status
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import NAMES, stage
+from raysys.sweep import driver as sweep
+
+SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
+
+
+def test_training_flops_scale_with_the_steps():
+    base = status.training_flops(load_study("tiny"))
+    double = status.training_flops(load_study("tiny", ["pretrain.continual_steps=4000", "pretrain.initial_steps=600"]))
+    assert double["pretrain"] == 2 * base["pretrain"] and double["tuning"] == base["tuning"]
+    assert set(base) == {"pretrain", "tuning", "methods", "training_free"}  # the stages that train
+
+
+def test_dry_run_prints_the_plan_without_starting_ray(tmp_path):
+    storage = tmp_path / "plan"
+    out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--preset", "paper", "--storage", str(storage)],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr
+    study = load_study("paper")
+    planned = len(stage("tuning").plan(study, plan_chain(study)))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("tuning"))
+    assert line.split()[1:5] == [str(planned), "0", "0", str(planned)]
+    assert [x.split()[0] for x in out.stdout.splitlines()[2:2 + len(NAMES)]] == list(NAMES)
+    assert "device-hours" in out.stdout and "PFLOP" in out.stdout
+    assert not storage.exists()  # nothing written, no Ray session under it
+
+
+def test_search_flags_map_onto_the_config(tmp_path, capsys):
+    storage = tmp_path / "plan"
+    assert sweep.main(["--storage", str(storage), "--dry-run", "--search", "optuna", "--search-trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"search\s+(\d+)\s+0\s+0\s+\1\s", out) and "Optuna searches x 3 trials" in out
+    assert sweep.main(["--storage", str(storage), "--dry-run", "--search-trials", "0"]) == 2
+    assert "methods.search.trials" in capsys.readouterr().err
+
+
+def test_a_finished_study_counts_every_planned_cell_done(micro_run):
+    study, store, _ = micro_run
+    counts = status.stage_status(study, store)
+    assert list(counts) == list(NAMES)
+    for name, c in counts.items():
+        expected = len(stage(name).plan(study, plan_chain(study)))
+        assert c == {"planned": expected, "done": expected, "failed": 0, "todo": 0}, name
+    assert status.missing_cells(study, store) == {name: 0 for name in NAMES}

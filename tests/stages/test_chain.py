@@ -1,0 +1,96 @@
+"""Planning the chain, the pairs and every stage's cells, and the pre-flight checks, without Ray."""
+
+import dataclasses
+
+import pytest
+from transformers import RobertaConfig
+
+from raysys.config import load_study
+from raysys.core.recycle import WeightMismatchError
+from raysys.stages import chain as chain_module
+from raysys.stages.registry import STAGES, stage
+
+
+def _plan(*overrides):
+    study = load_study("tiny", list(overrides))
+    return study, chain_module.plan_chain(study)
+
+
+def _cells(name, study, chain, kind=None):
+    cells = stage(name).plan(study, chain)
+    return [c for c in cells if kind is None or type(c).__name__ == kind]
+
+
+def test_cell_counts_of_the_tiny_plan():
+    study, chain = _plan()
+    grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
+    assert len(_cells("tuning", study, chain)) == (4 + 1) * grid  # M0..M3 and the control C1
+    kinds = {(p.pair_kind, p.plm_index_a, p.plm_index_b) for p in chain_module.plan_pairs(study, chain)}
+    assert kinds == {("continual", 0, 1), ("continual", 1, 2), ("continual", 2, 3), ("control", 0, 1)}
+
+
+def test_cell_counts_of_the_multi_hop_plan():
+    study, chain = _plan("pilot.hops=[1,2]", "pilot.control_length=3")
+    grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
+    assert len(_cells("tuning", study, chain)) == (4 + 2) * grid  # M0..M3 and the control C1, C2
+    assert len(_cells("compatibility", study, chain, "CompatibilityCell")) == 6 * grid  # every i < j of M0..M3
+    assert len(_cells("compatibility", study, chain, "BaselineCell")) == 4 * len(study.tasks) * len(study.seeds)
+    pairs = chain_module.plan_pairs(study, chain)
+    continual = {(p.plm_index_a, p.plm_index_b) for p in pairs if p.pair_kind == "continual"}
+    control = {(p.plm_index_a, p.plm_index_b) for p in pairs if p.pair_kind == "control"}
+    assert continual == {(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)}
+    assert control == {(0, 1), (1, 2), (0, 2)}
+    assert len(_cells("interpolation", study, chain, "PathPoint")) == len(pairs) * 26
+    assert len(_cells("interpolation", study, chain, "PathSummary")) == len(pairs)
+    assert len(_cells("similarity", study, chain)) == len(pairs)
+    assert len({p.pair_hash for p in pairs}) == len(pairs)
+
+
+def test_control_pairs_compare_against_the_control_chain():
+    study, chain = _plan()
+    tuned = {c.cell_hash: c for c in _cells("tuning", study, chain)}
+    for pair in chain_module.plan_pairs(study, chain):
+        a, b = tuned[pair.tuned_hash_a], tuned[pair.tuned_hash_b]
+        assert a.chain == "main" and b.chain == pair.chain_b
+        assert (a.task, a.tuning_type, a.seed) == (b.task, b.tuning_type, b.seed)
+        assert b.chain == ("control" if pair.pair_kind == "control" else "main")
+
+
+def _save_config(path, **shape):
+    config = RobertaConfig(vocab_size=shape.get("vocab_size", 100), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+    config.save_pretrained(str(path))
+    return path
+
+
+def test_checkpoints_of_different_vocabularies_are_refused_before_any_trial(tmp_path):
+    a = _save_config(tmp_path / "a")
+    b = _save_config(tmp_path / "b", vocab_size=120)
+    chain_module.check_same_architecture({"a": a, "a again": _save_config(tmp_path / "c")})
+    with pytest.raises(WeightMismatchError, match=r"a and b differ in vocab_size \(100 vs 120\)"):
+        chain_module.check_same_architecture({"a": a, "b": b})
+
+
+def test_preflight_names_the_control_checkpoint(tmp_path):
+    main = _save_config(tmp_path / "main")
+    other = _save_config(tmp_path / "other", vocab_size=50265)
+    study = load_study("paper", [f"model.name_or_path=\"{main}\"", "pilot.control_length=2",
+                                 f"pilot.control_name_or_path=\"{other}\""])
+    from raysys.storage.store import Store
+
+    with pytest.raises(WeightMismatchError, match="pilot.control_name_or_path"):
+        chain_module.preflight(study, Store(tmp_path / "store"), chain_module.plan_chain(study))
+
+
+def test_cells_round_trip_through_a_trial_config():
+    """What the Ray edge sends a trial (plain values) rebuilds the same typed cells, for every kind of every stage."""
+    study, chain = _plan("methods.search.algorithm=optuna")
+    kinds = set()
+    for each in STAGES:
+        for cell in each.plan(study, chain):
+            payload = each.encode(cell)
+            assert each.decode(payload) == cell and dataclasses.asdict(cell) == {
+                k: v for k, v in payload.items() if k != "kind"}
+            kinds.add(type(cell).__name__)
+    assert kinds >= {"Link", "TuningCell", "CompatibilityCell", "BaselineCell", "PathPoint", "PathSummary",
+                     "SimilarityCell", "MethodCell", "SearchCell", "TrainingFreeCell"}

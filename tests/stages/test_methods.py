@@ -1,0 +1,215 @@
+"""Recycling methods: the plan of cells (the grid multiplies only the distilling methods), method cells on the
+micro study's real checkpoints, the teacher cache, initialization with Δ = 0, training-free maps, bad input."""
+
+import dataclasses
+import os
+
+import pytest
+
+from raysys.config import METHODS, RECYCLING_METHODS, ConfigError, load_study
+from raysys.core import compute
+from raysys.core.recycle import WeightMismatchError
+from raysys.stages import methods
+from raysys.stages.base import Context, MissingInputError, View
+from raysys.stages.chain import plan_chain
+from raysys.stages.recipe import encoded_task
+from raysys.stages.registry import stage
+from raysys.storage import artifacts, results
+from raysys.sweep import driver as sweep
+from tests.conftest import MICRO_OVERRIDES
+
+DISTILLING = [name for name, method in RECYCLING_METHODS.items() if method.distils]
+
+
+def _plan(*overrides):
+    study = load_study("tiny", list(overrides))
+    return study, methods.plan_methods(study, plan_chain(study))
+
+
+def test_the_grid_multiplies_only_distilling_methods():
+    study, cells = _plan()
+    m = study.methods
+    combos = len(study.upgrades) * len(study.method_tasks) * len(study.method_types) * len(study.seeds) * (
+        len(m.shots) + 1)
+    grid = len(m.temperatures) * len(m.kd_weights) * len(m.betas)
+    by_method = {name: [c for c in cells if c.method == name] for name in METHODS}
+    assert {k: len(v) for k, v in by_method.items()} == {"vanilla": combos, "init": combos,
+                                                        "distill": combos * grid, "combined": combos * grid}
+    assert len({c.cell_hash for c in cells}) == len(cells)
+    assert all(c.temperature is None for c in by_method["vanilla"] + by_method["init"])
+    vanilla = {c.cell_hash for c in by_method["vanilla"]}
+    assert all(c.vanilla_hash in vanilla for c in cells)
+    assert all(c.needs_reference == (c.method != "vanilla") for c in cells)
+
+
+def test_a_method_is_a_start_and_an_objective_the_stage_implements():
+    assert list(RECYCLING_METHODS) == list(METHODS) and METHODS[0] == "vanilla"
+    for method in RECYCLING_METHODS.values():
+        assert method.start in methods.STARTS and method.objective in methods.OBJECTIVES
+    assert DISTILLING == ["distill", "combined"]
+    assert [m for m, r in RECYCLING_METHODS.items() if r.recycles] == ["init", "distill", "combined"]
+
+
+def test_without_the_reference_nothing_waits_for_it():
+    _, cells = _plan('methods.names=["init","distill"]')
+    assert {c.method for c in cells} == {"init", "distill"} and not any(c.needs_reference for c in cells)
+
+
+def test_adding_a_grid_value_adds_only_new_cells():
+    _, before = _plan()
+    _, after = _plan("methods.temperatures=[5.0,10.0,20.0]")
+    old, new = {c.cell_hash for c in before}, {c.cell_hash for c in after}
+    assert old < new
+    assert {c.temperature for c in after if c.cell_hash in new - old} == {20.0}
+
+
+def test_kshot_settings_change_only_kshot_cells():
+    _, before = _plan()
+    _, after = _plan("methods.kshot.lr=0.0005")
+    changed = {c.cell_hash for c in before} - {c.cell_hash for c in after}
+    assert changed and all(c.regime == "kshot" for c in before if c.cell_hash in changed)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("methods.temperatures=[0.0]", "methods.temperatures"), ("methods.temperatures=[-1.0]", "methods.temperatures"),
+    ("methods.kd_weights=[1.5]", "methods.kd_weights"), ("methods.kd_weights=[-0.1]", "methods.kd_weights"),
+    ("methods.betas=[-1.0]", "methods.betas"), ("methods.shots=[0]", "methods.shots"),
+    ('methods.names=["vanilla","magic"]', "methods.names"), ('methods.types=["prefix"]', "methods.types"),
+    ('methods.regimes=["half"]', "methods.regimes"), ("methods.sources=[3]", "methods.sources"),
+    ('methods.tasks=["nope"]', "methods.tasks"), ("methods.target_fraction=0.0", "methods.target_fraction"),
+    ("methods.kshot.lr=0.0", "methods.kshot.lr"), ("methods.training_free.rank=0", "methods.training_free.rank"),
+    ('methods.training_free.tasks=["nope"]', "methods.training_free.tasks"),
+])
+def test_bad_method_settings_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_study("tiny", [override])
+
+
+def test_a_method_type_that_was_never_tuned_is_refused():
+    with pytest.raises(ConfigError, match="methods.types"):
+        load_study("tiny", ['tuning.types=["finetune"]', 'methods.types=["lora"]'])
+    with pytest.raises(ConfigError, match="methods.sources"):
+        load_study("tiny", ["tune_plms=[0,2]", "methods.sources=[1]"])
+
+
+# ------------------------------------------------------------------------------------ on the micro study
+
+
+def _context(study, store):
+    return Context(study, store, plan_chain(study))
+
+
+def test_every_method_cell_ran_measured_against_its_reference(micro_run):
+    study, store, ran = micro_run
+    chain = plan_chain(study)
+    planned = methods.plan_methods(study, chain)
+    rows = results.ok_rows(store, "methods_runs")
+    assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 4
+    curves = results.read_table(store, "methods_curves").to_pylist()
+    assert {r["step"] for r in curves} == {0, 4, 8, 12}  # the start point is on every curve
+    for row in rows:
+        assert row["teacher"] in (("cache-hit", "cache-miss") if row["method"] in DISTILLING else (None,))
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["dev_auc"] <= 1.0
+        if row["regime"] == "kshot":
+            assert row["num_train"] <= 4 * 4 and row["full_dev_best_accuracy"] is not None
+        else:
+            assert row["full_dev_best_accuracy"] == row["best_dev_accuracy"]
+    vanilla = {r["cell_hash"]: r for r in rows if r["method"] == "vanilla"}
+    for row in rows:
+        assert row["target_dev_accuracy"] == pytest.approx(0.95 * vanilla[row["vanilla_hash"]]["best_dev_accuracy"])
+        if row["steps_to_target"] is not None:
+            curve = sorted((c for c in curves if c["cell_hash"] == row["cell_hash"]), key=lambda c: c["step"])
+            first = next(c for c in curve if c["dev_accuracy"] >= row["target_dev_accuracy"])
+            assert first["step"] == row["steps_to_target"]
+
+
+def test_init_start_scores_the_compatibility_of_the_old_weights(micro_run):
+    """Step 0 of an init run is Δ_i applied to M_j without training: the compatibility cell's dev accuracy."""
+    _, store, _ = micro_run
+    compat = {(r["source_tuned_hash"], r["target_plm_index"]): r for r in results.ok_rows(store, "compatibility")}
+    checked = 0
+    for row in results.ok_rows(store, "methods_runs"):
+        if row["method"] == "init" and row["regime"] == "full":
+            ref = compat[(row["old_tuned_hash"], row["target_plm_index"])]
+            assert row["start_dev_accuracy"] == ref["dev_accuracy"]
+            checked += 1
+    assert checked == 2 * 3
+
+
+@pytest.mark.parametrize("tuning_type", ["finetune", "lora"])
+def test_initialization_with_a_zero_delta_reproduces_vanilla_exactly(micro_run, tuning_type):
+    """An 'old' model that is M_i with the head (and module) vanilla would draw: its Δ is 0, so the init start is
+    vanilla's start on M_j, and the whole run is the same."""
+    study, store, _ = micro_run
+    ctx = _context(study, store)
+    vanilla = next(c for c in methods.plan_methods(study, ctx.chain)
+                   if c.method == "vanilla" and c.tuning_type == tuning_type and c.regime == "kshot")
+    source = ctx.chain.plm_hashes[vanilla.source_plm_index]
+    zero_hash = f"zero-delta-{tuning_type}"
+    labels = encoded_task(ctx, vanilla.task).task.labels
+    spec = study.tuning.pet_spec(tuning_type)
+    compute.seed_all(vanilla.seed)
+    untouched = artifacts.adapted_classifier(store, source, len(labels), tuning_type, spec, vanilla.seed)
+    artifacts.save_tuned(store, zero_hash, untouched, labels, {
+        "tuning_type": tuning_type, "plm_hash": source, "task": vanilla.task, "seed": vanilla.seed,
+        "labels": list(labels), "pet": spec})
+    runs = {}
+    for method in ("vanilla", "init"):
+        cell = dataclasses.replace(vanilla, method=method, old_tuned_hash=zero_hash,
+                                   cell_hash=f"zero-{method}-{tuning_type}")
+        methods.run_method_cell(ctx, cell)
+        runs[method] = sorted(results.read_cell(store, "methods_curves", cell.cell_hash), key=lambda r: r["step"])
+        for table in ("methods_runs", "methods_curves"):
+            os.remove(store.local / "results" / table / f"{cell.cell_hash}.parquet")
+    store.remove_dir(f"artifacts/tuned/{zero_hash}")
+    assert [r["dev_loss"] for r in runs["init"]] == [r["dev_loss"] for r in runs["vanilla"]]
+    assert [r["train_loss"] for r in runs["init"]] == [r["train_loss"] for r in runs["vanilla"]]
+
+
+def test_a_method_waits_for_its_reference_and_its_old_weights(micro_run, tmp_path):
+    """The ready rule the driver launches by: in an empty store nothing is ready; with the PLM only the
+    reference runs are; with the reference rows and the outdated model, every method."""
+    import shutil
+
+    from raysys.storage.store import Store
+
+    study, shared, _ = micro_run
+    cells = methods.plan_methods(study, plan_chain(study))
+    methods_stage = stage("methods")
+    ready = lambda store: {c.method for c in cells if methods_stage.ready(c, View(store))}
+    store = Store(tmp_path / "s")
+    assert ready(store) == set()
+    for plm in {c.target_plm_hash for c in cells}:
+        shutil.copytree(shared.artifact("plm", plm), store.local / "artifacts" / "plm" / plm)
+    assert ready(store) == {"vanilla"}
+    for cell in cells:
+        if cell.method == "vanilla":
+            results.write_rows(store, "methods_runs", cell.cell_hash, results.read_cell(shared, "methods_runs",
+                                                                                        cell.cell_hash))
+    assert ready(store) == {"vanilla"}  # the outdated models are still missing
+    for old in {c.old_tuned_hash for c in cells}:
+        shutil.copytree(shared.artifact("tuned", old), store.local / "artifacts" / "tuned" / old)
+    assert ready(store) == set(METHODS)
+
+
+def test_a_teacher_with_another_label_set_is_refused_before_any_trial(micro_run):
+    study, store, _ = micro_run
+    cell = next(c for c in methods.plan_methods(study, plan_chain(study)) if c.method == "distill")
+    meta_path = store.artifact("tuned", cell.old_tuned_hash) / "raysys.json"
+    original = meta_path.read_text()
+    try:
+        meta_path.write_text(original.replace('"labels": [', '"labels": ["extra", '))
+        with pytest.raises(WeightMismatchError, match="labels"):
+            sweep.run_study(study, store, only=("methods",), log=lambda *_: None)
+    finally:
+        meta_path.write_text(original)
+
+
+def test_a_method_without_its_old_weights_is_refused_before_any_trial(micro_run, capsys):
+    study, store, _ = micro_run
+    other = dataclasses.replace(study, seeds=(99,))
+    with pytest.raises(MissingInputError, match="tuning"):
+        sweep.run_study(other, store, only=("methods",), log=lambda *_: None)
+    code = sweep.main(["--storage", str(store.root), "--only", "methods", "--set", "seeds=[99]"]
+                      + [f"--set={o}" for o in MICRO_OVERRIDES if not o.startswith("seeds")])
+    assert code == 2 and "outdated tuned model" in capsys.readouterr().err

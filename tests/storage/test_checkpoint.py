@@ -1,0 +1,52 @@
+"""Checkpoint storage: state round-trips through safetensors + JSON, folders are per cell and step, Ray's copy is
+a fallback only."""
+
+import torch
+
+from raysys.storage.checkpoint import Checkpointer, latest, load_state, save_state, write
+from raysys.storage.store import Store
+
+
+def test_a_training_state_round_trips_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "curve": [{"step": 1, "loss": None}],
+             "nan": float("nan"), "nested": ({"a": torch.arange(3)}, 2)}
+    save_state(tmp_path, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    back = load_state(tmp_path)
+    restored = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    restored.load_state_dict(back["optimizer"])  # int-keyed per-parameter state survives
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(back["rng"], state["rng"]) and back["curve"] == state["curve"]
+    assert back["nan"] != back["nan"] and torch.equal(back["nested"][0]["a"], torch.arange(3))
+
+
+def test_only_the_newest_whole_checkpoint_is_kept(tmp_path):
+    store = Store(tmp_path)
+    write(store, "cell", 4, {"step": 4})
+    (tmp_path / "checkpoints" / "cell" / ".tmp-step-000000008-dead").mkdir()  # a writer that died mid-save
+    newest = write(store, "cell", 12, {"step": 12})
+    assert newest == tmp_path / "checkpoints" / "cell" / "step-000000012" and latest(store, "cell") == newest
+    assert store.list_dirs("checkpoints/cell") == ["step-000000012"]
+    Checkpointer(store, 0, "cell").done()
+    assert not (tmp_path / "checkpoints" / "cell").exists()  # the dead writer's folder goes too
+
+
+def test_a_checkpoint_of_another_cell_is_ignored(tmp_path):
+    write(Store(tmp_path), "cell", 4, {"cell_hash": "other", "step": 4})
+    assert Checkpointer(Store(tmp_path), 0, "cell").resume() is None
+
+
+def test_rays_copy_is_asked_for_only_when_the_store_has_no_checkpoint(tmp_path):
+    ray_copy = write(Store(tmp_path / "ray"), "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.ones(2)})
+    store = Store(tmp_path / "store")
+    asked = []
+    fallback = lambda: asked.append(1) or ray_copy
+    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
+    assert state["step"] == 8 and torch.equal(state["x"], torch.ones(2)) and asked == [1]
+    write(store, "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.zeros(2)})
+    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
+    assert torch.equal(state["x"], torch.zeros(2)) and asked == [1]

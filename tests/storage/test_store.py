@@ -1,0 +1,139 @@
+"""The store on a URI: a local S3 (moto's server) through pyarrow.fs — committed directories appear only whole,
+results and checkpoints round-trip, the local cache is filled once, and bad roots fail before any work."""
+
+import json
+
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from raysys import cli
+from raysys.storage import checkpoint, results
+from raysys.storage.store import MANIFEST, Store
+
+
+def _row(acc):
+    return {**results.provenance(results.now()), "task": "t", "tuning_type": "finetune", "seed": 1,
+            "source_plm_index": 0, "target_plm_index": 1, "test_accuracy": acc}
+
+
+def test_a_uri_pyarrow_cannot_open_is_refused_naming_the_flag():
+    with pytest.raises(ValueError, match=r"--storage 'nosuch://x/y'"):
+        Store("nosuch://x/y")
+
+
+def test_a_file_uri_is_a_local_store(tmp_path):
+    store = Store(f"file://{tmp_path}")
+    assert not store.remote and store.local == tmp_path and store.root == str(tmp_path)
+
+
+def test_uris_put_paths_before_the_query(s3_uri):
+    store = Store(s3_uri("named"))
+    assert store.uri("results") == s3_uri("named/results")
+    assert store.uri(suffix=".old-1") == s3_uri("named.old-1")
+
+
+def test_on_s3_a_directory_is_visible_only_once_its_manifest_is_written(s3_uri, tmp_path, monkeypatch):
+    store = Store(s3_uri("commit"))
+    assert store.remote and not store.exists()
+    store.ensure_writable()
+    with pytest.raises(RuntimeError), store.writing_artifact("plm", "h") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("killed mid-write")
+    assert not store.has_artifact("plm", "h") and store.list_files("artifacts/plm/h") == []
+    # An upload killed before its manifest: the files are there, the directory is not.
+    store.write_bytes("artifacts/plm/h/model.safetensors", b"orphan")
+    assert not store.has_artifact("plm", "h") and store.list_dirs("artifacts/plm") == []
+    with pytest.raises(FileNotFoundError, match="artifacts/plm/h"):
+        store.artifact("plm", "h")
+
+    with store.writing_artifact("plm", "h") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    assert store.has_artifact("plm", "h") and store.list_dirs("artifacts/plm") == ["h"]
+    manifest = json.loads(store.read_bytes(f"artifacts/plm/h/{MANIFEST}"))
+    assert manifest == {"files": {"model.safetensors": 5, "sub/config.json": 2}}
+    assert store.artifact_file("plm", "h", "sub/config.json") == b"{}"
+
+    store.write_bytes("artifacts/plm/h/stray.bin", b"from another writer")  # not in the manifest: never fetched
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node2"))  # another machine, empty cache
+    fetched = Store(s3_uri("commit")).artifact("plm", "h")
+    assert str(fetched).startswith(str(tmp_path / "node2"))
+    assert sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()) == [
+        "model.safetensors", "sub/config.json"]
+    assert (fetched / "model.safetensors").read_bytes() == b"whole"
+
+    store.write_bytes("artifacts/plm/h/model.safetensors", b"truncated")  # not what the manifest says
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node3"))
+    with pytest.raises(OSError, match="manifest says 5"):
+        Store(s3_uri("commit")).artifact("plm", "h")
+    assert not any((tmp_path / "node3").rglob("model.safetensors"))  # no half-fetched folder left
+
+    store.remove_dir("artifacts/plm/h")
+    assert not store.has_artifact("plm", "h") and store.list_files("artifacts/plm/h") == []
+    assert not (store.local / "artifacts" / "plm" / "h").exists()
+
+
+def test_results_on_s3_are_one_parquet_file_per_cell_readable_with_plain_pyarrow(s3_uri):
+    store = Store(s3_uri("results"))
+    assert results.read_table(store, "compatibility").num_rows == 0
+    results.write_rows(store, "compatibility", "c1", [_row(0.25)])
+    results.write_rows(store, "compatibility", "c2", [_row(0.75)])
+    results.write_rows(store, "compatibility", "c1", [_row(0.5)])  # a retry replaces its cell
+    assert store.list_files("results/compatibility") == ["c1.parquet", "c2.parquet"]
+    assert sorted(results.read_table(store, "compatibility")["test_accuracy"].to_pylist()) == [0.5, 0.75]
+    assert results.read_cell(store, "compatibility", "c2")[0]["test_accuracy"] == 0.75
+    assert results.read_cell(store, "compatibility", "c3") == []
+    fs, path = pafs.FileSystem.from_uri(s3_uri("results/results/compatibility"))
+    assert ds.dataset(path, filesystem=fs, format="parquet").to_table().num_rows == 2
+
+
+def test_checkpoints_on_s3_keep_the_newest_and_go_when_the_cell_is_done(s3_uri, tmp_path, monkeypatch):
+    store = Store(s3_uri("ckpt"))
+    checkpoint.write(store, "cell", 4, {"cell_hash": "cell", "step": 4, "w": torch.zeros(3)})
+    checkpoint.write(store, "cell", 8, {"cell_hash": "cell", "step": 8, "w": torch.ones(3)})
+    assert store.list_dirs("checkpoints/cell") == ["step-000000008"]
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "other-node"))  # a retry on another machine
+    state = checkpoint.Checkpointer(Store(s3_uri("ckpt")), 0, "cell").resume()
+    assert state["step"] == 8 and torch.equal(state["w"], torch.ones(3))
+    checkpoint.Checkpointer(store, 0, "cell").done()
+    assert store.list_dirs("checkpoints") == [] and store.list_files("checkpoints/cell/step-000000008") == []
+
+
+def test_a_missing_bucket_fails_before_any_work(s3_uri):
+    uri = s3_uri("x").replace("s3://raysys-test/", "s3://no-such-bucket/")
+    with pytest.raises(ValueError, match="--storage .*no-such-bucket.* is not writable"):
+        Store(uri).ensure_writable()
+
+
+def test_the_cli_on_an_empty_uri_says_there_is_no_storage(s3_uri, capsys):
+    assert cli.main(["status", s3_uri("nothing-here")]) == 2
+    assert "no such storage" in capsys.readouterr().err
+
+
+def test_fresh_on_s3_moves_the_objects_aside_and_forgets_the_cache(s3_uri):
+    from raysys.sweep import driver as sweep
+
+    store = Store(s3_uri("fresh"))
+    with store.writing_artifact("plm", "h") as tmp:
+        (tmp / "w").write_bytes(b"kept")
+    aside = sweep.fresh_start(store)
+    assert aside.startswith(s3_uri("fresh.old-").split("?")[0]) and aside.endswith(s3_uri("").split("?", 1)[1])
+    assert not store.exists() and not store.local.exists()
+    assert Store(aside).artifact_file("plm", "h", "w") == b"kept" and Store(aside).has_artifact("plm", "h")
+    assert sweep.fresh_start(store) is None
+
+
+def test_on_s3_a_concurrent_writer_on_another_node_keeps_the_committed_copy(s3_uri, tmp_path, monkeypatch):
+    first = Store(s3_uri("race"))
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node2"))
+    second = Store(s3_uri("race"))  # same storage, its own cache
+    with second.writing_artifact("tuned", "h") as late:
+        (late / "w").write_bytes(b"second")
+        with first.writing_artifact("tuned", "h") as early:
+            (early / "w").write_bytes(b"first")
+    assert (second.artifact("tuned", "h") / "w").read_bytes() == b"first"  # the bucket's copy, not its own
+    assert (first.artifact("tuned", "h") / "w").read_bytes() == b"first"
+    assert json.loads(first.read_bytes(f"artifacts/tuned/h/{MANIFEST}")) == {"files": {"w": 5}}

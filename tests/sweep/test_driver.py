@@ -1,0 +1,316 @@
+"""The sweep end to end on a real Ray cluster: every stage as a Tune experiment, rows keyed by cell hash, reruns
+that recompute nothing, failed cells recorded and retried."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysys.config import ConfigError, TaskConfig, load_study
+from raysys.core import world
+from raysys.report.status import missing_cells
+from raysys.stages.chain import control_indices, plan_chain, plan_pairs
+from raysys.stages.registry import NAMES, stage
+from raysys.storage import results
+from raysys.storage.store import Store
+from raysys.storage.study import PROGRESS_FILE, STUDY_FILE, load_saved_study, save_study
+from raysys.sweep import driver as sweep
+from tests.conftest import MICRO_OVERRIDES
+
+
+def test_every_stage_writes_its_rows(micro_run):
+    study, store, ran = micro_run
+    chain = plan_chain(study)
+    n_plms, n_tasks, n_seeds, n_types, n_alphas = len(study.corpora), len(study.tasks), len(study.seeds), 3, 3
+    grid = n_tasks * n_seeds * n_types
+    assert study.tuning.types == ("finetune", "lora", "adapter")
+    assert len(chain.links) == n_plms + study.control_length
+    controls = len(control_indices(study))
+    tuning = results.ok_rows(store, "tuning_runs")
+    assert ran["tuning"]["ran"] == len(tuning) == (n_plms + controls) * grid
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["best_step"] in (4, 8, 12) for r in tuning)
+    pet = [r for r in tuning if r["tuning_type"] != "finetune"]
+    assert all(r["num_trainable_parameters"] < r["num_parameters"] / 4 for r in pet)
+    curves = results.read_table(store, "tuning_curves").to_pylist()
+    assert len(curves) == len(tuning) * 3  # evaluations at steps 4, 8, 12
+    later_pairs = n_plms * (n_plms - 1) // 2
+    assert len(results.ok_rows(store, "compatibility")) == later_pairs * grid
+    baselines = results.ok_rows(store, "baselines")
+    assert len(baselines) == 2 * n_plms * n_tasks * n_seeds
+    pairs = plan_pairs(study, chain)
+    kinds = {p.pair_kind for p in pairs}
+    assert kinds == {"continual", "control"}
+    interp = results.ok_rows(store, "interpolation")
+    assert len(interp) == len(pairs) * n_alphas
+    assert len({r["cell_hash"] for r in interp}) == len(interp)
+    assert len(results.ok_rows(store, "interpolation_paths")) == 2 * len(pairs)
+    heads = results.ok_rows(store, "head_similarity")
+    assert len(heads) == len(pairs) * study.model.num_layers * study.model.num_heads
+    assert len(results.ok_rows(store, "distances")) == 3 * len(pairs)
+    assert list(ran) == list(NAMES) and ran["search"] == {"cells": 0, "finished_before": 0, "ran": 0, "blocked": 0,
+                                                          "seconds": 0.0}
+    assert ran["interpolation"]["ran"] == len(pairs) * (n_alphas + 1)  # the points and each path's summary
+
+
+def test_rerun_recomputes_nothing(micro_run):
+    study, store, _ = micro_run
+    artifacts = sorted(store.local.joinpath("artifacts").rglob("model.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in artifacts]
+    counts = {t: results.read_table(store, t).num_rows for t in results.SCHEMAS}
+    ran = sweep.run_study(study, store, log=lambda *_: None)
+    assert all(counts["ran"] == 0 and counts["blocked"] == 0 for counts in ran.values()), ran
+    assert [p.stat().st_mtime_ns for p in artifacts] == mtimes
+    assert {t: results.read_table(store, t).num_rows for t in results.SCHEMAS} == counts
+
+
+def _write_task(root, name, rows_by_split):
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
+    """A jsonl task whose dev split has a label unseen in training fails every tuning cell with a recorded error;
+    the sweep goes on; once the file is fixed, a rerun runs exactly those cells."""
+    study, store, _ = micro_run
+    splits = world.task_splits(world.build_world(study.world), "d1")
+    broken = {**splits, "dev": splits["dev"] + [{"text": "x y", "label": "no-such-label"}]}
+    _write_task(tmp_path, "d1_copy", broken)
+    extra = TaskConfig(name="d1_copy", domain="d1", source="jsonl", path=str(tmp_path))
+    study2 = dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3),
+                                 methods=dataclasses.replace(study.methods, sources=(2,)))
+    ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
+    expected = 2 * len(study.seeds) * len(study.tuning.types)
+    assert ran["tuning"]["ran"] == expected
+    failed = [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] == "failed"]
+    assert len(failed) == expected
+    assert all("no-such-label" in r["error"] and r["task"] == "d1_copy" for r in failed)
+    assert missing_cells(study2, store)["tuning"] == len(failed)
+
+    _write_task(tmp_path, "d1_copy", splits)
+    ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
+    assert ran["tuning"]["ran"] == len(failed)
+    assert missing_cells(study2, store)["tuning"] == 0
+    assert all(r["status"] == "ok" for r in results.read_table(store, "tuning_runs").to_pylist())
+
+
+def test_cli_rejects_bad_input_before_starting_anything(tmp_path, capsys):
+    storage = tmp_path / "never"
+    assert sweep.main(["--storage", str(storage), "--set", "tuning.lr=-1"]) == 2
+    assert "tuning.lr" in capsys.readouterr().err
+    assert sweep.main(["--storage", str(storage), "--preset", "nope"]) == 2
+    assert sweep.main(["--storage", "nosuch://bucket/x"]) == 2
+    assert "--storage 'nosuch://bucket/x'" in capsys.readouterr().err
+    assert not storage.exists()
+
+
+def test_every_preset_builds_and_plans():
+    for preset in ("tiny", "paper"):
+        study = load_study(preset)
+        chain = plan_chain(study)
+        assert len(set(chain.plm_hashes)) == len(study.corpora)
+        assert len({link.plm_hash for link in chain.links}) == len(chain.links)
+        cells = stage("tuning").plan(study, chain)
+        main = [c for c in cells if c.chain == "main"]
+        assert len(main) == len(study.plms_to_tune) * len(study.tasks) * len(study.seeds) * len(study.tuning.types)
+
+
+def test_micro_overrides_change_identity_but_resources_do_not():
+    base = plan_chain(load_study("tiny", MICRO_OVERRIDES))
+    assert plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.num_workers=1"])) == base
+    assert plan_chain(load_study("tiny", MICRO_OVERRIDES + ["pretrain.lr=0.002"])) != base
+    assert Path(Store("/tmp/x").root).is_absolute()
+
+
+def test_fresh_moves_the_old_storage_aside(tmp_path):
+    store = Store(tmp_path / "s")
+    (store.local / "results").mkdir(parents=True)
+    (store.local / "results" / "x").write_text("keep me")
+    aside = sweep.fresh_start(store)
+    assert not store.exists() and (Path(aside) / "results" / "x").read_text() == "keep me"
+    assert sweep.fresh_start(store) is None
+
+
+def test_progress_file_records_the_last_stage(micro_run):
+    _, store, _ = micro_run
+    state = json.loads((store.local / PROGRESS_FILE).read_text())
+    assert state["final"] and state["done"] == state["total"] > 0 and state["failed"] == 0
+
+
+def test_saved_study_round_trips(micro_run, tmp_path):
+    study, store, _ = micro_run
+    save_study(study, store)
+    assert load_saved_study(store) == study
+    (tmp_path / STUDY_FILE).write_text('{"seeds": "x"}')
+    with pytest.raises(ConfigError, match="study.json"):
+        load_saved_study(Store(tmp_path))
+
+
+S3_OVERRIDES = MICRO_OVERRIDES + ["pilot.control_length=0", 'tuning.types=["finetune"]',
+                                  'methods.regimes=["full"]', 'methods.tasks=["d1_rel"]',
+                                  "tuning.checkpoint_every_seconds=0"]
+
+
+def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_cluster, s3_uri, capsys):
+    """Pre-training (Ray Train), tuning and the methods (Ray Tune) with `--storage s3://…`: every artifact, row,
+    checkpoint, Ray file and the report go to the bucket; workers read PLMs, tuned models and teachers back
+    through the store; a second run finds everything done."""
+    import pyarrow.fs as pafs
+
+    from raysys import cli
+
+    uri = s3_uri("sweep")
+    argv = ["--storage", uri, "--only", "pretrain", "tuning", "methods"] + [
+        a for o in S3_OVERRIDES for a in ("--set", o)]
+    assert sweep.main(argv) == 0
+    store = Store(uri)
+    assert store.remote
+    runs = results.read_table(store, "tuning_runs").to_pylist()
+    assert len(runs) == 4 * 3 and {r["status"] for r in runs} == {"ok"}
+    assert {r["resumed_from_step"] for r in runs} == {None}
+    methods_runs = results.read_table(store, "methods_runs").to_pylist()
+    assert len(methods_runs) == 4 and {r["status"] for r in methods_runs} == {"ok"}
+    assert len(store.list_dirs("artifacts/plm")) == 4 and len(store.list_dirs("artifacts/tuned")) == 12
+    assert store.list_dirs("artifacts/teacher")  # the distilling methods' teacher outputs, shared via the bucket
+    assert store.list_dirs("checkpoints") == []  # every evaluation checkpointed (every 0 s), all removed when done
+
+    fs, base = pafs.FileSystem.from_uri(uri)
+    names = [i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
+    assert any(re.match(r"ray/tune/tuning-[^/]+/[^/]+/events\.out\.tfevents\.", n) for n in names)
+    assert any(n.startswith("ray/train/pretrain-") for n in names)
+    assert "report/report.md" in names and any(re.match(r"report/figures/.+\.png$", n) for n in names)
+    assert "study.json" in names and "progress.json" in names
+    out = capsys.readouterr().out
+    assert f"report: {store.uri('report')}/report.md" in out
+
+    started = sorted(r["started_at"] for r in runs)
+    assert sweep.main(argv) == 0
+    assert sorted(r["started_at"] for r in results.read_table(store, "tuning_runs").to_pylist()) == started
+    assert len(results.read_table(store, "methods_runs")) == 4
+    capsys.readouterr()
+    assert cli.main(["status", uri]) == 0
+    status = capsys.readouterr().out
+    assert re.search(r"^tuning\s+12\s+12\s+0\s+0\s+complete$", status, re.MULTILINE)
+    assert cli.main(["results", uri, "methods_runs", "--columns", "method,status", "--limit", "1"]) == 0
+    assert "(4 rows)" in capsys.readouterr().out
+
+
+def _real_data_preset(root: Path) -> Path:
+    """Your own study as a preset file over local data: a chain of three corpora given as text, jsonl and Parquet
+    shards, and two tasks in the official layout (`<dir>/<task>/{train,dev,test}.jsonl|.parquet`)."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    vocab = {d: [f"{d}w{i}" for i in range(40)] + ["the", "of", "and", "is"] for d in ("gen", "bio", "rev")}
+    sentence = lambda d: " ".join(rng.choice(vocab[d]) for _ in range(12))
+    for shard in range(2):
+        path = root / "corpora" / "gen" / f"part-{shard}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(sentence("gen") + "\n" for _ in range(400)))
+        path = root / "corpora" / "bio" / f"part-{shard}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"body": sentence("bio")}) + "\n" for _ in range(400)))
+        path = root / "corpora" / "rev" / f"part-{shard}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": [sentence("rev") for _ in range(400)]}), path)
+    label = lambda text: "even" if sum(int(w[4:]) for w in text.split() if w[4:].isdigit()) % 2 == 0 else "odd"
+    for task, domain, ext in (("chem", "bio", "jsonl"), ("help", "rev", "parquet")):
+        (root / "tasks" / task).mkdir(parents=True)
+        for split, n in (("train", 48), ("dev", 24), ("test", 24)):
+            rows = [{"text": t, "label": label(t)} for t in (sentence(domain) for _ in range(n))]
+            path = root / "tasks" / task / f"{split}.{ext}"
+            if ext == "jsonl":
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            else:
+                pq.write_table(pa.Table.from_pylist(rows), path)
+    tiny = (Path(__file__).resolve().parents[2] / "raysys" / "presets" / "tiny.toml").read_text()
+    tiny = re.sub(r"\[\[(corpora|tasks)\]\]\n(?:[^\[\n].*\n)*", "", tiny)
+    tiny = tiny.replace('name = "tiny"', 'name = "mine"')
+    corpora = "".join(f'[[corpora]]\nname = "{n}"\nsource = "{src}"\npath = "{root}/corpora/{n}/*.{ext}"\n' + extra
+                      for n, src, ext, extra in (("gen", "text", "txt", ""), ("bio", "jsonl", "jsonl",
+                                                 'text_field = "body"\n'), ("rev", "parquet", "parquet", "")))
+    tasks = "".join(f'[[tasks]]\nname = "{t}"\ndomain = "{d}"\nsource = "{src}"\npath = "{root}/tasks"\n'
+                    for t, d, src in (("chem", "bio", "jsonl"), ("help", "rev", "parquet")))
+    preset = root / "mine.toml"
+    preset.write_text(tiny + "\n" + corpora + tasks)
+    return preset
+
+
+def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tmp_path):
+    preset = _real_data_preset(tmp_path / "data")
+    overrides = ["pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
+                 "pretrain.log_every_steps=5", "pretrain.num_workers=1", "pretrain.cpus_per_worker=1",
+                 "tuning.max_steps=12", "tuning.eval_every_steps=4", 'tuning.types=["finetune"]', "seeds=[20]",
+                 "pilot.control_length=0", 'methods.tasks=["chem"]', 'methods.training_free.tasks=["chem"]']
+    store = Store(tmp_path / "run")
+    argv = ["--preset", str(preset), "--storage", store.root, "--only", "pretrain", "tuning"]
+    assert sweep.main(argv + [a for o in overrides for a in ("--set", o)]) == 0
+    links = results.read_table(store, "pretrain_runs").to_pylist()
+    assert sorted((r["link"], r["domain"], r["status"]) for r in links) == [
+        (0, "gen", "ok"), (1, "bio", "ok"), (2, "rev", "ok")]
+    runs = results.read_table(store, "tuning_runs").to_pylist()
+    assert sorted((r["plm_index"], r["task"], r["task_domain"]) for r in runs) == [
+        (i, t, d) for i in range(3) for t, d in (("chem", "bio"), ("help", "rev"))]
+    assert {(r["status"], r["num_labels"], r["num_train"]) for r in runs} == {("ok", 2, 48)}
+    assert json.loads(store.read_bytes(STUDY_FILE))["name"] == "mine"
+
+
+TWO_NODES = r'''
+import json, subprocess, sys
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 1024**2})
+cluster.add_node(num_cpus=1, object_store_memory=100 * 1024**2)
+cluster.wait_for_nodes()
+nodes = [n.node_id for n in cluster.list_all_nodes()]
+try:
+    driver = subprocess.run([sys.executable, sys.argv[1], "--address", cluster.address, *sys.argv[2:]],
+                            capture_output=True, text=True, timeout=540)
+finally:
+    cluster.shutdown()
+print(json.dumps({"nodes": nodes, "rc": driver.returncode, "stdout": driver.stdout, "stderr": driver.stderr[-3000:]}))
+'''
+
+
+def test_a_reduced_sweep_spreads_over_two_nodes_sharing_local_storage(tmp_path):
+    """A head and a second node (ray.cluster_utils.Cluster, one CPU each, in their own processes) and one storage
+    folder both see. Pre-training's two DDP workers need a CPU each, so they run one per node (each accumulating
+    micro-batches of 4 of its 8 sequences); every other stage's cells are placed by Ray across both, and each row
+    records the node that ran it."""
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    storage = tmp_path / "store"
+    overrides = [*MICRO_OVERRIDES, "pilot.control_length=0", "tune_plms=[0,1]", 'tuning.types=["finetune"]',
+                 "pretrain.micro_batch_size=4",
+                 'methods.tasks=["d1_rel"]', "methods.regimes=[\"full\"]", "methods.training_free.enabled=false"]
+    args = [str(Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"), "--preset", "tiny",
+            "--storage", str(storage), *[a for o in overrides for a in ("--set", o)]]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["stdout"][-3000:] + report["stderr"]
+    assert "running on the cluster at" in report["stdout"], report["stdout"][:2000]
+    nodes = set(report["nodes"])
+    assert len(nodes) == 2
+    store = Store(storage)
+    pretrain = results.ok_rows(store, "pretrain_runs")
+    assert len(pretrain) == 4 and all(r["num_workers"] == 2 for r in pretrain)  # M0..M3, DDP across the nodes
+    ran_on = {}
+    for table in ("tuning_runs", "compatibility", "baselines", "interpolation", "head_similarity", "methods_runs"):
+        rows = results.read_table(store, table).to_pylist()
+        assert rows and all(r["status"] == "ok" for r in rows), table
+        ran_on[table] = {r["node_id"] for r in rows}
+        assert ran_on[table] <= nodes, table
+    assert len(results.ok_rows(store, "tuning_runs")) == 2 * 3  # M0, M1 x 3 tasks x 1 seed
+    everywhere = set().union(*ran_on.values())
+    assert everywhere == nodes, ran_on  # both nodes ran cells
+    assert len(ran_on["tuning_runs"]) == 2, ran_on  # two concurrent trials of one CPU each: one per node

@@ -1,0 +1,26 @@
+"""The Ray edge's pieces: the device a trial gets, and trainables named after their stage (how the dashboard
+groups a sweep's actors and tasks)."""
+
+from raysys.stages.registry import STAGES
+from raysys.sweep import launchers
+
+
+def test_without_a_gpu_a_trial_runs_on_the_cpu():
+    assert str(launchers.trial_device()) == "cpu"
+
+
+def test_a_ray_task_without_gpus_gets_the_cpu(ray_cluster):
+    @ray_cluster.remote(num_cpus=1, num_gpus=0)
+    def device_of_a_trial():
+        import ray
+
+        return str(launchers.trial_device()), ray.get_gpu_ids()
+
+    assert ray_cluster.get(device_of_a_trial.remote()) == ("cpu", [])
+
+
+def test_every_stage_has_a_launcher_and_its_trainable_its_name():
+    for stage in STAGES:
+        assert stage.launcher in launchers.LAUNCHERS
+        named = launchers._named(launchers.cell_trainable, stage)
+        assert named.__name__ == f"{stage.name}_trainable"

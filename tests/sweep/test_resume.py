@@ -1,0 +1,165 @@
+"""Interruptions: the driver SIGKILLed mid-stage, a trial process killed, a grid value added. The sweep runs as a
+real `sweeps/full_paper.py` process attached to the test session's Ray cluster."""
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from raysys.config import build, to_dict
+from raysys.stages.chain import plan_chain, plan_pairs
+from raysys.stages.registry import stage
+from raysys.storage import checkpoint, results
+from raysys.storage.store import Store
+from raysys.sweep import driver as sweep
+from tests.conftest import MICRO_OVERRIDES
+
+SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
+
+
+def _command(storage: Path, address: str, *extra: str) -> list[str]:
+    sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
+    return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address,
+            "--only", "pretrain", "tuning", *sets, *extra]
+
+
+def _ok_runs(store: Store) -> dict[str, dict]:
+    return {r["cell_hash"]: r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] == "ok"}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def address(ray_cluster):
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(address, tmp_path_factory, micro_study):
+    """Run 1 is SIGKILLed once some tuning cells are done; run 2 is the same command."""
+    storage = tmp_path_factory.mktemp("resume")
+    store = Store(storage)
+    tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
+    driver = subprocess.Popen(_command(storage, address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(_ok_runs(store)) >= 5, 300, "the first tuning cells")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = _ok_runs(store)
+    assert 5 <= len(before) < len(tuning_cells), "the kill must land in the middle of the stage"
+    mtimes = {h: (store.artifact("tuned", h) / "trainable.safetensors").stat().st_mtime_ns
+              if (store.artifact("tuned", h) / "trainable.safetensors").exists()
+              else (store.artifact("tuned", h) / "model.safetensors").stat().st_mtime_ns for h in before}
+    rerun = subprocess.run(_command(storage, address), capture_output=True, text=True, timeout=600, check=False)
+    return store, tuning_cells, before, mtimes, rerun
+
+
+def test_a_killed_driver_resumes_without_retraining(killed_then_resumed):
+    store, tuning_cells, before, mtimes, rerun = killed_then_resumed
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    match = re.search(r"\[tuning\] (\d+) cells: (\d+) finished, (\d+) to run", rerun.stdout)
+    assert match, rerun.stdout[-2000:]
+    total, finished, to_run = map(int, match.groups())
+    # cells finished when the driver died are never trained again: only the rest ran (a cell killed mid-way
+    # wrote no row, so it is among them)
+    assert (total, finished, to_run) == (len(tuning_cells), len(before), len(tuning_cells) - len(before))
+    after = _ok_runs(store)
+    assert set(after) == {c.cell_hash for c in tuning_cells}
+    for h, row in before.items():
+        assert after[h]["started_at"] == row["started_at"]  # the same run's row, not a retrained one
+        path = store.artifact("tuned", h)
+        weights = path / "trainable.safetensors" if (path / "trainable.safetensors").exists() else \
+            path / "model.safetensors"
+        assert weights.stat().st_mtime_ns == mtimes[h]
+    table = results.read_table(store, "tuning_runs")
+    assert table.num_rows == len(set(table["cell_hash"].to_pylist())) == len(tuning_cells)  # each row once
+    curves = results.read_table(store, "tuning_curves").to_pylist()
+    keys = [(r["cell_hash"], r["step"]) for r in curves]
+    assert len(keys) == len(set(keys))
+
+
+def _trial_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ImplicitFunc" in cmdline or "_tuning_trainable" in cmdline:
+            found.append(proc)
+    return found
+
+
+LONG, EVERY = 120, 4  # steps of the added cells; the micro study evaluates every 4 steps
+
+
+def _checkpointed(store: Store) -> dict[str, int]:
+    """Cell hash -> step of its newest mid-run checkpoint."""
+    found = {h: checkpoint.latest(store, h) for h in store.list_dirs("checkpoints")}
+    return {h: int(p.name.split("-")[1]) for h, p in found.items() if p is not None}
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address):
+    """Another seed adds tuning cells, longer ones (max_steps is part of their identity), checkpointed at every
+    evaluation; the trial processes are SIGKILLed while they run; Tune's FailureConfig retries them, each interrupted cell continues from its newest checkpoint, and
+    the sweep ends with every cell done once."""
+    store, tuning_cells, _, _, _ = killed_then_resumed
+    driver = subprocess.Popen(_command(store.root, address, "--set", "seeds=[21]", "--set", f"tuning.max_steps={LONG}",
+                                       "--set", "tuning.checkpoint_every_seconds=0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(_ok_runs(store)) >= len(tuning_cells) + 2 and _checkpointed(store)
+                  and _trial_processes(), 300, "a checkpointed trial of the new cells")
+        killed = _trial_processes()
+        for proc in killed:
+            proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(killed, timeout=10)
+        interrupted = _checkpointed(store)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    runs = _ok_runs(store)
+    assert len(runs) == 2 * len(tuning_cells)
+    assert not [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] != "ok"]
+    assert interrupted, "the kill must land while a cell holds a checkpoint"
+    for h, step in interrupted.items():
+        assert runs[h]["resumed_from_step"] == step
+    assert sum(r["resumed_from_step"] is not None for r in runs.values()) == len(interrupted)
+    assert _checkpointed(store) == {}  # a finished cell's checkpoints are gone
+    curves = results.read_table(store, "tuning_curves").to_pylist()
+    keys = [(r["cell_hash"], r["step"]) for r in curves]
+    assert len(keys) == len(set(keys))
+    for h in interrupted:  # the resumed curve is whole: every evaluation step once
+        assert sorted(step for cell, step in keys if cell == h) == list(range(EVERY, LONG + 1, EVERY))
+
+
+def test_a_new_grid_value_runs_only_the_new_cells(micro_run, tmp_path):
+    study, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.root, store.root)
+    before = {r["cell_hash"]: r["started_at"] for r in results.read_table(store, "interpolation").to_pylist()}
+    wider = build(type(study), {**to_dict(study), "pilot": {**to_dict(study.pilot), "alphas": [0.0, 0.25, 0.5, 1.0]}})
+    ran = sweep.run_study(wider, store, log=lambda *_: None)
+    pairs = plan_pairs(wider, plan_chain(wider))
+    assert ran["interpolation"]["ran"] == 2 * len(pairs)  # one new α per path, and the path's summary again
+    assert all(s["ran"] == 0 for name, s in ran.items() if name != "interpolation"), ran
+    rows = results.read_table(store, "interpolation").to_pylist()
+    assert len(rows) == len({r["cell_hash"] for r in rows}) == 4 * len(pairs)
+    for r in rows:
+        if r["alpha"] != 0.25:
+            assert before[r["cell_hash"]] == r["started_at"]
+    paths = results.read_table(store, "interpolation_paths").to_pylist()
+    assert len(paths) == 2 * len(pairs) and all(p["num_alphas"] == 4 for p in paths)

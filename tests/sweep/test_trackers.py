@@ -1,0 +1,60 @@
+"""Experiment tracking: TensorBoard event files for every training trial (always), MLflow with `--tracker`."""
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from raysys.config import load_study
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import stage
+from raysys.storage.store import Store
+from raysys.sweep import driver as sweep
+from raysys.sweep.trackers import tracking_callbacks
+
+
+def _event_tags(path: Path) -> set[str]:
+    """Scalar tags of a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    tags, data = set(), path.read_bytes()
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12 : 12 + length])
+        tags |= {v.tag for v in event.summary.value}
+        data = data[16 + length :]
+    return tags
+
+
+def test_every_training_trial_writes_its_curve_as_tensorboard_events(micro_run):
+    study, store, _ = micro_run
+    files = sorted((store.local / "ray" / "tune").glob("tuning-*/*/events.out.tfevents.*"))
+    assert files, "no TensorBoard event files under <storage>/ray/tune"
+    # (other tests add tuning experiments to this store whose cells fail before training: no curve there)
+    curves = [f for f in files if {"ray/tune/dev_accuracy", "ray/tune/train_loss", "ray/tune/step"} <= _event_tags(f)]
+    assert len(curves) >= len(stage("tuning").plan(study, plan_chain(study)))
+
+
+def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    study, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.root, store.root)
+    shutil.rmtree(store.local / "results" / "baselines")  # these cells run again, now tracked
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ran = sweep.run_study(study, store, only=("compatibility",), log=lambda *_: None, tracker="mlflow",
+                          tracking_uri=uri)
+    assert ran["compatibility"]["ran"] > 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(f"raysys-{study.name}")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == ran["compatibility"]["ran"]  # one trial per baseline cell
+    assert all(r.data.metrics.get("cells_ok") == 1.0 and r.data.tags["stage"] == "compatibility" for r in runs)
+
+
+def test_unknown_tracker_setup_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--tracker"):
+        tracking_callbacks("wandb", load_study("tiny"), Store(tmp_path), "tuning")
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,107 @@
+"""raysys/identity.py: what makes two pieces of work the same. The hashes of every planned cell are pinned to their
+values before the stages became units (commit 8da6cb2), so every artifact and row made since stays addressable;
+resources never enter a hash, new fields only when set, a tuning type's PET section only its own."""
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import pytest
+
+from raysys.config import PetConfig, TuningConfig, load_study
+from raysys.identity import tuning_identity
+from raysys.stages.chain import plan_chain
+from raysys.stages.registry import STAGES, stage
+from tests.conftest import MICRO_OVERRIDES
+
+# The tiny preset's hashes before the speed fields existed (commit 2eba0ae): artifacts made then stay addressable.
+TINY_PLM_HASHES = ["3c16893ec9c3e5dd", "8b6fb13612ad205c", "cd2eb1992439d88b", "5f2e8a049f39be6a", "ae51f319c8d416b9",
+                   "293349c4f38c08a7"]
+# Per study and stage: (cells planned, sha256 of their sorted hashes), measured at commit 8da6cb2.
+PLANNED = {
+    "tiny": {"pretrain": (6, "b300510af5a3a499"), "tuning": (90, "99f41721de71dfeb"),
+             "compatibility": (132, "f8045cb46e2a3377"), "interpolation": (1944, "d3ea8c991a6de60c"),
+             "similarity": (72, "2899254b896d305a"), "methods": (120, "58bb110b344e1ba8"),
+             "search": (0, "e3b0c44298fc1c14"), "training_free": (12, "1ad9b13c93c3bf69")},
+    "micro": {"pretrain": (7, "03e1c82fd732e579"), "tuning": (54, "42709e9cce465fe3"),
+              "compatibility": (66, "9dd38fd3e862c17a"), "interpolation": (288, "7b7307c6331596e0"),
+              "similarity": (72, "90f21e203ea3ab46"), "methods": (48, "8103df3173b8da47"),
+              "search": (0, "e3b0c44298fc1c14"), "training_free": (4, "e1fcebaab8186e4a")},
+    "paper": {"pretrain": (3, "fdb54273b381fb28"), "tuning": (54, "6c35e64934109d67"),
+              "compatibility": (72, "7acf841f83433b3d"), "interpolation": (1458, "5094ec962a7ca74c"),
+              "similarity": (54, "638dcb52f3963707"), "methods": (4464, "83b6d4ef70254142"),
+              "search": (0, "e3b0c44298fc1c14"), "training_free": (24, "90e253e56b83de8c")},
+    "optuna": {"methods": (24, "59da43efbb16aa1e"), "search": (48, "5d7fdd9b28bab80c")},
+}
+STUDIES = {"tiny": [], "micro": MICRO_OVERRIDES, "paper": None, "optuna": ["methods.search.algorithm=optuna"]}
+
+
+def _digest(hashes) -> str:
+    return hashlib.sha256(",".join(sorted(hashes)).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_every_planned_cell_keeps_its_hash(name):
+    study = load_study("paper") if STUDIES[name] is None else load_study("tiny", STUDIES[name])
+    chain = plan_chain(study)
+    for each in STAGES:
+        if each.name in PLANNED[name]:
+            cells = each.plan(study, chain)
+            assert (len(cells), _digest(c.cell_hash for c in cells)) == PLANNED[name][each.name], each.name
+
+
+def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketing_change_identity():
+    study = load_study("tiny")
+    chain = plan_chain(study)
+    assert [link.plm_hash for link in chain.links] == TINY_PLM_HASHES
+    tuning = stage("tuning").plan(study, chain)
+    assert (tuning[0].cell_hash, tuning[-1].cell_hash) == ("19d186c9d2203189", "8958a4aeb63c5e92")
+    cells = stage("methods").plan(study, chain)
+    assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
+
+    def hashes(*overrides):
+        s = load_study("tiny", list(overrides))
+        c = plan_chain(s)
+        return [link.plm_hash for link in c.links], [t.cell_hash for t in stage("tuning").plan(s, c)]
+
+    plms, tuned = hashes()
+    # how the work is spread: no new identity
+    assert hashes("pretrain.micro_batch_size=16", "tuning.gpus_per_trial=0.5", "pilot.gpus_per_trial=0.25") == (
+        plms, tuned)
+    # what is computed: new identities, downstream included
+    bf16_plms, bf16_tuned = hashes("pretrain.precision=bf16")
+    assert not set(bf16_plms) & set(plms) and not set(bf16_tuned) & set(tuned)
+    for override in ("tuning.precision=bf16", "tuning.length_bucketing=true"):
+        other_plms, other_tuned = hashes(override)
+        assert other_plms == plms and not set(other_tuned) & set(tuned)
+
+
+def test_a_tuning_types_identity_ignores_other_types_settings():
+    def by_type(*overrides):
+        study = load_study("tiny", list(overrides))
+        return {(c.task, c.tuning_type, c.seed, c.chain, c.plm_index): c.cell_hash
+                for c in stage("tuning").plan(study, plan_chain(study))}
+
+    before, after = by_type(), by_type("tuning.lora.rank=4")
+    for key, h in before.items():
+        assert (after[key] == h) == (key[1] != "lora"), key
+
+
+@dataclass(frozen=True)
+class PrefixConfig(PetConfig):
+    length: int = 10
+
+
+@dataclass(frozen=True)
+class WithPrefix(TuningConfig):
+    prefix: PrefixConfig = PrefixConfig()
+
+
+def test_a_new_pet_sections_settings_stay_out_of_the_other_types_hashes():
+    """The exclusion is by kind (every `PetConfig` section), not a list of today's types."""
+    plain = TuningConfig(types=("lora",))
+    extended = WithPrefix(types=("lora",))
+    longer = dataclasses.replace(extended, prefix=PrefixConfig(length=20))
+    assert tuning_identity(extended, "lora") == tuning_identity(longer, "lora") == tuning_identity(plain, "lora")
+    assert tuning_identity(plain, "lora")["pet"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0,
+                                                     "targets": ["query", "value"]}
