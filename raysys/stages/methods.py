@@ -22,7 +22,9 @@ from raysys.storage.store import Store
 
 
 @dataclass(frozen=True)
-class MethodCell:
+class MethodSetting:
+    """A method on one grid cell of the study: upgrade, task, tuning type, seed, regime."""
+
     cell_hash: str
     method: str
     task: str
@@ -35,6 +37,10 @@ class MethodCell:
     old_tuned_hash: str  # Δ_i: the model tuned on M_i
     target_plm_hash: str  # M_j
     vanilla_hash: str  # the reference run this cell is measured against (its own hash for the reference)
+
+
+@dataclass(frozen=True)
+class MethodCell(MethodSetting):
     needs_reference: bool  # the reference run is planned too, and must be done before this cell starts
     temperature: float | None = None  # the distillation knobs (None unless distilling)
     kd_weight: float | None = None

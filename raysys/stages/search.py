@@ -17,24 +17,14 @@ from raysys.config import RECYCLING_METHODS, StudyConfig
 from raysys.identity import config_hash
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, run_guarded
 from raysys.stages.chain import ChainPlan
-from raysys.stages.methods import MethodCell, method_tuning_config, plan_methods, run_method_cell
+from raysys.stages.methods import MethodCell, MethodSetting, method_tuning_config, plan_methods, run_method_cell
 from raysys.storage import results
 
 
 @dataclass(frozen=True)
-class SearchCell:
-    cell_hash: str  # the search's identity: its method, reference run, outdated model and search space
-    method: str
-    task: str
-    tuning_type: str
-    seed: int
-    source_plm_index: int
-    target_plm_index: int
-    regime: str
-    shots: int | None
-    old_tuned_hash: str
-    target_plm_hash: str
-    vanilla_hash: str
+class SearchCell(MethodSetting):
+    """Its hash is the search's identity: its method, reference run, outdated model and search space."""
+
     trials: int  # the budget (not part of the identity: a larger one continues the search)
 
 
