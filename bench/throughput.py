@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysys.config import ModelConfig, PretrainConfig, TuningConfig
-from raysys.core import classifier_loop, compute, masked_lm_loop, models
+from raysys.core import compute, models
+from raysys.core.classifier_loop import train_classifier
+from raysys.core.masked_lm_loop import LinkPlan, train_masked_lm
 
 SIZES = {
     "tiny": ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
@@ -80,11 +82,10 @@ def bench_pretrain(args, model_cfg: ModelConfig, device) -> dict:
     cfg = PretrainConfig(batch_size=args.batch, sequence_length=args.seq, micro_batch_size=args.micro_batch,
                          precision=args.precision, log_every_steps=args.steps, num_workers=1, use_gpu=device.type == "cuda")
     model = models.new_masked_lm(model_cfg, tokenizer, seed=0).to(device)
-    masked_lm_loop.train_masked_lm(model, sequences, tokenizer, cfg, masked_lm_loop.LinkPlan(args.warmup, 1e-4), device=device)
+    train_masked_lm(model, sequences, tokenizer, cfg, LinkPlan(args.warmup, 1e-4), device=device)
     _sync(device)
     started = time.time()
-    curve = masked_lm_loop.train_masked_lm(model, sequences, tokenizer, cfg, masked_lm_loop.LinkPlan(args.steps, 1e-4),
-                                     device=device)
+    curve = train_masked_lm(model, sequences, tokenizer, cfg, LinkPlan(args.steps, 1e-4), device=device)
     _sync(device)
     seconds = time.time() - started
     tokens = curve[-1]["tokens"]
@@ -105,10 +106,10 @@ def bench_tune(args, model_cfg: ModelConfig, device) -> dict:
     tokenizer = SyntheticTokenizer(model_cfg.vocab_size)
     model = models.random_classifier(model_cfg, tokenizer, num_labels=2, seed=0)
     warm = TuningConfig(**{**cfg.__dict__, "max_steps": args.warmup, "eval_every_steps": args.warmup})
-    classifier_loop.train_classifier(model, encoded, warm, seed=0, pad_id=1, device=device)
+    train_classifier(model, encoded, warm, seed=0, pad_id=1, device=device)
     recorder = Recorder()
     _sync(device)
-    classifier_loop.train_classifier(model, encoded, cfg, seed=0, pad_id=1, device=device, checkpointer=recorder)
+    train_classifier(model, encoded, cfg, seed=0, pad_id=1, device=device, checkpointer=recorder)
     tokens_per_second = recorder.reports[-1]["tokens_per_second"]
     real_tokens = sum(len(x) for x in train[: args.batch * args.steps])
     seconds = real_tokens / tokens_per_second

@@ -330,8 +330,8 @@ class PilotConfig:
 class RecyclingMethod:
     """What a method of the methods stage is made of. `start`: where tuning M_j begins — "fresh" (a new seeded
     head, and PET module, on M_j) or "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
-    PET: the old module and head on M_j). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE + a·T²·KL +
-    β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search of it)."""
+    PET: the old module and head on M_j). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE +
+    a·T²·KL + β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search)."""
 
     start: Literal["fresh", "old_weights"]
     objective: Literal["cross_entropy", "distillation"]
@@ -442,8 +442,8 @@ class SearchConfig:
 class MethodsConfig:
     """Recycling the outdated Δ_i when tuning M_{i+h} with the methods `names` of RECYCLING_METHODS: `vanilla`
     (fresh start, cross-entropy), `init` (start from the old delta / module and head), `distill` (fresh start;
-    teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init start,
-    distillation loss). The grid: temperatures (T),
+    teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init
+    start, distillation loss). The grid: temperatures (T),
     kd_weights (a) and betas (β) multiply only the distilling methods; upgrades are (i, i + h) for i in
     `sources` (None = every tuned PLM with a successor) and h in `hops`; regimes `full` and `kshot` (K per class
     for each K in `shots`). Convergence is measured against the vanilla run: the first evaluation reaching

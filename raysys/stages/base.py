@@ -68,7 +68,7 @@ class View:
         self._statuses: dict[str, dict[str, set[str]]] = {}
         self._artifacts: dict[str, set[str]] = {}
         self._rows: dict[str, list[dict]] = {}
-        self._by_cell: dict[str, dict[str, list[dict]]] = {}
+        self._by_cell: dict[str, dict[str | None, list[dict]]] = {}
 
     def _status(self, out: Rows, status: str) -> bool:
         if self.scan:
@@ -97,17 +97,22 @@ class View:
         return self._rows[table]
 
     def ok_rows(self, table: str) -> list[dict]:
-        return [r for r in self.all_rows(table) if r.get("status", "ok") == "ok"]
+        return self._ok_by_cell(table)[None]
 
     def rows_of(self, table: str, key: str) -> list[dict]:
         """The ok rows of one cell (whose rows are in the file named by its hash)."""
         if not self.scan:
             return [r for r in results.read_cell(self.store, table, key) if r["status"] == "ok"]
+        return self._ok_by_cell(table).get(key, [])
+
+    def _ok_by_cell(self, table: str) -> dict[str | None, list[dict]]:
+        """cell hash -> its ok rows, and None -> all of them."""
         if table not in self._by_cell:
-            self._by_cell[table] = {}
-            for row in self.ok_rows(table):
+            ok = [r for r in self.all_rows(table) if r.get("status", "ok") == "ok"]
+            self._by_cell[table] = {None: ok}
+            for row in ok:
                 self._by_cell[table].setdefault(row["cell_hash"], []).append(row)
-        return self._by_cell[table].get(key, [])
+        return self._by_cell[table]
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -191,9 +196,10 @@ class Stage:
     def resources(self, study: StudyConfig) -> Resources:
         raise NotImplementedError
 
-    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, selected: tuple[str, ...]) -> None:
-        """Refuse, before this stage launches anything, what would fail every trial (`selected`: the stages this
-        run includes). Every stage consumes PLMs, so by default: the chain's checkpoints can be recycled."""
+    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, cells: list, selected: tuple[str, ...]) -> None:
+        """Refuse, before this stage launches any of its `cells`, what would fail every trial (`selected`: the
+        stages this run includes). Every stage consumes PLMs, so by default: the chain's checkpoints can be
+        recycled between."""
         from raysys.stages.chain import preflight
 
         preflight(study, store, chain)

@@ -101,11 +101,12 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                                               regime, shots)
                         for method, knobs in _variants(study):
                             reference = method == REFERENCE_METHOD
-                            h = vanilla if reference else config_hash(
+                            cell_hash = vanilla if reference else config_hash(
                                 "method", method, vanilla, old, knobs, study.methods.teacher_dropout,
                                 study.methods.target_fraction)
-                            cells.append(MethodCell(h, method, task.name, tuning_type, seed, i, j, regime, shots, old,
-                                                    target_plm, vanilla, not reference and has_reference, **knobs))
+                            cells.append(MethodCell(cell_hash, method, task.name, tuning_type, seed, i, j, regime,
+                                                    shots, old, target_plm, vanilla, not reference and has_reference,
+                                                    **knobs))
     return cells
 
 
@@ -126,9 +127,8 @@ class MethodsStage(Stage):
     def resources(self, study: StudyConfig) -> Resources:
         return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
 
-    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, selected: tuple[str, ...]) -> None:
-        super().check(study, store, chain, selected)
-        cells = plan_methods(study, chain)
+    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, cells: list, selected: tuple[str, ...]) -> None:
+        super().check(study, store, chain, cells, selected)
         needed = {c.old_tuned_hash for c in cells if RECYCLING_METHODS[c.method].recycles}
         check_old_weights(study, store, needed, "tuning" in selected, "the methods")
 

@@ -27,6 +27,11 @@ class PretrainStage(Stage):
     def outputs(self, link: Link):
         return Rows("pretrain_runs", link.plm_hash), Artifact("plm", link.plm_hash)
 
+    def groups(self, links: list[Link]) -> list[list[Link]]:
+        """One job walks them all, in chain order: a worker process trains link after link (Ray Train's start-up
+        is paid once), its random streams running on from one link into the next."""
+        return [links] if links else []
+
     def resources(self, study: StudyConfig) -> Resources:
         p = study.pretrain
         return Resources(cpus=p.cpus_per_worker, gpus=1.0 if p.use_gpu else 0.0, workers=p.num_workers)

@@ -1,6 +1,7 @@
 """Stage `search` (`--search optuna`): instead of the methods' T × a × β grid, a seeded Optuna TPE search inside
-each grid cell — upgrade × task × tuning type × regime × seed × method — over the learning rate (log-uniform, every
-method) and T, a, β (uniform, the distilling methods), `methods.search.trials` runs each, maximising dev accuracy.
+each grid cell — upgrade × task × tuning type × regime × seed × method — over the learning rate (log-uniform,
+every method) and T, a, β (uniform, the distilling methods), `methods.search.trials` runs each, maximising dev
+accuracy.
 The fixed-lr reference (vanilla) runs of the methods stage are what convergence is measured against.
 
 A search is a cell; its trials are cells of `methods_search` (a trial's hash comes from the knobs Optuna proposed,
@@ -53,9 +54,9 @@ class SearchStage(Stage):
         cells = []
         for ref in (c for c in plan_methods(study, chain) if c.cell_hash == c.vanilla_hash):
             for method in study.methods.names:
-                h = config_hash("search", method, ref.vanilla_hash, ref.old_tuned_hash, space,
-                                study.methods.teacher_dropout, study.methods.target_fraction)
-                cells.append(SearchCell(h, method, ref.task, ref.tuning_type, ref.seed, ref.source_plm_index,
+                search_hash = config_hash("search", method, ref.vanilla_hash, ref.old_tuned_hash, space,
+                                          study.methods.teacher_dropout, study.methods.target_fraction)
+                cells.append(SearchCell(search_hash, method, ref.task, ref.tuning_type, ref.seed, ref.source_plm_index,
                                         ref.target_plm_index, ref.regime, ref.shots, ref.old_tuned_hash,
                                         ref.target_plm_hash, ref.vanilla_hash, search.trials))
         return cells

@@ -58,12 +58,11 @@ class TrainingFreeStage(Stage):
     def resources(self, study: StudyConfig) -> Resources:
         return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
 
-    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, selected: tuple[str, ...]) -> None:
+    def check(self, study: StudyConfig, store: Store, chain: ChainPlan, cells: list, selected: tuple[str, ...]) -> None:
         """Also: a map trained on one task's classifier applies only to tasks with as many labels."""
         from raysys.core.recycle import WeightMismatchError
 
-        super().check(study, store, chain, selected)
-        cells = self.plan(study, chain)
+        super().check(study, store, chain, cells, selected)
         labels = check_old_weights(study, store, {h for c in cells for h in c.old_tuned.values()},
                                    "tuning" in selected, "the training-free maps")
         counts = {t: len(labels[t]) for t in {t for c in cells for t in c.old_tuned} if t in labels}

@@ -43,7 +43,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
     for stage in STAGES:
         if stage.name in only:
             cells = stage.plan(study, chain)
-            stage.check(study, store, chain, tuple(only))
+            stage.check(study, store, chain, cells, tuple(only))
             trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
             ran[stage.name] = run_stage(stage, cells, study, store, log, trackers)
     return ran

@@ -57,7 +57,8 @@ def _local_copy(checkpoint) -> Path | None:
     return Path(checkpoint.to_directory()) if checkpoint else None
 
 
-def checkpointer_factory(api, store: Store, stage_name: str, record: bool = True) -> Callable[[str, float], Checkpointer]:
+def checkpointer_factory(api, store: Store, stage_name: str,
+                         record: bool = True) -> Callable[[str, float], Checkpointer]:
     """`make(cell_hash, every_seconds)`: a training cell's mid-run checkpoints, in the store (a new driver finds
     them) and reported to Ray through `api` — `ray.tune` in a trial, `ray.train` in a Train worker: both have
     `report(metrics, checkpoint=...)`, `Checkpoint` and `get_checkpoint()` — with every evaluation (TensorBoard
@@ -77,12 +78,14 @@ def checkpointer_factory(api, store: Store, stage_name: str, record: bool = True
     return make
 
 
-def trial_context(study_dict: dict, storage: str, stage: Stage, api=tune) -> Context:
-    """The typed config, built once per trial; the store, the chain, the device; torch's threads set to the CPUs
-    the stage's trials hold."""
+def trial_context(study_dict: dict, storage: str, stage: Stage, api=tune, device=None, workers: Workers | None = None,
+                  record: bool = True) -> Context:
+    """The typed config, built once per trial (or Train worker); the store, the chain, the device (by default the
+    GPU Ray gave this trial, else the CPU); torch's threads set to the CPUs the stage's trials hold."""
     study, store = build(StudyConfig, study_dict), Store(storage)
     torch.set_num_threads(stage.resources(study).threads)
-    return Context(study, store, plan_chain(study), trial_device(), checkpointer_factory(api, store, stage.name))
+    return Context(study, store, plan_chain(study), device or trial_device(),
+                   checkpointer_factory(api, store, stage.name, record), workers or Workers())
 
 
 def cell_trainable(config: dict, study_dict: dict, storage: str) -> None:
@@ -105,18 +108,15 @@ def search_trainable(config: dict, study_dict: dict, storage: str, stage_name: s
 def chain_worker(config: dict) -> None:
     """A Ray Train worker of a chain stage: every worker runs the stage's group over the same cells."""
     stage = stage_named(config["stage"])
-    study, store = build(StudyConfig, config["study"]), Store(config["storage"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(stage.resources(study).threads)
     device = ray.train.torch.get_device()
     compute.allow_tf32(device)
     workers = Workers(rank, world_size, wrap=ray.train.torch.prepare_model, report=ray.train.report,
                       barrier=torch.distributed.barrier if world_size > 1 else (lambda: None))
-    # rank 0 feeds the dashboard's metrics; every rank reports to Ray Train, which expects all of them to
-    checkpointer = checkpointer_factory(ray.train, store, stage.name, record=rank == 0)
-    stage.run_group(Context(study, store, plan_chain(study), device, checkpointer, workers),
-                    [stage.decode(cell) for cell in config["cells"]])
+    # every rank reports to Ray Train, which expects all of them to; rank 0 alone feeds the dashboard's metrics
+    ctx = trial_context(config["study"], config["storage"], stage, ray.train, device, workers, record=rank == 0)
+    stage.run_group(ctx, [stage.decode(cell) for cell in config["cells"]])
 
 
 def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:

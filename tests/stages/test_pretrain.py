@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 
 from raysys.config import load_study
 from raysys.stages.chain import plan_chain
+from raysys.stages.registry import stage
 from raysys.storage import results
 
 
@@ -33,6 +34,17 @@ def test_chain_runs_on_ray_train_with_two_workers(micro_run):
     key = "roberta.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(w0[key], w1[key])
     assert not torch.equal(w0[key], c0[key])  # the control chain has another origin
+
+
+def test_one_job_walks_every_link_parents_first():
+    study = load_study("tiny")
+    links = stage("pretrain").plan(study, plan_chain(study))
+    (group,) = stage("pretrain").groups(links)
+    assert group == links and [(link.chain, link.index) for link in group] == [
+        ("main", 0), ("main", 1), ("main", 2), ("main", 3), ("control", 0), ("control", 1)]
+    position = {link.plm_hash: i for i, link in enumerate(group)}
+    assert all(position[link.parent] < position[link.plm_hash] for link in group if link.parent)
+    assert stage("pretrain").groups([]) == []
 
 
 def test_control_chain_shares_nothing_but_the_recipe():
