@@ -443,11 +443,10 @@ class MethodsConfig:
     """Recycling the outdated Δ_i when tuning M_{i+h} with the methods `names` of RECYCLING_METHODS: `vanilla`
     (fresh start, cross-entropy), `init` (start from the old delta / module and head), `distill` (fresh start;
     teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init
-    start, distillation loss). The grid: temperatures (T),
-    kd_weights (a) and betas (β) multiply only the distilling methods; upgrades are (i, i + h) for i in
-    `sources` (None = every tuned PLM with a successor) and h in `hops`; regimes `full` and `kshot` (K per class
-    for each K in `shots`). Convergence is measured against the vanilla run: the first evaluation reaching
-    `target_fraction` of its best dev accuracy."""
+    start, distillation loss). The grid: temperatures (T), kd_weights (a) and betas (β) multiply only the
+    distilling methods; upgrades are (i, i + h) for i in `sources` (None = every tuned PLM with a successor) and
+    h in `hops`; regimes `full` and `kshot` (K per class for each K in `shots`). Convergence is measured against
+    the vanilla run: the first evaluation reaching `target_fraction` of its best dev accuracy."""
 
     names: tuple[str, ...] = METHODS  # which of RECYCLING_METHODS run
     tasks: tuple[str, ...] | None = None  # None = every task

@@ -122,7 +122,13 @@ class MethodsStage(Stage):
         return (Rows("methods_runs", cell.cell_hash),)
 
     def inputs(self, cell: MethodCell):
-        return method_inputs(cell)
+        """The new PLM; a recycling method's outdated model; the reference run a method is measured against."""
+        needs = [Artifact("plm", cell.target_plm_hash)]
+        if RECYCLING_METHODS[cell.method].recycles:
+            needs.append(Artifact("tuned", cell.old_tuned_hash))
+        if cell.needs_reference:
+            needs.append(Rows("methods_runs", cell.vanilla_hash))
+        return tuple(needs)
 
     def resources(self, study: StudyConfig) -> Resources:
         return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
@@ -138,16 +144,6 @@ class MethodsStage(Stage):
 
     def run(self, ctx: Context, cell: MethodCell) -> None:
         run_method_cell(ctx, cell, ctx.checkpointer(cell.cell_hash, ctx.study.tuning.checkpoint_every_seconds))
-
-
-def method_inputs(cell: MethodCell) -> tuple:
-    """The new PLM; a recycling method's outdated model; the reference run a method is measured against."""
-    needs = [Artifact("plm", cell.target_plm_hash)]
-    if RECYCLING_METHODS[cell.method].recycles:
-        needs.append(Artifact("tuned", cell.old_tuned_hash))
-    if cell.needs_reference:
-        needs.append(Rows("methods_runs", cell.vanilla_hash))
-    return tuple(needs)
 
 
 def check_old_weights(study: StudyConfig, store: Store, needed: set[str], tuning_planned: bool,

@@ -24,7 +24,7 @@ def test_a_registered_method_needs_no_other_edit(monkeypatch, tmp_path):
     cells = methods.plan_methods(study, plan_chain(study))
     scaled = [c for c in cells if c.method == "scaled_init"]
     assert len(scaled) == len(cells) // 2 and all(c.needs_reference for c in scaled)
-    assert {type(n).__name__ for n in methods.method_inputs(scaled[0])} == {"Artifact", "Rows"}
+    assert {type(n).__name__ for n in methods.STAGE.inputs(scaled[0])} == {"Artifact", "Rows"}
     store = Store(tmp_path)
     for i, (method, accuracy) in enumerate((("vanilla", 0.5), ("scaled_init", 0.75))):
         results.write_rows(store, "methods_runs", f"cell-{i}", [_row(method, accuracy)])
