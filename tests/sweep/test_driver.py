@@ -8,16 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from raysys.config import ConfigError, TaskConfig, load_study
+from raysys.config import TaskConfig, load_study
 from raysys.core import world
 from raysys.report.status import missing_cells
 from raysys.stages.chain import control_indices, plan_chain, plan_pairs
 from raysys.stages.registry import NAMES, stage
 from raysys.storage import results
 from raysys.storage.store import Store
-from raysys.storage.study import PROGRESS_FILE, STUDY_FILE, load_saved_study, save_study
+from raysys.storage.study import PROGRESS_FILE, STUDY_FILE
 from raysys.sweep import driver as sweep
 from tests.conftest import MICRO_OVERRIDES
 
@@ -140,15 +138,6 @@ def test_progress_file_records_the_last_stage(micro_run):
     _, store, _ = micro_run
     state = json.loads((store.local / PROGRESS_FILE).read_text())
     assert state["final"] and state["done"] == state["total"] > 0 and state["failed"] == 0
-
-
-def test_saved_study_round_trips(micro_run, tmp_path):
-    study, store, _ = micro_run
-    save_study(study, store)
-    assert load_saved_study(store) == study
-    (tmp_path / STUDY_FILE).write_text('{"seeds": "x"}')
-    with pytest.raises(ConfigError, match="study.json"):
-        load_saved_study(Store(tmp_path))
 
 
 S3_OVERRIDES = MICRO_OVERRIDES + ["pilot.control_length=0", 'tuning.types=["finetune"]',

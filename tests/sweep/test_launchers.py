@@ -24,3 +24,24 @@ def test_every_stage_has_a_launcher_and_its_trainable_its_name():
         assert stage.launcher in launchers.LAUNCHERS
         named = launchers._named(launchers.cell_trainable, stage)
         assert named.__name__ == f"{stage.name}_trainable"
+
+
+def test_a_trial_runs_as_many_threads_as_its_stage_reserves(tmp_path):
+    """The paper preset reserves 4 CPUs for a tuning or method trial and 2 for a pilot one (evaluation only):
+    each trial's torch threads follow its own stage's reservation."""
+    import torch
+
+    from raysys.config import load_study, to_dict
+
+    study = load_study("paper")
+    expected = {"pretrain": 1, "tuning": 4, "compatibility": 2, "interpolation": 2, "similarity": 2, "methods": 4,
+                "search": 4, "training_free": 4}
+    threads = torch.get_num_threads()
+    try:
+        seen = {}
+        for stage in STAGES:
+            launchers.trial_context(to_dict(study), str(tmp_path), stage)
+            seen[stage.name] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == expected
