@@ -18,11 +18,17 @@ from raysys.storage.study import load_saved_study, read_progress
 STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
 
 
-def stage_status(study: StudyConfig, store: Store) -> dict[str, dict[str, int]]:
+def plans(study: StudyConfig) -> dict[str, list]:
+    """Every stage's planned cells, by stage name, in registry order."""
+    chain = plan_chain(study)
+    return {stage.name: stage.plan(study, chain) for stage in STAGES}
+
+
+def stage_status(study: StudyConfig, store: Store, planned: dict[str, list] | None = None) -> dict[str, dict]:
     """Per stage: planned cells, done, failed (their last attempt recorded an error) and to do (not tried yet)."""
-    chain, view, out = plan_chain(study), View(store), {}
+    planned, view, out = planned or plans(study), View(store), {}
     for stage in STAGES:
-        cells = stage.plan(study, chain)
+        cells = planned[stage.name]
         done = sum(stage.done(cell, view) for cell in cells)
         failed = sum(stage.failed(cell, view) for cell in cells)
         out[stage.name] = {"planned": len(cells), "done": done, "failed": failed, "todo": len(cells) - done - failed}
@@ -40,13 +46,13 @@ def _layer_parameters(study: StudyConfig) -> int:
     return m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
 
 
-def training_flops(study: StudyConfig) -> dict[str, float]:
+def training_flops(study: StudyConfig, planned: dict[str, list] | None = None) -> dict[str, float]:
     """An upper bound of the training compute per stage, 6 · layer weights · tokens (sequences counted at their
     maximum length; evaluation and the MLM output layer not counted): enough to tell minutes from GPU-days."""
-    chain, per_token = plan_chain(study), 6 * _layer_parameters(study)
+    planned, per_token = planned or plans(study), 6 * _layer_parameters(study)
     flops = {}
     for stage in STAGES:
-        tokens = sum(stage.train_tokens(study, cell) for cell in stage.plan(study, chain))
+        tokens = sum(stage.train_tokens(study, cell) for cell in planned[stage.name])
         if tokens:
             flops[stage.name] = per_token * tokens
     return flops
@@ -54,11 +60,12 @@ def training_flops(study: StudyConfig) -> dict[str, float]:
 
 def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
     """The `--dry-run` plan: per stage the cells planned, done, failed and to do, and the training compute."""
-    status, flops, chain = stage_status(study, store), training_flops(study), plan_chain(study)
+    planned = plans(study)
+    status, flops = stage_status(study, store, planned), training_flops(study, planned)
     lines = [f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to run':>7} {'train PFLOP':>12}"]
     for stage in STAGES:
         counts, pflop = status[stage.name], flops.get(stage.name)
-        note = stage.plan_note(study, stage.plan(study, chain))
+        note = stage.plan_note(study, planned[stage.name])
         lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
                      f"{counts['planned'] - counts['done']:>7} {'—' if pflop is None else f'{pflop / 1e15:.3g}':>12}"
                      + (f"   {note}" if note else ""))

@@ -94,3 +94,15 @@ def test_cells_round_trip_through_a_trial_config():
             kinds.add(type(cell).__name__)
     assert kinds >= {"Link", "TuningCell", "CompatibilityCell", "BaselineCell", "PathPoint", "PathSummary",
                      "SimilarityCell", "MethodCell", "SearchCell", "TrainingFreeCell"}
+
+
+def test_every_result_table_is_written_by_exactly_one_stage_and_its_cells_say_which():
+    from raysys.stages.base import Rows
+    from raysys.storage.results import SCHEMAS
+
+    owners = [table for each in STAGES for table in each.tables]
+    assert sorted(owners) == sorted(SCHEMAS) and len(owners) == len(set(owners))
+    study, chain = _plan("methods.search.algorithm=optuna")
+    for each in STAGES:
+        for cell in each.plan(study, chain):
+            assert {out.table for out in each.outputs(cell) if isinstance(out, Rows)} <= set(each.tables), each.name
