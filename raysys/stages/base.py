@@ -153,6 +153,11 @@ class Resources:
     gpus: float = 0.0
     workers: int = 0
 
+    @classmethod
+    def per_trial(cls, section) -> Resources:
+        """What a stage config section with `cpus_per_trial` and `gpus_per_trial` reserves for one trial."""
+        return cls(section.cpus_per_trial, section.gpus_per_trial)
+
     @property
     def threads(self) -> int:
         return max(1, int(self.cpus))

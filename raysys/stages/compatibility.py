@@ -64,7 +64,7 @@ class CompatibilityStage(Stage):
         return Artifact("tuned", cell.source_tuned_hash), Artifact("plm", cell.target_plm_hash)
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.pilot.cpus_per_trial, study.pilot.gpus_per_trial)
+        return Resources.per_trial(study.pilot)
 
     def run(self, ctx: Context, cell) -> None:
         from raysys.stages.recipe import Evaluator

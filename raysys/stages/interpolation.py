@@ -67,7 +67,7 @@ class InterpolationStage(Stage):
         return list(paths.values())
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.pilot.cpus_per_trial, study.pilot.gpus_per_trial)
+        return Resources.per_trial(study.pilot)
 
     def run_group(self, ctx: Context, cells: list) -> int:
         """The path's missing points, then its summary (written once every α has a row)."""

@@ -131,7 +131,7 @@ class MethodsStage(Stage):
         return tuple(needs)
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
+        return Resources.per_trial(study.methods)
 
     def check(self, study: StudyConfig, store: Store, chain: ChainPlan, cells: list, selected: tuple[str, ...]) -> None:
         super().check(study, store, chain, cells, selected)

@@ -81,7 +81,7 @@ class SearchStage(Stage):
         return sorted(rows, key=lambda r: r["started_at"])
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
+        return Resources.per_trial(study.methods)
 
     def train_tokens(self, study: StudyConfig, cell: SearchCell) -> int:
         cfg = method_tuning_config(study, cell.tuning_type, cell.regime)

@@ -36,7 +36,7 @@ class SimilarityStage(Stage):
         return Artifact("tuned", cell.tuned_hash_a), Artifact("tuned", cell.tuned_hash_b)
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.pilot.cpus_per_trial, study.pilot.gpus_per_trial)
+        return Resources.per_trial(study.pilot)
 
     def run(self, ctx: Context, cell: SimilarityCell) -> None:
         import torch

@@ -56,7 +56,7 @@ class TrainingFreeStage(Stage):
         return (Artifact("plm", cell.target_plm_hash), *(Artifact("tuned", h) for h in cell.old_tuned.values()))
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.methods.cpus_per_trial, study.methods.gpus_per_trial)
+        return Resources.per_trial(study.methods)
 
     def check(self, study: StudyConfig, store: Store, chain: ChainPlan, cells: list, selected: tuple[str, ...]) -> None:
         """Also: a map trained on one task's classifier applies only to tasks with as many labels."""

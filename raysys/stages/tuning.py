@@ -57,7 +57,7 @@ class TuningStage(Stage):
         return (Artifact("plm", cell.plm_hash),)
 
     def resources(self, study: StudyConfig) -> Resources:
-        return Resources(study.tuning.cpus_per_trial, study.tuning.gpus_per_trial)
+        return Resources.per_trial(study.tuning)
 
     def train_tokens(self, study: StudyConfig, cell: TuningCell) -> int:
         t = study.tuning

@@ -210,8 +210,9 @@ def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Stor
     from ray.tune.search.optuna import OptunaSearch
 
     res = stage.resources(study)
+    view = View(store)  # read once: each search adds trials of its own only
     for (search,) in groups:
-        done = stage.finished(search, View(store))[:search.trials]
+        done = stage.finished(search, view)[:search.trials]
         left = search.trials - len(done)
         space = {knob: tune.loguniform(low, high) if log_scale else tune.uniform(low, high)
                  for knob, (low, high, log_scale) in stage.space(study, search).items()}
