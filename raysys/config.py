@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,12 +101,16 @@ class WorldConfig:
 
 
 CorpusSource = Literal["builtin", "text", "jsonl", "parquet", "hf"]
+FILE_SOURCES = ("text", "jsonl", "parquet")  # sources whose `path` names files (a local path or a URI)
 
 
 @dataclass(frozen=True)
 class CorpusConfig:
     """One domain's pre-training corpus. `builtin` = the synthetic world's domain `name`; `text`/`jsonl`/`parquet` =
-    local files (`path` is a glob); `hf` = a `datasets` dataset name in `path`."""
+    files (`path` is a glob: a local path, relative to the study file, or a `s3://`/`gs://`/`file://` URI);
+    `hf` = a `datasets` dataset: name in `path`, its configuration `config_name`, `split`, `revision`, read with
+    `streaming` (nothing downloaded in full). `fingerprint` is filled in when the study is loaded
+    (raysys.core.sources): the data's identity in every hash, in place of its path."""
 
     name: str
     source: CorpusSource = "builtin"
@@ -113,11 +118,17 @@ class CorpusConfig:
     text_field: str = "text"
     split: str = "train"
     max_documents: int | None = None
+    config_name: str | None = None
+    revision: str | None = None
+    streaming: bool = False
+    fingerprint: str | None = None
 
     def __post_init__(self):
         _check(bool(self.name), "corpus.name", "must not be empty")
         _check(self.source == "builtin" or bool(self.path), f"corpus {self.name}.path", "required for non-builtin")
         _check(self.max_documents is None or self.max_documents > 0, f"corpus {self.name}.max_documents", "must be > 0")
+        _check(self.source == "hf" or (self.config_name is None and self.revision is None and not self.streaming),
+               f"corpus {self.name}.config_name", "config_name, revision and streaming are options of `hf` sources")
 
 
 TaskSource = Literal["builtin", "jsonl", "parquet", "hf"]
@@ -126,7 +137,8 @@ TaskSource = Literal["builtin", "jsonl", "parquet", "hf"]
 @dataclass(frozen=True)
 class TaskConfig:
     """A classification task. `jsonl` / `parquet` = `<path>/<name>/{train,dev,test}.jsonl|.parquet` (the official
-    layout; `splits` renames the files); `hf` = a `datasets` name in `path` with `splits` naming its splits."""
+    layout; `splits` renames the files; `path` relative to the study file); `hf` = a `datasets` name in `path`
+    (configuration `config_name`, `revision`) with `splits` naming its splits. `fingerprint`: as for corpora."""
 
     name: str
     domain: str
@@ -135,11 +147,16 @@ class TaskConfig:
     text_field: str = "text"
     label_field: str = "label"
     splits: tuple[str, str, str] = ("train", "dev", "test")
+    config_name: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self):
         _check(bool(self.name), "task.name", "must not be empty")
         _check(self.source == "builtin" or bool(self.path), f"task {self.name}.path", "required for non-builtin")
         _check(len(self.splits) == 3, f"task {self.name}.splits", "must name train, dev and test splits")
+        _check(self.source == "hf" or (self.config_name is None and self.revision is None),
+               f"task {self.name}.config_name", "config_name and revision are options of `hf` sources")
 
 
 @dataclass(frozen=True)
@@ -502,9 +519,9 @@ class StudyConfig:
 
     name: str
     model: ModelConfig
-    world: WorldConfig
     corpora: tuple[CorpusConfig, ...]
     tasks: tuple[TaskConfig, ...]
+    world: WorldConfig = WorldConfig()  # only read by built-in sources
     pretrain: PretrainConfig = PretrainConfig()
     tuning: TuningConfig = TuningConfig()
     pilot: PilotConfig = PilotConfig()
@@ -731,9 +748,52 @@ def _descend(node: Any, part: str, where: str) -> Any:
     return node.setdefault(part, {})
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _resolved(path: str, base: Path) -> str:
+    """`path` against `base` unless it is absolute or a URI; glob characters are kept."""
+    if is_uri(path) or Path(path).expanduser().is_absolute():
+        return str(Path(path).expanduser()) if not is_uri(path) else path
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _checkpoint_resolved(name_or_path: str | None, base: Path) -> str | None:
+    """A checkpoint given as a relative path (it exists under `base`, or starts with `.`) becomes absolute; a hub
+    name such as `roberta-base` stays as it is."""
+    if not name_or_path or is_uri(name_or_path) or Path(name_or_path).expanduser().is_absolute():
+        return name_or_path
+    if name_or_path.startswith(".") or (base / name_or_path).exists():
+        return _resolved(name_or_path, base)
+    return name_or_path
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """Every relative data path and local checkpoint of a plain study dict, made absolute against `base`, in
+    place: trials and Train workers run in working directories of their own, so only absolute paths mean the same
+    file everywhere. Already absolute paths and URIs are left alone."""
+    for key, sources in (("corpora", FILE_SOURCES), ("tasks", ("jsonl", "parquet"))):
+        for spec in data.get(key) or ():
+            if isinstance(spec, dict) and spec.get("source") in sources and isinstance(spec.get("path"), str):
+                spec["path"] = _resolved(spec["path"], base)
+    for section, key in (("model", "name_or_path"), ("pilot", "control_name_or_path")):
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = _checkpoint_resolved(table[key], base)
+    return data
+
+
+def preset_base(preset: str) -> Path:
+    """What a preset's relative paths are relative to: a study file's own folder; for a packaged preset (its data
+    paths are a template for yours), the working directory."""
+    return Path(preset).expanduser().resolve().parent if preset.endswith(".toml") else Path.cwd()
+
+
 def load_study(preset: str, overrides: typing.Sequence[str] = ()) -> StudyConfig:
-    """Code defaults <- preset <- command-line overrides, validated."""
-    data = load_preset(preset)
+    """Code defaults <- preset <- command-line overrides, validated. Relative paths resolve here, before any Ray
+    work: a study file's against its folder, those given with `--set` against the working directory."""
+    data = resolve_paths(load_preset(preset), preset_base(preset))
     for assignment in overrides:
         data = apply_override(data, assignment)
-    return build(StudyConfig, data)
+    return build(StudyConfig, resolve_paths(data, Path.cwd()))

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from raysys.config import StudyConfig, TaskConfig, TuningConfig, pet_sections, to_dict
+from raysys.config import CorpusConfig, StudyConfig, TaskConfig, TuningConfig, pet_sections, to_dict
 
 # How the work is spread and paced, not what it computes: never part of an artifact's identity.
 RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
@@ -36,6 +36,31 @@ def identity(config) -> dict:
             if k not in RESOURCE_FIELDS and IDENTITY_ONLY_WHEN_SET.get(k, object()) != v}
 
 
+# Options of a source that say how it is read, not what it holds.
+_READING_FIELDS = {"streaming"}
+# Source fields added after artifacts were made: part of a source's identity only when set.
+_SOURCE_FIELDS_ONLY_WHEN_SET = {"config_name": None, "revision": None}
+
+
+class UnfingerprintedData(ValueError):
+    """A file or hub source reached a hash without its fingerprint: its identity would be its path."""
+
+
+def data_spec(spec: CorpusConfig | TaskConfig) -> dict:
+    """A corpus's or task's part in a hash. Built-in data: its config (the world's config goes beside it). Files and
+    hub datasets: their fingerprint in place of their path, so moving the data keeps every artifact and editing it
+    makes new ones (raysys.stages.data_check fills fingerprints in before a study is planned)."""
+    out = {k: v for k, v in to_dict(spec).items()
+           if k not in _READING_FIELDS and k != "fingerprint" and _SOURCE_FIELDS_ONLY_WHEN_SET.get(k, object()) != v}
+    if spec.source == "builtin":
+        return out
+    if spec.fingerprint is None:
+        raise UnfingerprintedData(f"{type(spec).__name__} {spec.name}: the data has no fingerprint (load the study "
+                                  "through raysys.stages.data_check.check_data)")
+    del out["path"]
+    return {**out, "data": spec.fingerprint}
+
+
 def world_if_builtin(study: StudyConfig, source: str) -> dict | None:
     """The built-in world's config for data generated from it; None for data from files or hubs."""
     return to_dict(study.world) if source == "builtin" else None
@@ -52,5 +77,5 @@ def tuning_identity(tuning: TuningConfig, tuning_type: str) -> dict:
 
 def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type: str, seed: int) -> str:
     """The tuned model of (PLM, task, tuning type, seed) under the study's tuning settings."""
-    return config_hash("tuned", plm_hash, task, world_if_builtin(study, task.source),
+    return config_hash("tuned", plm_hash, data_spec(task), world_if_builtin(study, task.source),
                        tuning_identity(study.tuning, tuning_type), seed)

@@ -40,6 +40,15 @@ MICRO_OVERRIDES = [
 ]
 
 
+def with_stand_in_fingerprints(study):
+    """A study over files the test does not have, with fingerprints standing in for them (enough to plan it)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        study, corpora=tuple(dataclasses.replace(c, fingerprint=f"files:{c.name}") for c in study.corpora),
+        tasks=tuple(dataclasses.replace(t, fingerprint=f"files:{t.name}") for t in study.tasks))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

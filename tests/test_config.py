@@ -295,15 +295,16 @@ def test_tiny_preset_builds():
 
 
 def test_paper_preset_builds():
-    study = load_study("paper")
+    study = load_study("paper")  # a packaged preset's data paths are relative to the working directory
+    cwd = Path.cwd()
     assert study.name == "paper"
     assert study.model.name_or_path == "roberta-base"
     assert (study.model.hidden_size, study.model.num_layers, study.model.max_positions) == (768, 12, 512)
     assert [(c.name, c.source, c.path) for c in study.corpora] == [
-        ("wb", "text", "data/corpora/wb/*.txt"), ("bio", "text", "data/corpora/bio/*.txt"),
-        ("reviews", "text", "data/corpora/reviews/*.txt")]
+        ("wb", "text", f"{cwd}/data/corpora/wb/*.txt"), ("bio", "text", f"{cwd}/data/corpora/bio/*.txt"),
+        ("reviews", "text", f"{cwd}/data/corpora/reviews/*.txt")]
     assert [(t.name, t.domain, t.source, t.path) for t in study.tasks] == [
-        ("chemprot", "bio", "jsonl", "data/tasks"), ("helpfulness", "reviews", "jsonl", "data/tasks")]
+        ("chemprot", "bio", "jsonl", f"{cwd}/data/tasks"), ("helpfulness", "reviews", "jsonl", f"{cwd}/data/tasks")]
     assert study.seeds == (20, 30, 40)
     assert study.pretrain.initial_steps == 0 and study.pretrain.use_gpu is True
     assert study.tuning.max_steps_for("finetune") == 2610 and study.tuning.max_steps_for("adapter") == 6525
@@ -448,3 +449,31 @@ def test_the_paper_preset_runs_bf16_with_accumulation_and_gpu_shares():
     assert (p.precision, p.use_gpu, p.batch_size, p.num_workers, p.micro_batch_size) == ("bf16", True, 2048, 8, 32)
     assert paper.tuning.precision == "bf16" and paper.tuning.length_bucketing
     assert (paper.tuning.gpus_per_trial, paper.methods.gpus_per_trial, paper.pilot.gpus_per_trial) == (1.0, 0.5, 0.25)
+
+
+def test_relative_paths_resolve_against_the_study_file_and_set_against_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    (folder / "ckpt").mkdir(parents=True)
+    (folder / "mine.toml").write_text(
+        'name = "mine"\n[model]\nname_or_path = "ckpt"\n[pilot]\ncontrol_length = 0\n'
+        '[[corpora]]\nname = "a"\nsource = "text"\npath = "corpora/a/*.txt"\n'
+        '[[corpora]]\nname = "b"\nsource = "text"\npath = "s3://bucket/b/*.txt"\n'
+        '[[tasks]]\nname = "t"\ndomain = "b"\nsource = "jsonl"\npath = "../tasks"\n')
+    monkeypatch.chdir(tmp_path)
+    study = load_study(str(folder / "mine.toml"), ["corpora.1.path=elsewhere/b/*.txt"])
+    assert study.model.name_or_path == str(folder / "ckpt")  # an existing folder: a local checkpoint
+    assert study.corpora[0].path == str(folder / "corpora" / "a" / "*.txt")
+    assert study.corpora[1].path == str(tmp_path / "elsewhere" / "b" / "*.txt")  # given with --set: the cwd
+    assert study.tasks[0].path == str(tmp_path / "tasks")
+    assert load_study(str(folder / "mine.toml")).corpora[1].path == "s3://bucket/b/*.txt"  # URIs stay
+    hub = load_study(str(folder / "mine.toml"), ["model.name_or_path=roberta-base"])
+    assert hub.model.name_or_path == "roberta-base"  # no such folder: a hub name
+    assert hub.world == WorldConfig()  # no [world] table: only built-in sources read it
+
+
+def test_hub_options_belong_to_hub_sources():
+    with pytest.raises(ConfigError, match=r"corpus wb\.config_name: config_name, revision and streaming"):
+        CorpusConfig("wb", source="text", path="x", streaming=True)
+    with pytest.raises(ConfigError, match=r"task t\.config_name"):
+        TaskConfig("t", "d1", source="jsonl", path="x", revision="main")
+    assert CorpusConfig("c4", source="hf", path="allenai/c4", config_name="en", streaming=True).streaming

@@ -3,21 +3,17 @@ batching. Everything returns plain Python/torch objects so the training loops kn
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from raysys.config import CorpusConfig, TaskConfig, WorldConfig
+from raysys.core import sources
 from raysys.core import world as world_mod
+from raysys.core.sources import DataError
 
 SPLITS = ("train", "dev", "test")
-
-
-class DataError(ValueError):
-    """Input data is missing or malformed; the message names the file or field."""
 
 
 @dataclass(frozen=True)
@@ -30,39 +26,14 @@ class TaskData:
 # ------------------------------------------------------------------------------------------------------ corpora
 
 
-def _hf_rows(loader: str, files_or_name: str | list[str], split: str) -> list[dict]:
-    import datasets  # heavy import, only on the real-data path
-
-    if loader == "hf":
-        ds = datasets.load_dataset(files_or_name, split=split)
-    else:
-        ds = datasets.load_dataset(loader, data_files=files_or_name, split="train")
-    return list(ds)
-
-
-def _local_files(pattern: str, what: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise DataError(f"{what}: no files match '{pattern}'")
-    return files
-
-
 def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
-    """The documents (lines/sentences) of one domain corpus."""
+    """The documents (lines/sentences) of one domain corpus, all in memory: for the tokenizer's training and small
+    corpora. Pre-training streams its corpus into a packed cache instead (raysys.core.packing)."""
     if spec.source == "builtin":
         texts = world_mod.domain_corpus(world_mod.build_world(world_config), spec.name)
+        texts = texts if spec.max_documents is None else texts[: spec.max_documents]
     else:
-        if spec.source == "hf":
-            rows = _hf_rows("hf", spec.path, spec.split)
-        else:
-            loader = {"text": "text", "jsonl": "json", "parquet": "parquet"}[spec.source]
-            rows = _hf_rows(loader, _local_files(spec.path, f"corpus {spec.name}"), "train")
-        field = "text" if spec.source == "text" else spec.text_field
-        if rows and field not in rows[0]:
-            raise DataError(f"corpus {spec.name}: field '{field}' not in records (have {sorted(rows[0])})")
-        texts = [r[field] for r in rows if r[field] and r[field].strip()]
-    if spec.max_documents is not None:
-        texts = texts[: spec.max_documents]
+        texts = list(sources.documents(spec))
     if not texts:
         raise DataError(f"corpus {spec.name}: no documents")
     return texts
@@ -71,45 +42,60 @@ def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
 # -------------------------------------------------------------------------------------------------------- tasks
 
 
-def _read_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
-    if not path.is_file():
-        raise DataError(f"missing task file {path}")
+def _read_jsonl(file: sources.DataFile, text_field: str, label_field: str) -> list[tuple[str, object]]:
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
-            for key in (text_field, label_field):
-                if key not in record:
-                    raise DataError(f"{path}:{lineno}: missing field '{key}'")
-            rows.append((record[text_field], record[label_field]))
+    for lineno, line in enumerate(sources._text_lines(file), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file.uri}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{file.uri}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
+        for key in (text_field, label_field):
+            if key not in record:
+                raise DataError(f"{file.uri}:{lineno}: missing field '{key}'")
+        rows.append((record[text_field], record[label_field]))
     if not rows:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{file.uri}: no examples")
     return rows
 
 
-def _read_parquet(path: Path, text_field: str, label_field: str) -> list[tuple[str, object]]:
+def _read_parquet(file: sources.DataFile, text_field: str, label_field: str) -> list[tuple[str, object]]:
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise DataError(f"missing task file {path}")
     try:
-        table = pq.read_table(path)
+        with file.fs.open_input_file(file.path) as f:
+            table = pq.read_table(f)
     except Exception as err:  # noqa: BLE001 — any unreadable file is a data error naming the file
-        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+        raise DataError(f"{file.uri}: not a readable Parquet file ({err})") from None
     for key in (text_field, label_field):
         if key not in table.column_names:
-            raise DataError(f"{path}: missing column '{key}' (have {table.column_names})")
+            raise DataError(f"{file.uri}: missing column '{key}' (have {table.column_names})")
     rows = list(zip(table[text_field].to_pylist(), table[label_field].to_pylist()))
     if not rows:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{file.uri}: no examples")
     return rows
+
+
+def _hf_split(spec: TaskConfig, name: str) -> list[tuple[str, object]]:
+    import datasets  # heavy import, only on the hub path
+
+    ds = datasets.load_dataset(spec.path, spec.config_name, split=name, revision=spec.revision)
+    for key in (spec.text_field, spec.label_field):
+        if key not in ds.column_names:
+            raise DataError(f"task {spec.name} ({spec.path}:{name}): missing field '{key}'")
+    return list(zip(ds[spec.text_field], ds[spec.label_field]))
+
+
+def read_split(spec: TaskConfig, split: str, files: dict | None = None) -> list[tuple[str, object]]:
+    """The (text, raw label) rows of one split of a file or hub task."""
+    if spec.source == "hf":
+        return _hf_split(spec, dict(zip(SPLITS, spec.splits))[split])
+    file = (files or sources.task_files(spec))[split]
+    read = _read_jsonl if spec.source == "jsonl" else _read_parquet
+    return read(file, spec.text_field, spec.label_field)
 
 
 def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict, list | None]:
@@ -117,19 +103,8 @@ def _raw_task_splits(spec: TaskConfig, world_config: WorldConfig) -> tuple[dict,
         w = world_mod.build_world(world_config)
         splits = world_mod.task_splits(w, spec.domain)
         return {s: [(r["text"], r["label"]) for r in rows] for s, rows in splits.items()}, world_mod.task_label_names(w)
-    if spec.source in ("jsonl", "parquet"):
-        root = Path(spec.path) / spec.name
-        read = _read_jsonl if spec.source == "jsonl" else _read_parquet
-        return {s: read(root / f"{name}.{spec.source}", spec.text_field, spec.label_field)
-                for s, name in zip(SPLITS, spec.splits)}, None
-    out = {}
-    for split, name in zip(SPLITS, spec.splits):
-        rows = _hf_rows("hf", spec.path, name)
-        for key in (spec.text_field, spec.label_field):
-            if rows and key not in rows[0]:
-                raise DataError(f"task {spec.name} ({spec.path}:{name}): missing field '{key}'")
-        out[split] = [(r[spec.text_field], r[spec.label_field]) for r in rows]
-    return out, None
+    files = sources.task_files(spec) if spec.source != "hf" else None
+    return {split: read_split(spec, split, files) for split in SPLITS}, None
 
 
 def _label_order(label) -> tuple:
@@ -138,20 +113,30 @@ def _label_order(label) -> tuple:
     return (0, label, "") if numeric else (1, 0, str(label))
 
 
+def label_names(train_rows: list[tuple[str, object]]) -> list:
+    """The label set of a task: its training split's labels, sorted, so the same task always maps them alike."""
+    return sorted({label for _, label in train_rows}, key=_label_order)
+
+
+def unknown_labels(rows: list[tuple[str, object]], known) -> list[str]:
+    known = set(known)
+    return sorted({str(label) for _, label in rows if label not in known})
+
+
 def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:
-    """Load train/dev/test and map labels to ids. The label set comes from the training split (sorted), so the
-    same task always maps labels identically; a dev/test label unseen in training is an error."""
-    raw, label_names = _raw_task_splits(spec, world_config)
-    if label_names is None:
-        label_names = sorted({label for _, label in raw["train"]}, key=_label_order)
-    index = {label: i for i, label in enumerate(label_names)}
+    """Load train/dev/test and map labels to ids. The label set comes from the training split (sorted); a dev/test
+    label unseen in training is an error."""
+    raw, names = _raw_task_splits(spec, world_config)
+    if names is None:
+        names = label_names(raw["train"])
+    index = {label: i for i, label in enumerate(names)}
     splits = {}
     for split, rows in raw.items():
-        unknown = {label for _, label in rows if label not in index}
+        unknown = unknown_labels(rows, index)
         if unknown:
-            raise DataError(f"task {spec.name}/{split}: labels {sorted(map(str, unknown))} not in training labels")
+            raise DataError(f"task {spec.name}/{split}: labels {unknown} not in training labels")
         splits[split] = [(text, index[label]) for text, label in rows]
-    return TaskData(spec.name, tuple(str(x) for x in label_names), splits)
+    return TaskData(spec.name, tuple(str(x) for x in names), splits)
 
 
 def sample_per_class(rows: list[tuple[str, int]], k: int, seed: int) -> list[tuple[str, int]]:

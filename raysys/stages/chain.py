@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysys.config import StudyConfig
-from raysys.identity import config_hash, identity, tuned_hash, world_if_builtin
+from raysys.identity import config_hash, data_spec, identity, tuned_hash, world_if_builtin
 from raysys.storage.store import Store, atomic_write_bytes
 
 
@@ -53,11 +53,14 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
     initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr")}
     continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
     model = dataclasses.replace(study.model, name_or_path=checkpoint)
-    first = config_hash("plm", model, tokenizer_hash, first_corpus, world_if_builtin(study, first_corpus.source),
-                        initial)
+    # M0 kept as it is (0 steps) has never seen D0: D0 is then no part of it (and need not exist)
+    trained = study.pretrain.initial_steps > 0
+    first = config_hash("plm", model, tokenizer_hash, data_spec(first_corpus) if trained else None,
+                        world_if_builtin(study, first_corpus.source) if trained else None, initial)
     links = [Link(name, 0, first, None, seed, checkpoint, first_corpus.name)]
     for index, corpus in enumerate(study.corpora[1:length], start=1):
-        plm_hash = config_hash("plm", links[-1].plm_hash, corpus, world_if_builtin(study, corpus.source), continual)
+        plm_hash = config_hash("plm", links[-1].plm_hash, data_spec(corpus), world_if_builtin(study, corpus.source),
+                               continual)
         links.append(Link(name, index, plm_hash, links[-1].plm_hash, seed, None, corpus.name))
     return links
 
@@ -66,7 +69,7 @@ def plan_chain(study: StudyConfig) -> ChainPlan:
     """The main chain M0 → … → Mk and the control chain M0' → … (another origin, the same continual data)."""
     first_corpus = study.corpora[0]
     tokenizer_hash = config_hash("tokenizer", study.model.name_or_path or
-                                 [study.model.vocab_size, first_corpus,
+                                 [study.model.vocab_size, data_spec(first_corpus),
                                   world_if_builtin(study, first_corpus.source)])
     main = _chain(study, tokenizer_hash, "main", len(study.corpora), study.pretrain.seed, study.model.name_or_path)
     control = _chain(study, tokenizer_hash, "control", study.control_length, study.pilot.control_seed,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raysys.config import StudyConfig
-from raysys.identity import config_hash, tuned_hash, world_if_builtin
+from raysys.identity import config_hash, data_spec, tuned_hash, world_if_builtin
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, cell_columns
 from raysys.stages.chain import ChainPlan, task_grid
 from raysys.storage import results
@@ -49,7 +49,7 @@ class CompatibilityStage(Stage):
                 source = tuned_hash(study, plms[i], task, tuning_type, seed)
                 cells += [CompatibilityCell(config_hash("compat", source, plms[i], plms[j]), task.name, tuning_type,
                                             seed, i, j, source, plms[i], plms[j]) for j in tuned if j > i]
-        cells += [BaselineCell(config_hash("baseline", plms[i], task, world_if_builtin(study, task.source), seed,
+        cells += [BaselineCell(config_hash("baseline", plms[i], data_spec(task), world_if_builtin(study, task.source), seed,
                                            study.tuning.max_length), task.name, seed, i, plms[i])
                   for i in tuned for task in study.tasks for seed in study.seeds]
         return cells

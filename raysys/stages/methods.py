@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, StudyConfig, TuningConfig
-from raysys.identity import config_hash, tuned_hash, tuning_identity, world_if_builtin
+from raysys.identity import config_hash, data_spec, tuned_hash, tuning_identity, world_if_builtin
 from raysys.stages.base import Artifact, Context, MissingInputError, Resources, Rows, Stage
 from raysys.stages.chain import ChainPlan
 from raysys.storage import results
@@ -97,7 +97,7 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                     old = tuned_hash(study, source_plm, task, tuning_type, seed)
                     for regime, shots in regimes(study):
                         identity = tuning_identity(method_tuning_config(study, tuning_type, regime), tuning_type)
-                        vanilla = config_hash("method", REFERENCE_METHOD, target_plm, task, world, identity, seed,
+                        vanilla = config_hash("method", REFERENCE_METHOD, target_plm, data_spec(task), world, identity, seed,
                                               regime, shots)
                         for method, knobs in _variants(study):
                             reference = method == REFERENCE_METHOD

@@ -10,7 +10,7 @@ import torch
 from raysys.config import StudyConfig, TaskConfig
 from raysys.core import data
 from raysys.core.classifier_loop import evaluate
-from raysys.identity import config_hash, world_if_builtin
+from raysys.identity import config_hash, data_spec, world_if_builtin
 from raysys.stages.base import Context
 from raysys.storage import artifacts
 
@@ -37,7 +37,7 @@ def encoded_task(ctx: Context, task_name: str, regime: str = "full", shots: int 
     task = data.load_task(spec, study.world)
     if regime == "kshot":
         task = data.k_shot(task, shots, seed)
-    key = config_hash("data", spec, world_if_builtin(study, spec.source), regime, shots, seed,
+    key = config_hash("data", data_spec(spec), world_if_builtin(study, spec.source), regime, shots, seed,
                       study.tuning.max_length, ctx.chain.tokenizer_hash)
     return EncodedTask(task, data.encode_task(task, tokenizer, study.tuning.max_length), tokenizer.pad_token_id, key)
 

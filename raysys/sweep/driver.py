@@ -24,6 +24,7 @@ from raysys.report.status import missing_cells, plan_text
 from raysys.report.summary import publish_report, summary
 from raysys.stages.base import MissingInputError, Stage, View, hashes
 from raysys.stages.chain import plan_chain
+from raysys.stages.data_check import DataCheckError, check_data
 from raysys.stages.registry import NAMES, STAGES
 from raysys.storage.store import Store
 from raysys.storage.study import save_study
@@ -36,7 +37,9 @@ from raysys.sweep.trackers import tracking_callbacks
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
               tracker: str | None = None, tracking_uri: str | None = None) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
-    finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow."""
+    finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
+    The data is checked (and fingerprinted) first: DataCheckError names every problem before any trial starts."""
+    study = check_data(study, tuple(only))
     chain = plan_chain(study)
     save_study(study, store)
     ran = {}
@@ -166,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(to_dict(study), indent=1))
         return 0
+    try:
+        study = check_data(study, tuple(args.only))
+    except DataCheckError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         tflops = args.assume_tflops or (100.0 if study.pretrain.use_gpu else 0.05)
         print(f"raysys: plan of study '{study.name}' (preset {preset}) in {store.root}")
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen != preset:
             try:
                 (study, store), preset = _load(args, chosen), chosen
+                study = check_data(study, tuple(args.only))
             except (ConfigError, ValueError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
-    except (WeightMismatchError, MissingInputError) as err:
+    except (WeightMismatchError, MissingInputError, DataCheckError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(study, store))

@@ -226,7 +226,7 @@ def test_jsonl_corpus_with_text_field_and_max_documents(tmp_path):
 def test_jsonl_corpus_missing_text_field_names_it(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", [{"body": "x"}])
     spec = CorpusConfig("bio", source="jsonl", path=str(tmp_path / "c.jsonl"))
-    with pytest.raises(data.DataError, match=r"corpus bio: field 'text' not in records \(have \['body'\]\)"):
+    with pytest.raises(data.DataError, match=r"c\.jsonl:1: field 'text' not in the record \(have \['body'\]\)"):
         data.load_corpus(spec, WorldConfig())
 
 
@@ -241,7 +241,7 @@ def test_parquet_corpus_with_text_field_and_max_documents(tmp_path):
                         max_documents=7)
     assert data.load_corpus(spec, WorldConfig()) == texts[:7]
     wrong = CorpusConfig("rev", source="parquet", path=str(tmp_path / "*.parquet"))
-    with pytest.raises(data.DataError, match=r"corpus rev: field 'text'"):
+    with pytest.raises(data.DataError, match=r"shard-0\.parquet: no column 'text' \(have \['content', 'n'\]\)"):
         data.load_corpus(wrong, WorldConfig())
 
 

@@ -9,6 +9,7 @@ from raysys.config import load_study
 from raysys.core.recycle import WeightMismatchError
 from raysys.stages import chain as chain_module
 from raysys.stages.registry import STAGES, stage
+from tests.test_identity import paper_with_fixed_data
 
 
 def _plan(*overrides):
@@ -74,8 +75,8 @@ def test_checkpoints_of_different_vocabularies_are_refused_before_any_trial(tmp_
 def test_preflight_names_the_control_checkpoint(tmp_path):
     main = _save_config(tmp_path / "main")
     other = _save_config(tmp_path / "other", vocab_size=50265)
-    study = load_study("paper", [f"model.name_or_path=\"{main}\"", "pilot.control_length=2",
-                                 f"pilot.control_name_or_path=\"{other}\""])
+    study = paper_with_fixed_data(f"model.name_or_path=\"{main}\"", "pilot.control_length=2",
+                                  f"pilot.control_name_or_path=\"{other}\"")
     from raysys.storage.store import Store
 
     with pytest.raises(WeightMismatchError, match="pilot.control_name_or_path"):

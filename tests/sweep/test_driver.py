@@ -12,6 +12,7 @@ from raysys.config import TaskConfig, load_study
 from raysys.core import world
 from raysys.report.status import missing_cells
 from raysys.stages.chain import control_indices, plan_chain, plan_pairs
+from raysys.stages.data_check import check_data
 from raysys.stages.registry import NAMES, stage
 from raysys.storage import results
 from raysys.storage.store import Store
@@ -73,24 +74,29 @@ def _write_task(root, name, rows_by_split):
 
 
 def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
-    """A jsonl task whose dev split has a label unseen in training fails every tuning cell with a recorded error;
-    the sweep goes on; once the file is fixed, a rerun runs exactly those cells."""
+    """A PLM whose weights file is damaged after the data check fails every tuning cell on it with a recorded
+    error; the sweep goes on (the cells on the sound PLM succeed); once the file is restored, a rerun runs exactly
+    the failed cells."""
     study, store, _ = micro_run
-    splits = world.task_splits(world.build_world(study.world), "d1")
-    broken = {**splits, "dev": splits["dev"] + [{"text": "x y", "label": "no-such-label"}]}
-    _write_task(tmp_path, "d1_copy", broken)
+    _write_task(tmp_path, "d1_copy", world.task_splits(world.build_world(study.world), "d1"))
     extra = TaskConfig(name="d1_copy", domain="d1", source="jsonl", path=str(tmp_path))
-    study2 = dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3),
-                                 methods=dataclasses.replace(study.methods, sources=(2,)))
-    ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
-    expected = 2 * len(study.seeds) * len(study.tuning.types)
-    assert ran["tuning"]["ran"] == expected
-    failed = [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] == "failed"]
-    assert len(failed) == expected
-    assert all("no-such-label" in r["error"] and r["task"] == "d1_copy" for r in failed)
+    study2 = check_data(dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3),
+                                            methods=dataclasses.replace(study.methods, sources=(2,))), ("tuning",))
+    weights = store.artifact("plm", plan_chain(study).plm_hashes[3]) / "model.safetensors"
+    sound = weights.read_bytes()
+    weights.write_bytes(sound[:64])
+    try:
+        ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
+    finally:
+        weights.write_bytes(sound)
+    per_plm = len(study.seeds) * len(study.tuning.types)
+    assert ran["tuning"]["ran"] == 2 * per_plm
+    rows = [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["task"] == "d1_copy"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == per_plm and len(rows) == 2 * per_plm
+    assert all(r["plm_index"] == 3 and r["error"] for r in failed), failed[0]
     assert missing_cells(study2, store)["tuning"] == len(failed)
 
-    _write_task(tmp_path, "d1_copy", splits)
     ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
     assert ran["tuning"]["ran"] == len(failed)
     assert missing_cells(study2, store)["tuning"] == 0
@@ -108,8 +114,9 @@ def test_cli_rejects_bad_input_before_starting_anything(tmp_path, capsys):
 
 
 def test_every_preset_builds_and_plans():
-    for preset in ("tiny", "paper"):
-        study = load_study(preset)
+    from tests.test_identity import paper_with_fixed_data
+
+    for study in (load_study("tiny"), paper_with_fixed_data()):
         chain = plan_chain(study)
         assert len(set(chain.plm_hashes)) == len(study.corpora)
         assert len({link.plm_hash for link in chain.links}) == len(chain.links)
@@ -223,23 +230,28 @@ def _real_data_preset(root: Path) -> Path:
     tiny = (Path(__file__).resolve().parents[2] / "raysys" / "presets" / "tiny.toml").read_text()
     tiny = re.sub(r"\[\[(corpora|tasks)\]\]\n(?:[^\[\n].*\n)*", "", tiny)
     tiny = tiny.replace('name = "tiny"', 'name = "mine"')
-    corpora = "".join(f'[[corpora]]\nname = "{n}"\nsource = "{src}"\npath = "{root}/corpora/{n}/*.{ext}"\n' + extra
+    # paths relative to the study file, as a user writes them
+    corpora = "".join(f'[[corpora]]\nname = "{n}"\nsource = "{src}"\npath = "corpora/{n}/*.{ext}"\n' + extra
                       for n, src, ext, extra in (("gen", "text", "txt", ""), ("bio", "jsonl", "jsonl",
                                                  'text_field = "body"\n'), ("rev", "parquet", "parquet", "")))
-    tasks = "".join(f'[[tasks]]\nname = "{t}"\ndomain = "{d}"\nsource = "{src}"\npath = "{root}/tasks"\n'
+    tasks = "".join(f'[[tasks]]\nname = "{t}"\ndomain = "{d}"\nsource = "{src}"\npath = "tasks"\n'
                     for t, d, src in (("chem", "bio", "jsonl"), ("help", "rev", "parquet")))
     preset = root / "mine.toml"
     preset.write_text(tiny + "\n" + corpora + tasks)
     return preset
 
 
-def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tmp_path):
+def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tmp_path, monkeypatch):
+    """A study file with paths relative to itself, run from another working directory through Ray; then the data
+    folder moved (every artifact reused) and one task file edited (exactly that task's cells run again)."""
     preset = _real_data_preset(tmp_path / "data")
     overrides = ["pretrain.initial_steps=10", "pretrain.continual_steps=10", "pretrain.batch_size=16",
                  "pretrain.log_every_steps=5", "pretrain.num_workers=1", "pretrain.cpus_per_worker=1",
                  "tuning.max_steps=12", "tuning.eval_every_steps=4", 'tuning.types=["finetune"]', "seeds=[20]",
                  "pilot.control_length=0", 'methods.tasks=["chem"]', 'methods.training_free.tasks=["chem"]']
     store = Store(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     argv = ["--preset", str(preset), "--storage", store.root, "--only", "pretrain", "tuning"]
     assert sweep.main(argv + [a for o in overrides for a in ("--set", o)]) == 0
     links = results.read_table(store, "pretrain_runs").to_pylist()
@@ -249,7 +261,27 @@ def test_a_user_preset_runs_the_chain_on_local_corpora_and_tasks(ray_cluster, tm
     assert sorted((r["plm_index"], r["task"], r["task_domain"]) for r in runs) == [
         (i, t, d) for i in range(3) for t, d in (("chem", "bio"), ("help", "rev"))]
     assert {(r["status"], r["num_labels"], r["num_train"]) for r in runs} == {("ok", 2, 48)}
-    assert json.loads(store.read_bytes(STUDY_FILE))["name"] == "mine"
+    saved = json.loads(store.read_bytes(STUDY_FILE))
+    assert saved["name"] == "mine" and saved["tasks"][0]["path"] == str(tmp_path / "data" / "tasks")
+    assert all(c["fingerprint"].startswith("files:") for c in saved["corpora"])
+
+    moved = tmp_path / "moved-data"
+    (tmp_path / "data").rename(moved)
+    run = lambda: sweep.run_study(load_study(str(moved / "mine.toml"), overrides), store, only=("pretrain", "tuning"),
+                                  log=lambda *_: None)
+    ran = run()
+    assert (ran["pretrain"]["ran"], ran["tuning"]["ran"]) == (0, 0)
+    assert (ran["pretrain"]["finished_before"], ran["tuning"]["finished_before"]) == (3, 6)
+
+    dev = moved / "tasks" / "chem" / "dev.jsonl"
+    rows = [json.loads(line) for line in dev.read_text().splitlines()]
+    rows[0]["label"] = "odd" if rows[0]["label"] == "even" else "even"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ran = run()
+    assert (ran["pretrain"]["ran"], ran["tuning"]["ran"], ran["tuning"]["finished_before"]) == (0, 3, 3)
+    runs = results.read_table(store, "tuning_runs").to_pylist()
+    assert sorted((r["task"], r["plm_index"]) for r in runs) == sorted(
+        [("chem", i) for i in range(3)] * 2 + [("help", i) for i in range(3)])
 
 
 TWO_NODES = r'''
@@ -303,3 +335,30 @@ def test_a_reduced_sweep_spreads_over_two_nodes_sharing_local_storage(tmp_path):
     everywhere = set().union(*ran_on.values())
     assert everywhere == nodes, ran_on  # both nodes ran cells
     assert len(ran_on["tuning_runs"]) == 2, ran_on  # two concurrent trials of one CPU each: one per node
+
+
+def test_dry_run_names_every_data_problem_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """A missing corpus file, a malformed jsonl line and an unknown dev label: exit 2 naming each, no Ray, no
+    storage."""
+    import ray
+
+    preset = _real_data_preset(tmp_path / "data")
+    for part in (tmp_path / "data" / "corpora" / "bio").glob("*.jsonl"):
+        part.unlink()
+    with (tmp_path / "data" / "tasks" / "chem" / "train.jsonl").open("a") as f:
+        f.write('{"text": "half a record"\n')
+    help_dev = tmp_path / "data" / "tasks" / "help" / "dev.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "a", "label": "even"}, {"text": "b", "label": "maybe"}]), help_dev)
+    monkeypatch.chdir(tmp_path)
+    storage = tmp_path / "never"
+    argv = ["--preset", str(preset), "--storage", str(storage), "--dry-run", "--set", 'methods.tasks=["chem"]',
+            "--set", 'methods.training_free.tasks=["chem"]']
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"corpus bio: no files match '.*/data/corpora/bio/\*\.jsonl'", err), err
+    assert re.search(r"tasks/chem/train\.jsonl:49: invalid JSON", err), err
+    assert "task help/dev: labels ['maybe'] not in the training labels ['even', 'odd']" in err
+    assert not ray.is_initialized() and not storage.exists()

@@ -31,9 +31,10 @@ def test_a_trial_runs_as_many_threads_as_its_stage_reserves(tmp_path):
     each trial's torch threads follow its own stage's reservation."""
     import torch
 
-    from raysys.config import load_study, to_dict
+    from raysys.config import to_dict
+    from tests.test_identity import paper_with_fixed_data
 
-    study = load_study("paper")
+    study = paper_with_fixed_data()
     expected = {"pretrain": 1, "tuning": 4, "compatibility": 2, "interpolation": 2, "similarity": 2, "methods": 4,
                 "search": 4, "training_free": 4}
     threads = torch.get_num_threads()

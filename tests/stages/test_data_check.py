@@ -1,0 +1,123 @@
+"""raysys/stages/data_check.py: every problem of a study's data named up front; only used data required; the
+data that passes fingerprinted (also over S3, through pyarrow.fs)."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from raysys.config import CorpusConfig, StudyConfig, TaskConfig, build, load_study
+from raysys.stages.chain import plan_chain
+from raysys.stages.data_check import DataCheckError, check_data
+
+ALL = ("pretrain", "tuning")
+
+
+def _write_task(root, name, rows_by_split, ext="jsonl"):
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        (folder / f"{split}.{ext}").write_text(
+            rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _rows(labels):
+    return [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+
+
+def _study(tmp_path, **model):
+    """A study over files only: no [world] table. A checkpoint given: no control chain."""
+    corpora = tmp_path / "corpora"
+    for name in ("gen", "bio"):
+        (corpora / name).mkdir(parents=True, exist_ok=True)
+        (corpora / name / "part.txt").write_text("a b c\nd e f\n")
+    _write_task(tmp_path / "tasks", "chem", {"train": _rows("ab"), "dev": _rows("ab"), "test": _rows("ba")})
+    return build(StudyConfig, {
+        "name": "mine", "model": model, "pilot": {"control_length": 0} if model else {},
+        "corpora": [{"name": n, "source": "text", "path": str(corpora / n / "*.txt")} for n in ("gen", "bio")],
+        "tasks": [{"name": "chem", "domain": "bio", "source": "jsonl", "path": str(tmp_path / "tasks")}]})
+
+
+def test_a_study_over_files_needs_no_world_table_and_gets_fingerprints(tmp_path):
+    study = check_data(_study(tmp_path), ALL)
+    assert all(c.fingerprint.startswith("files:") for c in study.corpora)
+    assert study.tasks[0].fingerprint.startswith("files:")
+    assert len(plan_chain(study).plm_hashes) == 2
+
+
+def test_every_problem_is_named_at_once(tmp_path):
+    study = _study(tmp_path)
+    (tmp_path / "corpora" / "bio" / "part.txt").unlink()
+    _write_task(tmp_path / "tasks", "chem", {"dev": '{"text": "x", "label": "a"}\n{"text": oops}\n'})
+    _write_task(tmp_path / "tasks", "help", {"train": _rows("ab"), "dev": _rows("abc"), "test": _rows("ab")})
+    _write_task(tmp_path / "tasks", "gone", {"train": _rows("ab")})
+    tasks = study.tasks + tuple(TaskConfig(n, "bio", source="jsonl", path=str(tmp_path / "tasks"))
+                                for n in ("help", "gone"))
+    with pytest.raises(DataCheckError) as err:
+        check_data(dataclasses.replace(study, tasks=tasks), ALL)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    assert re.search(r"corpus bio: no files match '.*/bio/\*\.txt'", problems[0])
+    assert re.search(r"chem/dev\.jsonl:2: invalid JSON", problems[1])
+    assert problems[2] == "task help/dev: labels ['c'] not in the training labels ['a', 'b']"
+    assert re.search(r"missing task file .*gone/dev\.jsonl$", problems[3])  # each missing split named
+    assert re.search(r"missing task file .*gone/test\.jsonl$", problems[4])
+    assert str(err.value).startswith("the study's data has problems:\n  - corpus bio")
+
+
+def test_a_missing_field_is_named_with_its_file_and_line(tmp_path):
+    study = _study(tmp_path)
+    _write_task(tmp_path / "tasks", "chem", {"test": [{"text": "x", "label": "a"}, {"sentence": "y", "label": "b"}]})
+    with pytest.raises(DataCheckError, match=r"chem/test\.jsonl:2: missing field 'text'"):
+        check_data(study, ALL)
+    (tmp_path / "corpora" / "gen" / "part.jsonl").write_text('{"body": "x"}\n')
+    jsonl = dataclasses.replace(study.corpora[0], source="jsonl", path=str(tmp_path / "corpora" / "gen" / "*.jsonl"))
+    _write_task(tmp_path / "tasks", "chem", {"test": _rows("ba")})
+    with pytest.raises(DataCheckError, match=r"part\.jsonl:1: field 'text' not in the record \(have \['body'\]\)"):
+        check_data(dataclasses.replace(study, corpora=(jsonl,) + study.corpora[1:]), ALL)
+
+
+def test_unused_data_is_not_required(tmp_path):
+    """D0 under a checkpoint kept as it is (0 steps, its own tokenizer) is never read; tasks only past pre-training."""
+    study = _study(tmp_path, name_or_path=str(tmp_path / "ckpt"))
+    study = dataclasses.replace(study, pretrain=dataclasses.replace(study.pretrain, initial_steps=0))
+    (tmp_path / "corpora" / "gen" / "part.txt").unlink()
+    checked = check_data(study, ALL)
+    assert checked.corpora[0].fingerprint is None and checked.corpora[1].fingerprint
+    plan_chain(checked)  # D0 enters no hash
+    trained = dataclasses.replace(study, pretrain=dataclasses.replace(study.pretrain, initial_steps=10))
+    with pytest.raises(DataCheckError, match="corpus gen: no files match"):
+        check_data(trained, ALL)
+    (tmp_path / "tasks" / "chem" / "dev.jsonl").unlink()
+    assert check_data(study, ("pretrain",)).tasks[0].fingerprint is None
+    with pytest.raises(DataCheckError, match="missing task file"):
+        check_data(study, ("pretrain", "tuning"))
+
+
+def test_builtin_studies_are_unchanged_by_the_check():
+    study = load_study("tiny")
+    assert check_data(study, ALL) == study
+
+
+def test_an_s3_corpus_is_globbed_fingerprinted_and_streamed(s3_uri):
+    import pyarrow.fs as pafs
+
+    from raysys.core import sources
+
+    base, query = s3_uri("corpora/wb").split("?")
+    fs, path = pafs.FileSystem.from_uri(f"{base}?{query}")
+    for i in range(2):
+        with fs.open_output_stream(f"{path}/part-{i}.txt") as f:
+            f.write(f"s3 doc {i}a\ns3 doc {i}b\n".encode())
+    spec = CorpusConfig("wb", source="text", path=f"{base}/*.txt?{query}")
+    assert list(sources.documents(spec)) == ["s3 doc 0a", "s3 doc 0b", "s3 doc 1a", "s3 doc 1b"]
+    checked = check_data_for(spec)
+    assert checked.startswith("files:")
+    assert [f.name for f in sources.corpus_files(spec)] == ["part-0.txt", "part-1.txt"]
+
+
+def check_data_for(spec):
+    from raysys.core.sources import DigestCache, fingerprint
+
+    return fingerprint(spec, DigestCache())
