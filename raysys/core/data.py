@@ -26,14 +26,18 @@ class TaskData:
 # ------------------------------------------------------------------------------------------------------ corpora
 
 
+def corpus_documents(spec: CorpusConfig, world_config: WorldConfig):
+    """The documents (lines/sentences) of one domain corpus, as an iterable: files and hub data are streamed."""
+    if spec.source != "builtin":
+        return sources.documents(spec)
+    texts = world_mod.domain_corpus(world_mod.build_world(world_config), spec.name)
+    return texts if spec.max_documents is None else texts[: spec.max_documents]
+
+
 def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
-    """The documents (lines/sentences) of one domain corpus, all in memory: for the tokenizer's training and small
-    corpora. Pre-training streams its corpus into a packed cache instead (raysys.core.packing)."""
-    if spec.source == "builtin":
-        texts = world_mod.domain_corpus(world_mod.build_world(world_config), spec.name)
-        texts = texts if spec.max_documents is None else texts[: spec.max_documents]
-    else:
-        texts = list(sources.documents(spec))
+    """All of a corpus's documents in memory: for small corpora and tests. Pre-training streams its corpus into a
+    packed cache instead (raysys.core.packing)."""
+    texts = list(corpus_documents(spec, world_config))
     if not texts:
         raise DataError(f"corpus {spec.name}: no documents")
     return texts
@@ -170,24 +174,27 @@ def k_shot(task: TaskData, k: int, seed: int) -> TaskData:
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def pack_sequences(token_lists: list[list[int]], max_length: int, bos_id: int, eos_id: int) -> list[list[int]]:
-    """RoBERTa's FULL-SENTENCES packing: consecutive whole documents in one sequence of at most `max_length`
-    tokens, `<s> doc </s> doc </s> ...`. A document is never split across sequences unless it alone is longer
-    than the window, in which case it is cut into windows."""
-    sequences, current = [], [bos_id]
+def pack_stream(token_lists, max_length: int, bos_id: int, eos_id: int):
+    """RoBERTa's FULL-SENTENCES packing, as a stream: consecutive whole documents in one sequence of at most
+    `max_length` tokens, `<s> doc </s> doc </s> ...`. A document is never split across sequences unless it alone
+    is longer than the window, in which case it is cut into windows."""
+    current = [bos_id]
     for tokens in token_lists:
         piece = tokens + [eos_id]
         if len(current) > 1 and len(current) + len(piece) > max_length:
-            sequences.append(current)
+            yield current
             current = [bos_id]
         while len(current) + len(piece) > max_length:
             room = max_length - len(current)
-            sequences.append(current + piece[:room])
+            yield current + piece[:room]
             current, piece = [bos_id], piece[room:]
         current = current + piece
     if len(current) > 1:
-        sequences.append(current)
-    return sequences
+        yield current
+
+
+def pack_sequences(token_lists: list[list[int]], max_length: int, bos_id: int, eos_id: int) -> list[list[int]]:
+    return list(pack_stream(token_lists, max_length, bos_id, eos_id))
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

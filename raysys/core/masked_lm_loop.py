@@ -7,6 +7,7 @@ and a checkpointer), so the same code runs in one process, under torch.distribut
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -44,16 +45,25 @@ class LinkPlan:
     lr: float
 
 
-def sample_batch(sequences: list[list[int]], step: int, batch_per_worker: int, rank: int, world_size: int,
+@functools.lru_cache(maxsize=2)
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of an epoch, computed once per epoch (not per step: at millions of sequences a
+    permutation costs more than a step's sampling)."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def sample_batch(sequences, step: int, batch_per_worker: int, rank: int, world_size: int,
                  seed: int) -> list[list[int]]:
     """Deterministic sharded sampling: every worker walks the same seeded epoch permutation, each taking its own
-    slice, so workers never see the same sequence in a step and reruns see the same data."""
+    slice, so workers never see the same sequence in a step and reruns see the same data. `sequences` is any
+    indexable collection of token-id lists (a list, or a memory-mapped `packing.PackedCorpus`, from which a
+    worker reads only the sequences it takes)."""
     per_step = batch_per_worker * world_size
     epoch_len = max(1, len(sequences) // per_step)
     epoch, offset = divmod(step, epoch_len)
-    perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    perm = epoch_order(len(sequences), seed, epoch)
     start = offset * per_step + rank * batch_per_worker
-    return [sequences[perm[(start + i) % len(perm)]] for i in range(batch_per_worker)]
+    return [sequences[int(perm[(start + i) % len(perm)])] for i in range(batch_per_worker)]
 
 
 def _micro_batches(cfg: PretrainConfig, batch_per_worker: int) -> int:

@@ -4,12 +4,13 @@ on it. `raysys status` and `--dry-run` print these; the driver counts what is le
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
 
 from raysys.config import StudyConfig
-from raysys.stages.base import View
+from raysys.stages.base import Rows, View
 from raysys.stages.chain import plan_chain
 from raysys.stages.registry import STAGES
 from raysys.storage.store import Store
@@ -30,9 +31,19 @@ def stage_status(study: StudyConfig, store: Store, planned: dict[str, list] | No
     for stage in STAGES:
         cells = planned[stage.name]
         done = sum(stage.done(cell, view) for cell in cells)
-        failed = sum(stage.failed(cell, view) for cell in cells)
-        out[stage.name] = {"planned": len(cells), "done": done, "failed": failed, "todo": len(cells) - done - failed}
+        failed = [cell for cell in cells if stage.failed(cell, view)]
+        out[stage.name] = {"planned": len(cells), "done": done, "failed": len(failed),
+                           "todo": len(cells) - done - len(failed), "errors": _errors(stage, failed, view)}
     return out
+
+
+def _errors(stage, failed: list, view: View) -> collections.Counter:
+    """The failed cells' errors, by their first line."""
+    hashes = {out.key for cell in failed for out in stage.outputs(cell) if isinstance(out, Rows)}
+    tables = {out.table for cell in failed[:1] for out in stage.outputs(cell) if isinstance(out, Rows)}
+    return collections.Counter(
+        (row.get("error") or "?").splitlines()[0] for table in tables for row in view.all_rows(table)
+        if row.get("status") == "failed" and row["cell_hash"] in hashes)
 
 
 def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
@@ -107,6 +118,7 @@ def status_text(store: Store) -> str:
             state = "failed cells: rerun to retry" if counts["failed"] else "pending"
         lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
                      f"{counts['todo']:>7}  {state}")
+        lines += [f"{'':<14} {n} x {error}" for error, n in counts["errors"].most_common(3)]
     if not running:
         lines.append("no sweep is running on this storage")
     return "\n".join(lines)

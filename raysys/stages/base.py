@@ -217,6 +217,10 @@ class Stage:
         """A remark beside the stage's line in the `--dry-run` plan."""
         return ""
 
+    def prepare(self, ctx: Context, cells: list) -> None:
+        """Work a group needs done once, in one process, before its workers start (a chain stage: the trial that
+        fits the Train job calls it before the job; the workers find it done). None by default."""
+
     def run(self, ctx: Context, cell) -> None:
         raise NotImplementedError
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 
 from raysys.config import StudyConfig
+from raysys.identity import config_hash, data_spec, world_if_builtin
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View
 from raysys.stages.chain import ChainPlan, Link
 from raysys.storage import results
@@ -43,13 +44,20 @@ class PretrainStage(Stage):
         return {"chain": link.chain, "link": link.index, "domain": link.domain,
                 "num_workers": study.pretrain.num_workers}
 
+    def prepare(self, ctx: Context, links: list[Link]) -> None:
+        """The chain's tokenizer, then each link's packed corpus (tokenized once for every worker and rerun)."""
+        ensure_tokenizer(ctx)
+        for link in links:
+            if not self.done(link, View(ctx.store, scan=False)) and _steps(ctx.study, link)[0] > 0:
+                ensure_packed(ctx, link.index)
+
     def run_group(self, ctx: Context, links: list[Link]) -> int:
         """Every worker runs this with the same links; returns how many are done."""
         from raysys.storage import artifacts
 
         workers = ctx.workers
         if workers.rank == 0:
-            ensure_tokenizer(ctx)
+            self.prepare(ctx, links)  # done by the trial before the job; here for a job started on its own
         workers.barrier()
         tokenizer = artifacts.load_tokenizer(ctx.store, ctx.chain.tokenizer_hash)
         done = 0
@@ -78,7 +86,7 @@ def link_config(study: StudyConfig, link: Link):
 
 
 def ensure_tokenizer(ctx: Context) -> None:
-    """Train (from scratch) or fetch (a pretrained M0) the one tokenizer of the chain, once."""
+    """Train (from scratch, streaming D0) or fetch (a pretrained M0) the one tokenizer of the chain, once."""
     from raysys.core import data, models
 
     study, store = ctx.study, ctx.store
@@ -88,8 +96,33 @@ def ensure_tokenizer(ctx: Context) -> None:
         if study.model.name_or_path:
             tokenizer = models.load_tokenizer(study.model.name_or_path)
         else:
-            tokenizer = models.train_tokenizer(data.load_corpus(study.corpora[0], study.world), study.model.vocab_size)
+            texts = data.corpus_documents(study.corpora[0], study.world)
+            tokenizer = models.train_tokenizer(texts, study.model.vocab_size)
         tokenizer.save_pretrained(str(tmp))
+
+
+def packed_key(study: StudyConfig, tokenizer_hash: str, index: int) -> str:
+    """A packed corpus is its data, the tokenizer and the sequence length."""
+    corpus = study.corpora[index]
+    return config_hash("packed", data_spec(corpus), world_if_builtin(study, corpus.source), tokenizer_hash,
+                       study.pretrain.sequence_length)
+
+
+def ensure_packed(ctx: Context, index: int) -> str:
+    """Tokenize and pack corpus `index` into the store, once; returns its key."""
+    from raysys.core import data, packing
+    from raysys.storage import artifacts
+
+    study, store = ctx.study, ctx.store
+    key = packed_key(study, ctx.chain.tokenizer_hash, index)
+    if not store.has_artifact("corpus", key):
+        tokenizer = artifacts.load_tokenizer(store, ctx.chain.tokenizer_hash)
+        with store.writing_artifact("corpus", key) as tmp:
+            meta = packing.write_packed(data.corpus_documents(study.corpora[index], study.world), tokenizer,
+                                        study.pretrain.sequence_length, tmp)
+            if not meta["sequences"]:
+                raise data.DataError(f"corpus {study.corpora[index].name}: no documents")
+    return key
 
 
 def _initial_model(ctx: Context, link: Link, tokenizer):
@@ -105,15 +138,16 @@ def _initial_model(ctx: Context, link: Link, tokenizer):
 
 def train_link(ctx: Context, link: Link, tokenizer) -> dict:
     """Train one PLM on this worker; rank 0 saves it and its rows. Returns the curve's last row."""
-    from raysys.core import data, masked_lm_loop
+    from raysys.core import masked_lm_loop, packing
 
     study, workers = ctx.study, ctx.workers
     started = results.now()
     model = _initial_model(ctx, link, tokenizer).to(ctx.device)
-    texts = data.load_corpus(study.corpora[link.index], study.world)
-    sequences = masked_lm_loop.pack_corpus(texts, tokenizer, study.pretrain.sequence_length)
-    checkpointer = ctx.checkpointer(link.plm_hash, study.pretrain.checkpoint_every_seconds)
     steps, lr = _steps(study, link)
+    # a link kept as it is (0 steps) reads no corpus; the others map their own packed corpus, nothing else
+    packed = packed_key(study, ctx.chain.tokenizer_hash, link.index)  # packed by `prepare`, before any worker
+    sequences = packing.PackedCorpus(ctx.store.artifact("corpus", packed)) if steps else []
+    checkpointer = ctx.checkpointer(link.plm_hash, study.pretrain.checkpoint_every_seconds)
     curve = masked_lm_loop.train_masked_lm(model, sequences, tokenizer, link_config(study, link),
                                            masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,
                                            ctx.device, wrap=workers.wrap, checkpointer=checkpointer)

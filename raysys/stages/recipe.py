@@ -37,9 +37,15 @@ def encoded_task(ctx: Context, task_name: str, regime: str = "full", shots: int 
     task = data.load_task(spec, study.world)
     if regime == "kshot":
         task = data.k_shot(task, shots, seed)
-    key = config_hash("data", data_spec(spec), world_if_builtin(study, spec.source), regime, shots, seed,
-                      study.tuning.max_length, ctx.chain.tokenizer_hash)
+    key = data_key(study, spec, regime, shots, seed, ctx.chain.tokenizer_hash)
     return EncodedTask(task, data.encode_task(task, tokenizer, study.tuning.max_length), tokenizer.pad_token_id, key)
+
+
+def data_key(study: StudyConfig, spec, regime: str, shots: int | None, seed: int, tokenizer_hash: str) -> str:
+    """The identity of an encoded task split (what teacher outputs are cached under): its data's fingerprint, the
+    regime's sample, the truncation and the tokenizer."""
+    return config_hash("data", data_spec(spec), world_if_builtin(study, spec.source), regime, shots, seed,
+                       study.tuning.max_length, tokenizer_hash)
 
 
 def clone_state(model) -> dict:

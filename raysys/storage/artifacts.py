@@ -6,6 +6,7 @@ and the teacher outputs distillation caches. Safetensors and JSON only: nothing 
     artifacts/tuned/<hash>/       fine-tuning: the whole classifier; PET: its trainable weights only; raysys.json
                                   (tuning type, PLM, task, seed, labels, PET spec) rebuilds it on its PLM
     artifacts/teacher/<hash>/     outputs.safetensors: a teacher's logits (and hidden states) on a training split
+    artifacts/corpus/<hash>/      a pre-training corpus tokenized and packed (raysys.core.packing; memory-mapped)
 """
 
 from __future__ import annotations

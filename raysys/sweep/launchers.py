@@ -11,6 +11,7 @@ Ray's own examples are the pattern: small identifiers in `param_space`, big cons
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,22 @@ def chain_worker(config: dict) -> None:
     stage.run_group(ctx, [stage.decode(cell) for cell in config["cells"]])
 
 
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))(?::|$)")
+
+
+def root_cause(err: BaseException) -> str:
+    """What went wrong first, then where: a Train worker's exception reaches the trial wrapped (WorkerGroupError,
+    TrainingFailedError) in a message holding the worker's whole traceback. The worker's own error line, then
+    the last lines of its traceback."""
+    while isinstance(getattr(err, "cause", None) or err.__cause__, BaseException):
+        err = getattr(err, "cause", None) or err.__cause__
+    lines = [line.rstrip() for line in str(err).splitlines() if line.strip()]
+    raised = [line for line in lines[1:] if _RAISED.match(line)]
+    if not raised:
+        return f"{type(err).__name__}: {chr(10).join(lines)}"
+    return "\n".join([raised[-1], f"(from {type(err).__name__}; the worker's traceback ends:)", *lines[-8:]])
+
+
 def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
     """The Tune trial of a chain stage: fit one TorchTrainer over the group, then record a failed row for every
     cell it did not finish."""
@@ -141,13 +158,15 @@ def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
     )
     error = None
     try:
+        stage.prepare(trial_context(study_dict, storage, stage), cells)
         trainer.fit()
     except Exception as err:  # noqa: BLE001 — recorded per cell below
-        error = f"{type(err).__name__}: {err}"
+        error = root_cause(err)
     view = View(store, scan=False)
     failed = [cell for cell in cells if not stage.done(cell, view)]
-    for cell in failed:
-        write_failure(store, study, stage, cell, started, error or f"{stage.name}: the job ended without it")
+    for k, cell in enumerate(failed):  # the workers walk the cells in order: the first not done is what failed
+        blamed = error if k == 0 else f"not run: the job stopped at {failed[0].cell_hash}, which failed"
+        write_failure(store, study, stage, cell, started, blamed or f"{stage.name}: the job ended without it")
     tune.report({"cells_ok": len(cells) - len(failed), "cells_failed": len(failed)})
 
 

@@ -27,16 +27,19 @@ def _rows(labels):
 
 
 def _study(tmp_path, **model):
-    """A study over files only: no [world] table. A checkpoint given: no control chain."""
-    corpora = tmp_path / "corpora"
+    """A study over files only (written here): no [world] table. A checkpoint given: no control chain."""
     for name in ("gen", "bio"):
-        (corpora / name).mkdir(parents=True, exist_ok=True)
-        (corpora / name / "part.txt").write_text("a b c\nd e f\n")
+        (tmp_path / "corpora" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "corpora" / name / "part.txt").write_text("a b c\nd e f\n")
     _write_task(tmp_path / "tasks", "chem", {"train": _rows("ab"), "dev": _rows("ab"), "test": _rows("ba")})
+    return _study_at(tmp_path, **model)
+
+
+def _study_at(root, **model):
     return build(StudyConfig, {
         "name": "mine", "model": model, "pilot": {"control_length": 0} if model else {},
-        "corpora": [{"name": n, "source": "text", "path": str(corpora / n / "*.txt")} for n in ("gen", "bio")],
-        "tasks": [{"name": "chem", "domain": "bio", "source": "jsonl", "path": str(tmp_path / "tasks")}]})
+        "corpora": [{"name": n, "source": "text", "path": str(root / "corpora" / n / "*.txt")} for n in ("gen", "bio")],
+        "tasks": [{"name": "chem", "domain": "bio", "source": "jsonl", "path": str(root / "tasks")}]})
 
 
 def test_a_study_over_files_needs_no_world_table_and_gets_fingerprints(tmp_path):
@@ -121,3 +124,28 @@ def check_data_for(spec):
     from raysys.core.sources import DigestCache, fingerprint
 
     return fingerprint(spec, DigestCache())
+
+
+def test_an_edited_task_gets_new_tuned_models_and_teacher_outputs_a_moved_one_keeps_them(tmp_path):
+    """The hashes downstream of a task file: a tuned model, the encoded data distillation caches teachers under,
+    and so the teacher cache key. Moving the folder changes none of them; editing a file changes all of them."""
+    import shutil
+
+    from raysys.identity import tuned_hash
+    from raysys.stages.recipe import data_key
+    from raysys.storage.artifacts import TeacherCache
+
+    def keys(study):
+        study = check_data(study, ALL)
+        chain = plan_chain(study)
+        task = study.tasks[0]
+        tuned = tuned_hash(study, chain.plm_hashes[1], task, "finetune", 20)
+        data = data_key(study, task, "kshot", 4, 20, chain.tokenizer_hash)
+        return tuned, data, TeacherCache.key(None, tuned, data, True)
+
+    first = keys(_study(tmp_path / "a"))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert keys(_study_at(tmp_path / "b")) == first
+    _write_task(tmp_path / "b" / "tasks", "chem", {"dev": _rows("ba")})
+    edited = keys(_study_at(tmp_path / "b"))
+    assert all(x != y for x, y in zip(edited, first))

@@ -56,3 +56,43 @@ def test_control_chain_shares_nothing_but_the_recipe():
     assert [chain.link(h).parent for h in control] == [None, control[0], control[1]]
     off = load_study("tiny", ["pilot.control_length=0"])
     assert plan_chain(off).hashes("control") == () and plan_chain(off).plm_hashes == main
+
+
+def test_each_link_trains_from_its_own_packed_corpus(micro_run):
+    """Every trained link's corpus was packed once into the store; the packed sequences are the in-memory ones."""
+    from raysys.core import data, masked_lm_loop, packing
+    from raysys.stages.pretrain import packed_key
+    from raysys.storage import artifacts
+
+    study, store, _ = micro_run
+    chain = plan_chain(study)
+    keys = {packed_key(study, chain.tokenizer_hash, i) for i in range(len(study.corpora))}
+    assert set(store.list_dirs("artifacts/corpus")) == keys  # one per corpus, shared by both chains
+    tokenizer = artifacts.load_tokenizer(store, chain.tokenizer_hash)
+    packed = packing.PackedCorpus(store.artifact("corpus", packed_key(study, chain.tokenizer_hash, 1)))
+    expected = masked_lm_loop.pack_corpus(data.load_corpus(study.corpora[1], study.world), tokenizer,
+                                          study.pretrain.sequence_length)
+    assert len(packed) == len(expected) and packed[0] == expected[0] and packed[len(packed) - 1] == expected[-1]
+
+
+def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp_path):
+    """Pre-training that diverges: the link's row carries the worker's own error (not Ray's wrapping), the links
+    after it say why they did not run, and `raysys status` shows both."""
+    from raysys.report.status import status_text
+    from raysys.storage.store import Store
+    from raysys.sweep.driver import run_study
+
+    study = load_study("tiny", ["world.general_sentences=500", "world.domain_sentences=500", "pilot.control_length=0",
+                                "pretrain.initial_steps=4", "pretrain.continual_steps=4", "pretrain.batch_size=8",
+                                "pretrain.num_workers=1", "pretrain.cpus_per_worker=1", "pretrain.lr=1e30",
+                                "pretrain.log_every_steps=2"])
+    store = Store(tmp_path / "diverged")
+    ran = run_study(study, store, only=("pretrain",), log=lambda *_: None)
+    assert ran["pretrain"]["ran"] == len(study.corpora)
+    rows = sorted(results.read_table(store, "pretrain_runs").to_pylist(), key=lambda r: r["link"])
+    assert [r["status"] for r in rows] == ["failed"] * len(study.corpora)
+    assert rows[0]["error"].startswith("FloatingPointError: masked-LM loss became non-finite\n")
+    assert all(r["error"] == f"not run: the job stopped at {rows[0]['cell_hash']}, which failed" for r in rows[1:])
+    text = status_text(store)
+    assert "1 x FloatingPointError: masked-LM loss became non-finite" in text
+    assert f"{len(study.corpora) - 1} x not run: the job stopped at" in text

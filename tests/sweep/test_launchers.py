@@ -46,3 +46,23 @@ def test_a_trial_runs_as_many_threads_as_its_stage_reserves(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert seen == expected
+
+
+def test_root_cause_finds_the_workers_own_error_in_rays_wrapping():
+    from raysys.sweep.launchers import root_cause
+
+    class WorkerGroupError(RuntimeError):
+        pass
+
+    traceback = ("Training failed.\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+                 "    raise ValueError('bad corpus')\nValueError: bad corpus\n")
+    try:
+        try:
+            raise WorkerGroupError(traceback)
+        except WorkerGroupError as inner:
+            raise RuntimeError("TrainingFailedError") from inner
+    except RuntimeError as outer:
+        text = root_cause(outer)
+    assert text.splitlines()[0] == "ValueError: bad corpus"
+    assert "from WorkerGroupError" in text and "x.py" in text
+    assert root_cause(KeyError("plain")) == "KeyError: 'plain'"
