@@ -579,3 +579,15 @@ def test_k_shot_task_keeps_test_and_full_dev():
 def test_k_shot_rejects_k_below_one():
     with pytest.raises(ValueError, match="K"):
         data.sample_per_class(_rows({0: 3}), 0, seed=0)
+
+
+def test_hf_corpus_names_its_configuration_and_streams(tmp_path):
+    """A dataset with two configurations (declared in its card, as on the hub), one of them read as a stream."""
+    for lang in ("en", "de"):
+        write_jsonl(tmp_path / "ds" / lang / "train.jsonl", [{"text": f"{lang} {i}"} for i in range(3)])
+    (tmp_path / "ds" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: en/train.jsonl\n"
+        "- config_name: de\n  data_files:\n  - split: train\n    path: de/train.jsonl\n---\n")
+    for streaming in (False, True):
+        spec = CorpusConfig("c", source="hf", path=str(tmp_path / "ds"), config_name="de", streaming=streaming)
+        assert data.load_corpus(spec, WorldConfig()) == ["de 0", "de 1", "de 2"]
