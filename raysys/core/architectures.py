@@ -1,6 +1,7 @@
 """The encoder architectures, one table: what differs between BERT, RoBERTa, XLM-RoBERTa, DeBERTa-v2 and ModernBERT
 for pre-training, tuning and recycling. Everything else goes through the Auto classes and each model's
-`base_model` (its `base_model_prefix` attribute: `roberta`, `bert`, `deberta`, `model`).
+`base_model` (its `base_model_prefix` attribute: `roberta`, `bert`, `deberta`, `model`). The ids that open and close
+a sequence come from the tokenizer (BERT's [CLS] and [SEP], RoBERTa's <s> and </s>), whichever architecture uses it.
 
 Each entry was read off the transformers 5.24 modelling code (and is tested in tests/core/test_architectures.py).
 DeBERTa-v2 has no SDPA attention in transformers, so it runs eager attention throughout.
