@@ -25,6 +25,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 
 PRECISIONS = ("fp32", "bf16")
+# The encoder architectures (HF `model_type`s) raysys can build, tune and recycle; raysys.core.architectures says
+# how each one differs and checks it covers exactly these.
+ARCHITECTURES = ("roberta", "bert", "xlm-roberta", "deberta-v2", "modernbert")
 
 
 class ConfigError(ValueError):
@@ -48,9 +51,12 @@ def _check_gpus(gpus: float, field_name: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The PLM architecture. `name_or_path` set = start M0 from that pretrained checkpoint and its tokenizer."""
+    """The PLM architecture. `name_or_path` set = start M0 from that pretrained checkpoint and its tokenizer; its
+    config.json's `model_type` is then the architecture (`architecture`, when set away from "roberta", must agree)
+    and the sizes below are unused. `architecture` (an HF `model_type` of ARCHITECTURES) is the from-scratch model."""
 
     name_or_path: str | None = None
+    architecture: str = "roberta"
     vocab_size: int = 2048
     hidden_size: int = 128
     num_layers: int = 4
@@ -64,6 +70,8 @@ class ModelConfig:
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(self.architecture in ARCHITECTURES, "model.architecture",
+               f"unknown '{self.architecture}'; known: {list(ARCHITECTURES)}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from raysys.config import CorpusConfig, StudyConfig, TaskConfig, TuningConfig, p
 RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
                    "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size"}
 # Fields added after artifacts were made: part of the identity only when set away from their default, so that the
-# artifacts made before they existed keep their hashes.
-IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False}
+# artifacts made before they existed keep their hashes (RoBERTa was the only architecture then).
+IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta"}
 # What the tuning type decides itself (its learning rate and step budget; its PET section): replaced per type below.
 _PER_TYPE_FIELDS = {"types", "lr", "max_steps", "pet_lr", "pet_max_steps"}
 

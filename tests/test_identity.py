@@ -84,6 +84,19 @@ def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketi
         assert other_plms == plms and not set(other_tuned) & set(tuned)
 
 
+def test_the_architecture_enters_a_plms_identity_only_away_from_roberta():
+    def chain(*overrides):
+        return plan_chain(load_study("tiny", list(overrides)))
+
+    roberta = chain()
+    assert [link.plm_hash for link in chain('model.architecture="roberta"').links] == TINY_PLM_HASHES
+    others = {name: chain(f"model.architecture={name}") for name in ("bert", "modernbert")}
+    hashes = [{link.plm_hash for link in c.links} for c in (roberta, *others.values())]
+    assert all(not a & b for i, a in enumerate(hashes) for b in hashes[i + 1:])
+    # one tokenizer serves every architecture trained from scratch on the same corpus
+    assert {c.tokenizer_hash for c in others.values()} == {roberta.tokenizer_hash}
+
+
 def test_a_tuning_types_identity_ignores_other_types_settings():
     def by_type(*overrides):
         study = load_study("tiny", list(overrides))

@@ -38,7 +38,7 @@ def accuracy_drop(alphas: list[float], accuracies: list[float]) -> float:
 def attention_maps(model, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Attention probabilities of every layer on the given (input_ids, attention_mask) batches: a list over layers
     of (examples, heads, positions, positions) tensors, and the (examples, positions) mask. Eager attention is
-    switched on because fused kernels (SDPA) do not return the probabilities."""
+    switched on because fused kernels (SDPA) do not return the probabilities (and return none, silently)."""
     if getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")
     was_training = model.training
@@ -48,6 +48,9 @@ def attention_maps(model, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
     device = next(model.parameters()).device
     for input_ids, mask in batches:
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_attentions=True)
+        if not out.attentions:  # every architecture of raysys.core.architectures returns them under eager attention
+            raise ValueError(f"architecture '{model.config.model_type}' returned no attention probabilities (attention "
+                             f"'{model.config._attn_implementation}'): the head similarity cannot be measured")
         pad = width - input_ids.shape[1]
         maps = [torch.nn.functional.pad(a.float().cpu(), (0, pad, 0, pad)) for a in out.attentions]
         layers = [[m] for m in maps] if layers is None else [acc + [m] for acc, m in zip(layers, maps)]

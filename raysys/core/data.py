@@ -176,8 +176,9 @@ def k_shot(task: TaskData, k: int, seed: int) -> TaskData:
 
 def pack_stream(token_lists, max_length: int, bos_id: int, eos_id: int):
     """RoBERTa's FULL-SENTENCES packing, as a stream: consecutive whole documents in one sequence of at most
-    `max_length` tokens, `<s> doc </s> doc </s> ...`. A document is never split across sequences unless it alone
-    is longer than the window, in which case it is cut into windows."""
+    `max_length` tokens, `<s> doc </s> doc </s> ...` (BERT's `[CLS] doc [SEP] ...`: `bos_id` opens, `eos_id`
+    closes). A document is never split across sequences unless it alone is longer than the window, in which case
+    it is cut into windows."""
     current = [bos_id]
     for tokens in token_lists:
         piece = tokens + [eos_id]
@@ -212,13 +213,13 @@ def mask_tokens(
     input_ids: torch.Tensor,
     special_mask: torch.Tensor,
     mask_id: int,
-    vocab_size: int,
-    first_regular_id: int,
+    regular_ids: torch.Tensor,
     mask_prob: float,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoBERTa's dynamic masking: choose `mask_prob` of the non-special tokens; of those 80% become <mask>, 10% a
-    random regular token, 10% stay. Returns (corrupted ids, labels with -100 where no prediction is made)."""
+    random regular token (uniform over `regular_ids`), 10% stay. Returns (corrupted ids, labels with -100 where no
+    prediction is made)."""
     probs = torch.full(input_ids.shape, mask_prob)
     probs.masked_fill_(special_mask.bool(), 0.0)
     chosen = torch.bernoulli(probs, generator=generator).bool()
@@ -228,7 +229,8 @@ def mask_tokens(
     to_mask = chosen & (u < 0.8)
     to_random = chosen & (u >= 0.8) & (u < 0.9)
     corrupted[to_mask] = mask_id
-    random_ids = torch.randint(first_regular_id, vocab_size, input_ids.shape, generator=generator)
+    # an index into the regular ids: for a contiguous range [first, vocab) the same draws as randint(first, vocab)
+    random_ids = regular_ids[torch.randint(0, len(regular_ids), input_ids.shape, generator=generator)]
     corrupted[to_random] = random_ids[to_random]
     return corrupted, labels
 

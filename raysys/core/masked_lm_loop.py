@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from raysys.config import PretrainConfig
-from raysys.core import compute, data, models
+from raysys.core import architectures, compute, data, models
 
 REPORT_EVERY_SECONDS = 30.0  # metrics to Ray Train and the dashboard: often enough to watch, rarely enough to be quiet
 
@@ -24,16 +24,18 @@ REPORT_EVERY_SECONDS = 30.0  # metrics to Ray Train and the dashboard: often eno
 class MaskedLMObjective(torch.nn.Module):
     """MLM loss with vocabulary logits computed only at the masked positions: at small model sizes the output
     projection over every position is most of the cost (2.4-3.2x faster steps measured on 1.5M-7.5M parameter
-    models, 128-token batches). A module, so that DDP's forward hooks see the whole computation."""
+    models, 128-token batches). The head is the architecture's (raysys.core.architectures). A module, so that DDP's
+    forward hooks see the whole computation."""
 
     def __init__(self, masked_lm):
         super().__init__()
         self.masked_lm = masked_lm
+        self.mlm_logits = architectures.of(masked_lm).mlm_logits
 
     def forward(self, input_ids, attention_mask, labels, reduction: str = "mean"):
-        hidden = self.masked_lm.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.masked_lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         selected = labels != -100  # (batch, seq)
-        logits = self.masked_lm.lm_head(hidden[selected])  # (num_masked, vocab)
+        logits = self.mlm_logits(self.masked_lm, hidden[selected])  # (num_masked, vocab)
         return F.cross_entropy(logits.float(), labels[selected], reduction=reduction)
 
 
@@ -113,8 +115,8 @@ def train_masked_lm(
     wrap=lambda m: m,
     checkpointer=None,
 ) -> list[dict]:
-    """Train `model` (a RobertaForMaskedLM) in place; returns the loss curve: one row per `log_every_steps`
-    (mean loss over the interval's masked tokens, across workers when distributed).
+    """Train `model` (a masked LM of raysys.core.architectures) in place; returns the loss curve: one row per
+    `log_every_steps` (mean loss over the interval's masked tokens, across workers when distributed).
 
     Each step takes `batch_size` sequences across workers, each worker running its share in micro-batches of
     `micro_batch_size` (gradient accumulation), under bf16 autocast with `precision = "bf16"`.
@@ -137,7 +139,7 @@ def train_masked_lm(
     warmup = int(cfg.warmup_fraction * plan.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: compute.linear_schedule(s, plan.steps, warmup))
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
-    first_regular = models.first_regular_token_id(tokenizer)
+    regular = models.regular_token_ids(tokenizer)
     special = set(tokenizer.all_special_ids)
     curve, window_loss, window_tokens, tokens_seen, first_step, elapsed_before = [], 0.0, 0, 0, 0, 0.0
     if resumed:
@@ -164,8 +166,8 @@ def train_masked_lm(
         batch = sample_batch(sequences, step, batch_per_worker, rank, world_size, cfg.seed)
         input_ids, attention_mask = data.pad_batch(batch, tokenizer.pad_token_id)
         special_mask = sum((input_ids == s) for s in special).bool()
-        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
-                                             first_regular, cfg.mask_prob, generator)
+        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, regular,
+                                             cfg.mask_prob, generator)
         optimizer.zero_grad(set_to_none=True)
         window_loss += accumulate_gradients(objective, corrupted, attention_mask, labels, micro_batches, world_size,
                                             cfg.precision, device)
@@ -206,14 +208,14 @@ def masked_lm_loss(model, sequences: list[list[int]], tokenizer, mask_prob: floa
     """Held-out MLM loss with a fixed masking (seeded), for comparing models on the same corpus."""
     objective = MaskedLMObjective(model).eval()
     generator = torch.Generator().manual_seed(seed)
-    first_regular = models.first_regular_token_id(tokenizer)
+    regular = models.regular_token_ids(tokenizer)
     special = set(tokenizer.all_special_ids)
     total, count = 0.0, 0
     for i in range(0, len(sequences), batch_size):
         input_ids, attention_mask = data.pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id)
         special_mask = sum((input_ids == s) for s in special).bool()
-        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
-                                             first_regular, mask_prob, generator)
+        corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, regular, mask_prob,
+                                             generator)
         n = int((labels != -100).sum())
         if n:
             total += objective(corrupted, attention_mask, labels).item() * n
@@ -223,4 +225,5 @@ def masked_lm_loss(model, sequences: list[list[int]], tokenizer, mask_prob: floa
 
 def pack_corpus(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
     token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return data.pack_sequences(token_lists, max_length, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return data.pack_sequences(token_lists, max_length, architectures.start_token_id(tokenizer),
+                               architectures.end_token_id(tokenizer))

@@ -1,5 +1,6 @@
-"""Tokenizer and RoBERTa models: build from a `ModelConfig`, train a byte-level BPE tokenizer, save and load
-(safetensors via `save_pretrained`; nothing is ever unpickled)."""
+"""Tokenizer and models: build from a `ModelConfig` (any architecture of raysys.core.architectures, through the Auto
+classes), train a byte-level BPE tokenizer, save and load (safetensors via `save_pretrained`; nothing is ever
+unpickled)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,28 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerFast,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    RobertaForSequenceClassification,
 )
 from transformers.utils import logging as hf_logging
 
 from raysys.config import ModelConfig
+from raysys.core import architectures
 
 # Load reports and progress bars for every checkpoint would bury the sweep's own output.
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-# PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on GPUs) for every model we
-# build or load; raysys.pilot switches a model to eager attention when it needs the attention probabilities.
-ATTENTION = "sdpa"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (RoBERTa's kind) trained on `texts`, with RoBERTa's special tokens and
-    `<s> ... </s>` post-processing."""
+    `<s> ... </s>` post-processing: the from-scratch tokenizer of every architecture (a model needs only its vocabulary
+    size and special ids)."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
 
@@ -49,64 +49,70 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def first_regular_token_id(tokenizer) -> int:
-    """Ids below this are special tokens (RoBERTa puts them first); random MLM replacements start here."""
-    return max(tokenizer.all_special_ids) + 1
+def regular_token_ids(tokenizer) -> torch.Tensor:
+    """The ids that are no special token, ascending: what a random MLM replacement draws from. Our BPE tokenizer
+    puts its five specials first (ids 5..), BERT's WordPiece vocabulary has them at 0 and 100-103."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
 
 
-def roberta_config(model: ModelConfig, tokenizer) -> RobertaConfig:
-    return RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=model.hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_heads,
-        intermediate_size=model.intermediate_size,
-        max_position_embeddings=model.max_positions + 2,  # RoBERTa offsets positions by padding_idx + 1
-        hidden_dropout_prob=model.dropout,
-        attention_probs_dropout_prob=model.dropout,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation=ATTENTION,
-    )
+def masked_lm_config(model: ModelConfig, tokenizer):
+    """The from-scratch config of `model.architecture` over the tokenizer's vocabulary."""
+    arch = architectures.get(model.architecture, "model.architecture")
+    fields = {**architectures.base_fields(model, tokenizer), **arch.config_fields(model, tokenizer)}
+    return AutoConfig.for_model(model.architecture, **fields, attn_implementation=arch.attention)
 
 
-def new_masked_lm(model: ModelConfig, tokenizer, seed: int) -> RobertaForMaskedLM:
+def new_masked_lm(model: ModelConfig, tokenizer, seed: int):
     torch.manual_seed(seed)
-    return RobertaForMaskedLM(roberta_config(model, tokenizer))
+    return AutoModelForMaskedLM.from_config(masked_lm_config(model, tokenizer))
 
 
-def load_masked_lm(path: str | Path) -> RobertaForMaskedLM:
-    return RobertaForMaskedLM.from_pretrained(str(path), use_safetensors=True, attn_implementation=ATTENTION)
+def _attention(path: str | Path) -> str:
+    return architectures.get(architectures.checkpoint_type(path)).attention
 
 
-def classifier_from_plm(plm_path: str | Path, num_labels: int, seed: int) -> RobertaForSequenceClassification:
+def masked_lm_from_checkpoint(path: str | Path, seed: int | None = None):
+    """(model, fresh keys): the checkpoint as a masked LM. A checkpoint without an MLM head (a bare encoder such as
+    a sentence-transformers BertModel) gets a fresh head drawn from `seed`, so that every run starting from it starts
+    from the same model; the fresh keys say what was drawn (none for a full MLM checkpoint)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model, info = AutoModelForMaskedLM.from_pretrained(str(path), use_safetensors=True,
+                                                       attn_implementation=_attention(path), output_loading_info=True)
+    return model, sorted(info["missing_keys"])
+
+
+def load_masked_lm(path: str | Path):
+    """A PLM of the store (a full MLM checkpoint)."""
+    return masked_lm_from_checkpoint(path)[0]
+
+
+def classifier_from_plm(plm_path: str | Path, num_labels: int, seed: int):
     """The PLM's encoder with a fresh classification head (seeded: the head init is part of the run's identity)."""
     torch.manual_seed(seed)
-    return RobertaForSequenceClassification.from_pretrained(str(plm_path), num_labels=num_labels,
-                                                            use_safetensors=True, attn_implementation=ATTENTION)
+    return AutoModelForSequenceClassification.from_pretrained(str(plm_path), num_labels=num_labels,
+                                                              use_safetensors=True,
+                                                              attn_implementation=_attention(plm_path))
 
 
-def random_classifier(model: ModelConfig, tokenizer, num_labels: int, seed: int) -> RobertaForSequenceClassification:
+def random_classifier(model: ModelConfig, tokenizer, num_labels: int, seed: int):
     """The same architecture, randomly initialised: the no-pre-training baseline."""
     torch.manual_seed(seed)
-    config = roberta_config(model, tokenizer)
+    config = masked_lm_config(model, tokenizer)
     config.num_labels = num_labels
-    return RobertaForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_config(config)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "max_position_embeddings")
+ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "intermediate_size", "max_position_embeddings")
 
 
 def architecture(path_or_name: str | Path) -> dict:
     """The fields that decide whether two checkpoints' weights can be subtracted, added or interpolated."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(str(path_or_name))
     return {k: getattr(config, k, None) for k in ARCHITECTURE_FIELDS}

@@ -46,7 +46,8 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, teache
 
 
 def first_token_states(hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(batch, layers, hidden): the <s> position of the embedding output and of every layer but the last."""
+    """(batch, layers, hidden): the first position (<s>, [CLS]: every sequence starts with it) of the embedding
+    output and of every layer but the last."""
     return torch.stack([h[:, 0, :] for h in hidden_states[:-1]], dim=1)
 
 

@@ -20,20 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from raysys.core import data
+from raysys.core import architectures, data
 
 TOKENS_FILE = "tokens.bin"
 ENDS_FILE = "ends.bin"
 META_FILE = "packed.json"
 BATCH_DOCUMENTS = 2048  # documents tokenized per call: large enough for the fast tokenizer's batching
-
-
-def boundary_ids(tokenizer) -> tuple[int, int]:
-    """The ids that open a sequence and close a document: <s> and </s> for RoBERTa's tokenizer, [CLS] and [SEP]
-    for BERT's (which has no bos/eos)."""
-    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    return first, last
 
 
 def _batches(documents: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -71,7 +63,7 @@ def write_packed(documents: Iterable[str], tokenizer, max_length: int, folder: P
     metadata also written beside the files: counts and the tokenization rate."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(len(tokenizer))
-    bos, eos = boundary_ids(tokenizer)
+    bos, eos = architectures.start_token_id(tokenizer), architectures.end_token_id(tokenizer)
     stats = {"documents": 0, "characters": 0}
     started, total, sequences = time.time(), 0, 0
     tokens_buffer, ends_buffer = [], []

@@ -1,8 +1,9 @@
-"""Parameter-efficient tuning for RoBERTa classifiers: the paper's bottleneck adapter and LoRA (via `peft`).
+"""Parameter-efficient tuning for the classifiers of every architecture in raysys.core.architectures: the paper's
+bottleneck adapter and LoRA (via `peft`).
 
 Both start as the identity (the adapter's up-projection and LoRA's B are zero), so a freshly adapted model computes
 exactly what the PLM with its head computes. Modules are inserted in place, without a wrapper model, so state-dict
-names stay those of the HF model plus the module's own entries:
+names stay those of the HF model plus the module's own entries (RoBERTa's, for example):
 
     adapter  roberta.encoder.layer.0.attention.output.dense.{weight,bias}          (the PLM's, unchanged)
              roberta.encoder.layer.0.attention.output.dense.adapter.{down,up}.{weight,bias}
@@ -24,6 +25,7 @@ from torch import nn
 
 from raysys.config import FULL_FINETUNING, TuningConfig
 from raysys.config import TUNING_TYPES as CONFIG_TUNING_TYPES
+from raysys.core import architectures
 from raysys.core.recycle import WeightMismatchError
 
 WEIGHTS_FILE = "trainable.safetensors"
@@ -63,18 +65,18 @@ class AdaptedLinear(nn.Module):
 
 
 def inject_adapters(model, spec: dict):
-    """The paper's adapter after the attention and after the feed-forward sub-layer of every layer."""
-    for layer in model.roberta.encoder.layer:
-        for parent in (layer.attention.output, layer.output):
-            parent.dense = AdaptedLinear(parent.dense, spec["bottleneck"])
+    """The paper's adapter after the attention and after the feed-forward sub-layer of every layer (where the
+    architecture's table puts them)."""
+    for parent, name in list(architectures.adapter_sites(model)):
+        setattr(parent, name, AdaptedLinear(getattr(parent, name), spec["bottleneck"]))
     return model
 
 
 def inject_lora(model, spec: dict):
-    # inject_adapter_in_model, not get_peft_model: no PeftModel wrapper, so names keep their `roberta.` prefix
+    # inject_adapter_in_model, not get_peft_model: no PeftModel wrapper, so names keep their base-model prefix
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = list(spec["targets"])
+    targets = architectures.lora_targets(model, spec["targets"])
     config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                         target_modules=targets, bias="none")
     try:
@@ -86,35 +88,43 @@ def inject_lora(model, spec: dict):
 @dataclass(frozen=True)
 class TuningType:
     """How a tuning type changes a classifier: `inject(model, spec)` inserts its module in place (`spec` is the
-    type's `TuningConfig` section as a dict; None for full fine-tuning), `trains(name)` says which parameters
-    train, `is_module(name)` which entries are the module's own weights (not the backbone's or the head's)."""
+    type's `TuningConfig` section as a dict; None for full fine-tuning, which trains everything), `is_module(name)`
+    says which entries are the module's own weights (not the backbone's or the head's). A PET type trains its
+    module and the classifier head (the architecture's head prefixes), and every LayerNorm with `trains_norms`."""
 
     inject: Callable | None
-    trains: Callable[[str], bool]
     is_module: Callable[[str], bool]
-
-
-def _head(name: str) -> bool:
-    return name.startswith("classifier.")
+    trains_norms: bool = False
 
 
 # The registry: a PET type is a `PetConfig` section of `TuningConfig` (its options and identity) plus one entry here.
 TUNING_TYPES: dict[str, TuningType] = {
-    FULL_FINETUNING: TuningType(None, trains=lambda name: True, is_module=lambda name: False),
-    "lora": TuningType(inject_lora, trains=lambda name: "lora_" in name or _head(name),
-                       is_module=lambda name: "lora_" in name),
+    FULL_FINETUNING: TuningType(None, is_module=lambda name: False),
+    "lora": TuningType(inject_lora, is_module=lambda name: "lora_" in name),
     # the official runs unfreeze the adapters, every LayerNorm and the classifier
-    "adapter": TuningType(inject_adapters, is_module=lambda name: ".adapter." in name,
-                          trains=lambda name: ".adapter." in name or "LayerNorm" in name or _head(name)),
+    "adapter": TuningType(inject_adapters, is_module=lambda name: ".adapter." in name, trains_norms=True),
 }
 if set(TUNING_TYPES) != set(CONFIG_TUNING_TYPES):  # a registry entry without its config section, or the reverse
     raise RuntimeError(f"tuning types registered {sorted(TUNING_TYPES)} != configured {sorted(CONFIG_TUNING_TYPES)}")
 
 
+def layer_norm_parameters(model) -> set[str]:
+    """Names of the LayerNorm weights (by module type: ModernBERT calls its norms `attn_norm`, `mlp_norm`, ...)."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+def _freeze_all_but_trained(model, kind: TuningType) -> None:
+    head = architectures.of(model).head_prefixes
+    norms = layer_norm_parameters(model) if kind.trains_norms else set()
+    for name, param in model.named_parameters():
+        param.requires_grad_(kind.is_module(name) or name.startswith(head) or name in norms)
+
+
 def apply_pet(model, tuning_type: str, spec: dict | None = None, seed: int = 0):
-    """Make `model` (a RobertaForSequenceClassification) ready for `tuning_type`, in place: fine-tuning trains
-    everything; a PET type inserts its seeded module (`spec`: its config section as a dict, default the config's
-    defaults) and freezes all but what the type trains. The module's init draws from a forked RNG, so adding it
+    """Make `model` (a sequence classifier of raysys.core.architectures) ready for `tuning_type`, in place:
+    fine-tuning trains everything; a PET type inserts its seeded module (`spec`: its config section as a dict,
+    default the config's defaults) and freezes all but what the type trains. The module's init draws from a forked RNG, so adding it
     does not shift what the caller's seed draws next (data order, dropout). The spec is kept on the model."""
     if tuning_type not in TUNING_TYPES:
         raise ValueError(f"tuning type: unknown '{tuning_type}'; known: {list(TUNING_TYPES)}")
@@ -127,8 +137,7 @@ def apply_pet(model, tuning_type: str, spec: dict | None = None, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = kind.inject(model, spec)
-        for name, param in model.named_parameters():
-            param.requires_grad_(bool(kind.trains(name)))
+        _freeze_all_but_trained(model, kind)
     model.pet_spec = {"tuning_type": tuning_type, "seed": seed, "spec": spec}
     return model
 

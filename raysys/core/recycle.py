@@ -19,7 +19,8 @@ class WeightMismatchError(ValueError):
 
 
 def select(state: StateDict, prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under `prefix` (e.g. 'roberta.' = the encoder of an HF RoBERTa model), prefix kept."""
+    """The entries under `prefix` (e.g. 'roberta.' = the encoder of an HF RoBERTa model: its `base_model_prefix`),
+    prefix kept."""
     return {k: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -92,13 +93,25 @@ def distance(a: StateDict, b: StateDict, exclude: Iterable[str] = ()) -> dict[st
     return {"l2": math.sqrt(sq), "l2_per_parameter": math.sqrt(sq / max(1, n)), "cosine": cosine}
 
 
+def restrict(state: StateDict, names: Iterable[str], what: str = "state") -> dict[str, torch.Tensor]:
+    """The entries of `state` named in `names`, in `state`'s order; a name it lacks raises."""
+    names = set(names)
+    missing = sorted(names - set(state))
+    if missing:
+        raise WeightMismatchError(f"{what} lacks {len(missing)} entries, e.g. {missing[:5]}")
+    return {k: v for k, v in state.items() if k in names}
+
+
 def transplant_delta(tuned_old: StateDict, plm_old: StateDict, plm_new: StateDict,
-                     backbone_prefix: str = "roberta.", head_prefix: str = "classifier.") -> dict[str, torch.Tensor]:
-    """The paper's compatibility/initialization weights for fine-tuning: θ_{i+1} + (θ_i^τ − θ_i) on the backbone,
-    the classifier head taken from the tuned M_i model."""
-    old_delta = delta(select(tuned_old, backbone_prefix), select(plm_old, backbone_prefix))
-    backbone = apply_delta(select(plm_new, backbone_prefix), old_delta)
-    head = select(tuned_old, head_prefix)
+                     head_prefixes: Iterable[str] = ("classifier.",)) -> dict[str, torch.Tensor]:
+    """The paper's compatibility/initialization weights for fine-tuning: θ_{i+1} + (θ_i^τ − θ_i) on every weight the
+    classifier shares with its PLM, the classifier head (`head_prefixes`: what the PLM lacks) taken from the tuned
+    M_i model."""
+    head_prefixes = tuple(head_prefixes)
+    body = drop(tuned_old, head_prefixes)
+    old_delta = delta(body, restrict(plm_old, body, "the old PLM"))
+    backbone = apply_delta(restrict(plm_new, body, "the new PLM"), old_delta)
+    head = {k: v for k, v in tuned_old.items() if k.startswith(head_prefixes)}
     if not head:
-        raise WeightMismatchError(f"tuned model has no '{head_prefix}' entries")
+        raise WeightMismatchError(f"tuned model has no {list(head_prefixes)} entries")
     return {**backbone, **head}

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysys.config import StudyConfig
+from raysys.config import ConfigError, ModelConfig, StudyConfig
 from raysys.identity import config_hash, data_spec, identity, tuned_hash, world_if_builtin
 from raysys.storage.store import Store, atomic_write_bytes
 
@@ -52,7 +52,8 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
     recipe = identity(dataclasses.replace(study.pretrain, seed=seed))
     initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr")}
     continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
-    model = dataclasses.replace(study.model, name_or_path=checkpoint)
+    # identity(): the architecture enters only when it is not RoBERTa, so the RoBERTa chains keep their hashes
+    model = identity(dataclasses.replace(study.model, name_or_path=checkpoint))
     # M0 kept as it is (0 steps) has never seen D0: D0 is then no part of it (and need not exist)
     trained = study.pretrain.initial_steps > 0
     first = config_hash("plm", model, tokenizer_hash, data_spec(first_corpus) if trained else None,
@@ -156,9 +157,27 @@ def _plm_config_folder(store: Store, plm_hash: str) -> Path:
     return folder
 
 
+def check_checkpoint_types(study: StudyConfig) -> None:
+    """A pretrained origin's architecture is its config.json's `model_type`: one of the table's, and the one
+    `model.architecture` names when that is set away from its default."""
+    from raysys.core import architectures
+
+    origins = {"model.name_or_path": study.model.name_or_path,
+               "pilot.control_name_or_path": study.pilot.control_name_or_path if study.control_length else None}
+    for where, path in origins.items():
+        if not path:
+            continue
+        model_type = architectures.checkpoint_type(path, where=f"{where} ({path})")
+        if study.model.architecture not in (ModelConfig().architecture, model_type):
+            raise ConfigError(f"model.architecture: '{study.model.architecture}', but {where} ({path}) is a "
+                              f"'{model_type}' checkpoint")
+
+
 def preflight(study: StudyConfig, store: Store, chain: ChainPlan) -> None:
-    """Checks that need checkpoints: the control origin must match the main chain, and every PLM already in the
-    store must share one architecture (a store reused across studies could mix them)."""
+    """Checks that need checkpoints: pretrained origins are of a known architecture, the control origin matches the
+    main chain, and every PLM already in the store shares one architecture (a store reused across studies could mix
+    them)."""
+    check_checkpoint_types(study)
     named = {f"plm {link.chain}[{link.index}]": _plm_config_folder(store, link.plm_hash) for link in chain.links
              if store.has_artifact("plm", link.plm_hash)}
     if study.pilot.control_name_or_path and study.control_length:

@@ -126,14 +126,23 @@ def ensure_packed(ctx: Context, index: int) -> str:
 
 
 def _initial_model(ctx: Context, link: Link, tokenizer):
+    """(model, how it starts: the `init` column of pretrain_runs). A pretrained M0 whose checkpoint has no MLM head
+    (a bare encoder) gets a fresh one drawn from the chain's seed, said in the log and in `init`."""
     from raysys.core import models
     from raysys.storage import artifacts
 
     if link.parent:
-        return artifacts.load_plm(ctx.store, link.parent)
-    if link.checkpoint:
-        return models.load_masked_lm(link.checkpoint)
-    return models.new_masked_lm(ctx.study.model, tokenizer, link.seed)
+        return artifacts.load_plm(ctx.store, link.parent), "continual"
+    if not link.checkpoint:
+        return models.new_masked_lm(ctx.study.model, tokenizer, link.seed), f"scratch:seed={link.seed}"
+    model, fresh = models.masked_lm_from_checkpoint(link.checkpoint, seed=link.seed)
+    if not fresh:
+        return model, f"pretrained:{link.checkpoint}"
+    modules = sorted({key.rsplit(".", 1)[0] for key in fresh})
+    if ctx.workers.rank == 0:
+        print(f"[pretrain] {link.chain}[0] from {link.checkpoint}: {len(fresh)} weights the checkpoint lacks "
+              f"(its MLM head: {', '.join(modules)}) drawn from seed {link.seed}", flush=True)
+    return model, f"pretrained:{link.checkpoint}+fresh:{','.join(modules)}:seed={link.seed}"
 
 
 def train_link(ctx: Context, link: Link, tokenizer) -> dict:
@@ -142,7 +151,8 @@ def train_link(ctx: Context, link: Link, tokenizer) -> dict:
 
     study, workers = ctx.study, ctx.workers
     started = results.now()
-    model = _initial_model(ctx, link, tokenizer).to(ctx.device)
+    model, init = _initial_model(ctx, link, tokenizer)
+    model.to(ctx.device)
     steps, lr = _steps(study, link)
     # a link kept as it is (0 steps) reads no corpus; the others map their own packed corpus, nothing else
     packed = packed_key(study, ctx.chain.tokenizer_hash, link.index)  # packed by `prepare`, before any worker
@@ -152,14 +162,14 @@ def train_link(ctx: Context, link: Link, tokenizer) -> dict:
                                            masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,
                                            ctx.device, wrap=workers.wrap, checkpointer=checkpointer)
     if workers.rank == 0:
-        save_link(ctx, link, model.cpu(), tokenizer, curve, started)
+        save_link(ctx, link, model.cpu(), tokenizer, curve, started, init)
         if checkpointer:
             checkpointer.done()
     return curve[-1] if curve else {}
 
 
-def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started) -> None:
-    """The PLM artifact (safetensors + tokenizer), then its curve and run rows."""
+def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started, init: str) -> None:
+    """The PLM artifact (safetensors + tokenizer), then its curve and run rows (`init`: how the link started)."""
     from raysys.config import to_dict
     from raysys.core import models
     from raysys.storage import artifacts
@@ -170,8 +180,6 @@ def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], sta
     common = {"chain": link.chain, "link": link.index, "domain": link.domain}
     results.write_rows(store, "pretrain_curves", link.plm_hash, [{**common, **row} for row in curve])
     last = curve[-1] if curve else {}
-    init = "continual" if link.parent else (f"pretrained:{link.checkpoint}" if link.checkpoint
-                                            else f"scratch:seed={link.seed}")
     results.write_rows(store, "pretrain_runs", link.plm_hash, [{
         **results.provenance(started), **common, "parent_hash": link.parent, "init": init,
         "steps": last.get("step", 0), "lr": _steps(study, link)[1], "num_workers": ctx.workers.world_size,

@@ -76,20 +76,21 @@ class SimilarityStage(Stage):
 
 
 def pair_distances(store, model_a, meta_a: dict, model_b, meta_b: dict):
-    """(what, {num_parameters, l2, l2_per_parameter, cosine}) for the two PLMs' encoders, the two tuned models
-    (classifier excluded, as the paper does), and the two updates: Δ = θ^τ − θ of the encoder for fine-tuning,
-    the trained module for PET."""
-    from raysys.core import pet, recycle
+    """(what, {num_parameters, l2, l2_per_parameter, cosine}) for the two PLMs' encoders (the base model), the two
+    tuned models (classifier head excluded, as the paper does), and the two updates: Δ = θ^τ − θ of the encoder for
+    fine-tuning, the trained module for PET."""
+    from raysys.core import architectures, pet, recycle
     from raysys.stages.recipe import clone_state
     from raysys.storage import artifacts
 
-    plm_a, plm_b = (recycle.select(artifacts.plm_state(store, m["plm_hash"]), "roberta.") for m in (meta_a, meta_b))
-    tuned_a, tuned_b = (recycle.drop(clone_state(m), ["classifier."]) for m in (model_a, model_b))
+    encoder, head = model_a.base_model_prefix + ".", architectures.of(model_a).head_prefixes
+    plm_a, plm_b = (recycle.select(artifacts.plm_state(store, m["plm_hash"]), encoder) for m in (meta_a, meta_b))
+    tuned_a, tuned_b = (recycle.drop(clone_state(m), head) for m in (model_a, model_b))
     if meta_a["tuning_type"] == FULL_FINETUNING:
-        update_a = recycle.delta(recycle.select(tuned_a, "roberta."), plm_a)
-        update_b = recycle.delta(recycle.select(tuned_b, "roberta."), plm_b)
+        update_a = recycle.delta(recycle.select(tuned_a, encoder), plm_a)
+        update_b = recycle.delta(recycle.select(tuned_b, encoder), plm_b)
     else:
-        update_a, update_b = (recycle.drop(pet.trainable_state_dict(m), ["classifier."]) for m in (model_a, model_b))
+        update_a, update_b = (recycle.drop(pet.trainable_state_dict(m), head) for m in (model_a, model_b))
     for what, a, b in (("plm", plm_a, plm_b), ("tuned", tuned_a, tuned_b), ("update", update_a, update_b)):
         n = sum(v.numel() for v in a.values() if v.is_floating_point())
         yield what, {"num_parameters": n, **recycle.distance(a, b)}

@@ -2,7 +2,7 @@
 and the teacher outputs distillation caches. Safetensors and JSON only: nothing here is ever unpickled.
 
     artifacts/tokenizer/<hash>/   HF tokenizer files
-    artifacts/plm/<hash>/         RobertaForMaskedLM (`save_pretrained`) + tokenizer + raysys.json
+    artifacts/plm/<hash>/         the masked LM (`save_pretrained`) + tokenizer + raysys.json
     artifacts/tuned/<hash>/       fine-tuning: the whole classifier; PET: its trainable weights only; raysys.json
                                   (tuning type, PLM, task, seed, labels, PET spec) rebuilds it on its PLM
     artifacts/teacher/<hash>/     outputs.safetensors: a teacher's logits (and hidden states) on a training split
@@ -17,7 +17,7 @@ from functools import lru_cache
 from safetensors.torch import load_file, save_file
 
 from raysys.config import FULL_FINETUNING
-from raysys.core import models, pet, recycle
+from raysys.core import architectures, models, pet, recycle
 from raysys.core.objectives import TeacherOutputs, teacher_outputs
 from raysys.core.recycle import WeightMismatchError
 from raysys.identity import config_hash
@@ -93,7 +93,8 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None):
     if meta["tuning_type"] == FULL_FINETUNING:
         state = load_file(str(path / "model.safetensors"))
         if target != meta["plm_hash"]:
-            state = recycle.transplant_delta(state, plm_state(store, meta["plm_hash"]), plm_state(store, target))
+            state = recycle.transplant_delta(state, plm_state(store, meta["plm_hash"]), plm_state(store, target),
+                                             architectures.of(model).head_prefixes)
         model.load_state_dict(state, strict=True)
     else:
         pet.load_trainable_state(model, load_file(str(path / pet.WEIGHTS_FILE)))

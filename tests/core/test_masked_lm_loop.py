@@ -167,8 +167,8 @@ def test_two_ddp_workers_accumulating_micro_batches_equal_one_process_on_the_glo
         for rank in range(2):
             ids, mask = data.pad_batch(masked_lm_loop.sample_batch(sequences, step, 16, rank, 2, 0), tokenizer.pad_token_id)
             corrupted, labels = data.mask_tokens(ids, sum((ids == s) for s in special).bool(),
-                                                 tokenizer.mask_token_id, len(tokenizer),
-                                                 models.first_regular_token_id(tokenizer), 0.15, masks[rank])
+                                                 tokenizer.mask_token_id, models.regular_token_ids(tokenizer), 0.15,
+                                                 masks[rank])
             parts.append((corrupted, mask, labels))
         width = max(p[0].shape[1] for p in parts)
         ids, mask, labels = (torch.cat([_pad_to(p[k], width, value) for p in parts])

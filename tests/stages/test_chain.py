@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from transformers import RobertaConfig
 
-from raysys.config import load_study
+from raysys.config import ConfigError, load_study
 from raysys.core.recycle import WeightMismatchError
 from raysys.stages import chain as chain_module
 from raysys.stages.registry import STAGES, stage
@@ -81,6 +81,25 @@ def test_preflight_names_the_control_checkpoint(tmp_path):
 
     with pytest.raises(WeightMismatchError, match="pilot.control_name_or_path"):
         chain_module.preflight(study, Store(tmp_path / "store"), chain_module.plan_chain(study))
+
+
+def test_preflight_refuses_a_checkpoint_of_an_unknown_architecture_or_another_than_configured(tmp_path):
+    from transformers import BertConfig, GPT2Config
+
+    from raysys.storage.store import Store
+
+    def preflight(path, *overrides):
+        study = paper_with_fixed_data(f"model.name_or_path=\"{path}\"", "pilot.control_length=0", *overrides)
+        chain_module.preflight(study, Store(tmp_path / "store"), chain_module.plan_chain(study))
+
+    GPT2Config(n_layer=2).save_pretrained(str(tmp_path / "gpt2"))
+    BertConfig(num_hidden_layers=2).save_pretrained(str(tmp_path / "bert"))
+    with pytest.raises(ConfigError, match=r"model.name_or_path \(.*gpt2\): architecture 'gpt2' is not supported"):
+        preflight(tmp_path / "gpt2")
+    preflight(tmp_path / "bert")  # the checkpoint decides: model.architecture left at its default
+    preflight(tmp_path / "bert", "model.architecture=bert")
+    with pytest.raises(ConfigError, match=r"model.architecture: 'modernbert', but model.name_or_path .* 'bert'"):
+        preflight(tmp_path / "bert", "model.architecture=modernbert")
 
 
 def test_cells_round_trip_through_a_trial_config():
