@@ -29,23 +29,25 @@ from pathlib import Path
 SHARD_BYTES = 64 * 1024**2
 
 
-def generate(folder: Path, size_bytes: int, seed: int = 0) -> int:
-    """Sentences of 8-30 words from a Zipf-like vocabulary of 20,000 words, up to `size_bytes`."""
+def generate(folder: Path, size_bytes: int, seed: int = 0, distinct_lines: int = 200_000) -> int:
+    """Shards of sentences (8-30 words from a Zipf-like vocabulary of 20,000 words), up to `size_bytes`: a pool of
+    distinct sentences, each shard a seeded random draw from it (generating every line afresh in Python would take
+    longer than tokenizing it)."""
+    import numpy as np
+
     rng = random.Random(seed)
-    words = [f"{''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 9)))}"
-             for _ in range(20000)]
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
     weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    pool = [" ".join(rng.choices(words, weights, k=rng.randint(8, 30))) + ".\n" for _ in range(distinct_lines)]
+    mean = sum(map(len, pool)) / len(pool)
+    draw = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     written, shard = 0, 0
     while written < size_bytes:
-        lines = []
-        chunk = 0
-        while chunk < min(SHARD_BYTES, size_bytes - written):
-            line = " ".join(rng.choices(words, weights, k=rng.randint(8, 30))) + ".\n"
-            lines.append(line)
-            chunk += len(line)
-        (folder / f"part-{shard:04d}.txt").write_text("".join(lines))
-        written += chunk
+        count = max(1, int(min(SHARD_BYTES, size_bytes - written) / mean))
+        text = "".join(pool[i] for i in draw.integers(0, len(pool), count))
+        (folder / f"part-{shard:04d}.txt").write_text(text)
+        written += len(text)
         shard += 1
     return written
 
@@ -87,13 +89,13 @@ def _sample(sequences, tokenizer, steps: int, batch: int, rank: int, workers: in
 
     generator = torch.Generator().manual_seed(rank)
     special = set(tokenizer.all_special_ids)
+    regular = models.regular_token_ids(tokenizer)
     seen = 0
     for step in range(steps):
         ids, mask = data.pad_batch(masked_lm_loop.sample_batch(sequences, step, batch, rank, workers, 0),
                                    tokenizer.pad_token_id)
         special_mask = sum((ids == s) for s in special).bool()
-        data.mask_tokens(ids, special_mask, tokenizer.mask_token_id, len(tokenizer),
-                         models.first_regular_token_id(tokenizer), 0.15, generator)
+        data.mask_tokens(ids, special_mask, tokenizer.mask_token_id, regular, 0.15, generator)
         seen += int(mask.sum())
     return seen
 
@@ -122,7 +124,9 @@ def child_old_path(corpus: str, tokenizer_dir: str, seq: int, steps: int, batch:
 
 def run_child(*args) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                         check=True)
+                         check=False)
+    if out.returncode:
+        raise RuntimeError(f"{args[0]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

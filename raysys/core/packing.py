@@ -1,11 +1,11 @@
-"""A corpus tokenized and packed once, on disk, read through memory maps.
+"""A corpus tokenized and packed once, on disk, read back a sequence at a time.
 
 At the paper's scale a domain corpus is gigabytes of text: held as Python lists of token ids it would not fit, and
 tokenizing it in every DDP worker for every rerun would cost more than the training. `write_packed` streams the
 documents through the tokenizer in batches and appends the packed sequences to two flat files — the tokens
-(uint16, or uint32 for vocabularies over 65,535) and each sequence's end offset (int64) — so its memory is one
-batch whatever the corpus size. `PackedCorpus` maps them back: indexing a sequence reads only its own pages, so a
-worker's memory follows the sequences it samples, not the corpus.
+(uint16, or uint32 for vocabularies over 65,535) and each sequence's end offset (int64), little-endian — so its memory is one
+batch whatever the corpus size. `PackedCorpus` reads them back: indexing a sequence reads only its own bytes, so a
+worker's memory does not grow with the corpus.
 
 The packing is the one of `data.pack_stream` (RoBERTa's FULL-SENTENCES) over the same token ids, so a packed
 corpus holds exactly the sequences the in-memory path made.
@@ -14,6 +14,7 @@ corpus holds exactly the sequences the in-memory path made.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -69,8 +70,8 @@ def write_packed(documents: Iterable[str], tokenizer, max_length: int, folder: P
     tokens_buffer, ends_buffer = [], []
     with (folder / TOKENS_FILE).open("wb") as tokens_out, (folder / ENDS_FILE).open("wb") as ends_out:
         def flush():
-            tokens_out.write(np.asarray(tokens_buffer, dtype=dtype).tobytes())
-            ends_out.write(np.asarray(ends_buffer, dtype=np.int64).tobytes())
+            tokens_out.write(np.asarray(tokens_buffer, dtype=dtype.newbyteorder("<")).tobytes())
+            ends_out.write(np.asarray(ends_buffer, dtype="<i8").tobytes())
             tokens_buffer.clear()
             ends_buffer.clear()
 
@@ -90,23 +91,33 @@ def write_packed(documents: Iterable[str], tokenizer, max_length: int, folder: P
 
 
 class PackedCorpus:
-    """The packed sequences of a folder `write_packed` made, as a read-only sequence of token-id lists."""
+    """The packed sequences of a folder `write_packed` made, as a read-only sequence of token-id lists. Each lookup
+    reads its sequence's offsets and tokens with `os.pread`, nothing else: no memory map, so a worker's resident
+    memory holds none of the corpus (a map would count every page fault-around brings in, growing with the file)."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
         self.meta = json.loads((folder / META_FILE).read_text())
-        count = self.meta["sequences"]
-        # np.memmap refuses empty files: an empty corpus is an empty sequence
-        self.ends = np.memmap(folder / ENDS_FILE, dtype=np.int64, mode="r") if count else np.zeros(0, np.int64)
-        self.tokens = (np.memmap(folder / TOKENS_FILE, dtype=np.dtype(self.meta["dtype"]), mode="r") if count
-                       else np.zeros(0, np.uint16))
+        self.count = self.meta["sequences"]
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")  # the files are little-endian on any machine
+        self._tokens = os.open(folder / TOKENS_FILE, os.O_RDONLY)
+        self._ends = os.open(folder / ENDS_FILE, os.O_RDONLY)
 
     def __len__(self) -> int:
-        return len(self.ends)
+        return self.count
+
+    def _end(self, index: int) -> int:
+        return int.from_bytes(os.pread(self._ends, 8, 8 * index), "little", signed=True)
 
     def __getitem__(self, index: int) -> list[int]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sequence {index} of {len(self)}")
-        index %= len(self)
-        start = int(self.ends[index - 1]) if index else 0
-        return self.tokens[start : int(self.ends[index])].tolist()
+        if not -self.count <= index < self.count:
+            raise IndexError(f"sequence {index} of {self.count}")
+        index %= self.count
+        start, end = (self._end(index - 1) if index else 0), self._end(index)
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._tokens, (end - start) * size, start * size), self.dtype).tolist()
+
+    def __del__(self):
+        for fd in (getattr(self, "_tokens", None), getattr(self, "_ends", None)):
+            if fd is not None:
+                os.close(fd)
