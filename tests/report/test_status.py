@@ -68,5 +68,5 @@ def test_a_finished_study_counts_every_planned_cell_done(micro_run):
     assert list(counts) == list(NAMES)
     for name, c in counts.items():
         expected = len(stage(name).plan(study, plan_chain(study)))
-        assert c == {"planned": expected, "done": expected, "failed": 0, "todo": 0}, name
+        assert c == {"planned": expected, "done": expected, "failed": 0, "todo": 0, "errors": {}}, name
     assert status.missing_cells(study, store) == {name: 0 for name in NAMES}
