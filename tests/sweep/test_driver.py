@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from raysys.config import TaskConfig, load_study
 from raysys.core import world
 from raysys.report.status import missing_cells
@@ -340,8 +342,6 @@ def test_a_reduced_sweep_spreads_over_two_nodes_sharing_local_storage(tmp_path):
 def test_dry_run_names_every_data_problem_before_ray_starts(tmp_path, capsys, monkeypatch):
     """A missing corpus file, a malformed jsonl line and an unknown dev label: exit 2 naming each, no Ray, no
     storage."""
-    import ray
-
     preset = _real_data_preset(tmp_path / "data")
     for part in (tmp_path / "data" / "corpora" / "bio").glob("*.jsonl"):
         part.unlink()
@@ -353,6 +353,7 @@ def test_dry_run_names_every_data_problem_before_ray_starts(tmp_path, capsys, mo
 
     pq.write_table(pa.Table.from_pylist([{"text": "a", "label": "even"}, {"text": "b", "label": "maybe"}]), help_dev)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "init_ray", lambda *a, **k: pytest.fail("Ray was started before the data check"))
     storage = tmp_path / "never"
     argv = ["--preset", str(preset), "--storage", str(storage), "--dry-run", "--set", 'methods.tasks=["chem"]',
             "--set", 'methods.training_free.tasks=["chem"]']
@@ -361,4 +362,4 @@ def test_dry_run_names_every_data_problem_before_ray_starts(tmp_path, capsys, mo
     assert re.search(r"corpus bio: no files match '.*/data/corpora/bio/\*\.jsonl'", err), err
     assert re.search(r"tasks/chem/train\.jsonl:49: invalid JSON", err), err
     assert "task help/dev: labels ['maybe'] not in the training labels ['even', 'odd']" in err
-    assert not ray.is_initialized() and not storage.exists()
+    assert not storage.exists()

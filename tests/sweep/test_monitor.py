@@ -34,10 +34,11 @@ def test_stage_progress_is_exported_by_the_driver(ray_cluster, tmp_path):
     from raysys.storage.store import Store
     from raysys.sweep.progress import Progress
 
-    progress = Progress("similarity", lambda: 3, 5, Store(tmp_path), log=lambda *_: None)
+    # a stage name no other test's driver reports: the session's other sweeps export their own stages' gauges
+    progress = Progress("probe", lambda: 3, 5, Store(tmp_path), log=lambda *_: None)
     progress.failed = 1
     progress.report(running=2)  # what the Tune callback does every 15 s while the stage runs
-    mine = lambda tags, value: tags.get("stage") == "similarity"
+    mine = lambda tags, value: tags.get("stage") == "probe"
     samples = _wait_for(ray_cluster, "ray_raysys_cells", lambda t, v: mine(t, v) and t["state"] == "running")
     assert {t["state"]: v for t, v in samples if mine(t, v)} == {"total": 5, "done": 3, "failed": 1, "running": 2}
 
