@@ -3,7 +3,6 @@ batching. Everything returns plain Python/torch objects so the training loops kn
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +47,7 @@ def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
 
 def _read_jsonl(file: sources.DataFile, text_field: str, label_field: str) -> list[tuple[str, object]]:
     rows = []
-    for lineno, line in enumerate(sources._text_lines(file), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file.uri}:{lineno}: invalid JSON ({err.msg})") from None
+    for lineno, record in sources.jsonl_records(file):
         if not isinstance(record, dict):
             raise DataError(f"{file.uri}:{lineno}: expected a JSON object with '{text_field}' and '{label_field}'")
         for key in (text_field, label_field):

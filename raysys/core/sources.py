@@ -191,19 +191,24 @@ def fingerprint(spec: CorpusConfig | TaskConfig, cache: DigestCache) -> str | No
 # --------------------------------------------------------------------------------------------- documents
 
 
-def _text_lines(file: DataFile) -> Iterator[str]:
+def text_lines(file: DataFile) -> Iterator[str]:
     with file.fs.open_input_stream(file.path) as raw:
         yield from (line.rstrip("\n") for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
 
 
-def _jsonl_texts(file: DataFile, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_text_lines(file), 1):
+def jsonl_records(file: DataFile) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) of every non-blank line; a line that is not JSON is an error naming it."""
+    for lineno, line in enumerate(text_lines(file), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{file.uri}:{lineno}: invalid JSON ({err.msg})") from None
+
+
+def _jsonl_texts(file: DataFile, field: str) -> Iterator[str]:
+    for lineno, record in jsonl_records(file):
         if not isinstance(record, dict) or field not in record:
             have = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{file.uri}:{lineno}: field '{field}' not in the record (have {have})")
@@ -238,7 +243,7 @@ def documents(spec: CorpusConfig) -> Iterator[str]:
     if spec.source == "hf":
         texts = _hub_texts(spec)
     else:
-        read = {"text": lambda f: _text_lines(f), "jsonl": lambda f: _jsonl_texts(f, spec.text_field),
+        read = {"text": text_lines, "jsonl": lambda f: _jsonl_texts(f, spec.text_field),
                 "parquet": lambda f: _parquet_texts(f, spec.text_field)}[spec.source]
         texts = (text for file in corpus_files(spec) for text in read(file))
     count = 0
