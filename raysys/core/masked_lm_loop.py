@@ -124,8 +124,10 @@ def train_masked_lm(
     With a `checkpointer` (raysys.checkpoint.Checkpointer, one per worker over the same shared folder) a logging
     step is reported to it every REPORT_EVERY_SECONDS and at the end, and the full state is saved by rank 0 at a
     logging step when it is due (rank 0 decides both, every worker learns it through the loss all-reduce) and
-    resumed from: weights, optimizer, schedule, step and curve exactly; rank 0's random streams exactly, the other
-    ranks' reseeded from (seed, rank, step)."""
+    resumed from exactly: weights, optimizer, schedule, step, curve and every rank's random streams (gathered to
+    rank 0 for the save), so that on CPU a resumed link ends bit for bit where an uninterrupted one does. Resumed
+    on another number of workers, each rank draws fresh streams from (seed, rank, step): the data split differs
+    then anyway."""
     if cfg.batch_size % world_size:
         raise ValueError(f"pretrain.batch_size={cfg.batch_size} is not divisible by {world_size} workers")
     batch_per_worker = cfg.batch_size // world_size
@@ -147,19 +149,13 @@ def train_masked_lm(
         scheduler.load_state_dict(resumed["scheduler"])
         curve, tokens_seen, first_step = resumed["curve"], resumed["tokens"], resumed["step"]
         elapsed_before = resumed["seconds"]
-        if rank == 0:
-            generator.set_state(resumed["mask_generator"])
-            compute.restore_random_state(resumed, device)
-        else:
-            generator.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
-            torch.manual_seed((cfg.seed * 7919 + rank) * 1000003 + first_step)
+        _restore_streams(resumed, generator, rank, world_size, cfg.seed, first_step, device)
     start = time.time() - elapsed_before
     last_report = 0.0
 
-    def state(step: int) -> dict:
+    def state(step: int, streams: list[dict]) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "mask_generator": generator.get_state(), **compute.random_state(device), "curve": curve,
-                "tokens": tokens_seen, "seconds": time.time() - start}
+                "ranks": streams, "curve": curve, "tokens": tokens_seen, "seconds": time.time() - start}
 
     objective.train()
     for step in range(first_step, plan.steps):
@@ -193,13 +189,41 @@ def train_masked_lm(
                 continue
             # all ranks report together (Ray Train expects every worker to); rank 0 writes the checkpoint when due
             last_report = time.time()
-            if stats[2] > 0 and rank == 0:
-                checkpointer.save(step + 1, state(step + 1), curve[-1])
-            else:
-                checkpointer.report(curve[-1])
+            if stats[2] > 0:
+                streams = _gather_streams(generator, device, world_size)
+                if rank == 0:
+                    checkpointer.save(step + 1, state(step + 1, streams), curve[-1])
+                    continue
+            checkpointer.report(curve[-1])
     if not all(math.isfinite(row["loss"]) for row in curve):
         raise FloatingPointError("masked-LM loss became non-finite")
     return curve
+
+
+def _streams(generator: torch.Generator, device) -> dict:
+    """One rank's random streams: its masking generator and the global ones dropout draws from."""
+    return {"mask_generator": generator.get_state(), **compute.random_state(device)}
+
+
+def _gather_streams(generator: torch.Generator, device, world_size: int) -> list[dict]:
+    """Every rank's streams, in rank order (a collective: all ranks call it together)."""
+    mine = _streams(generator, device)
+    if world_size == 1:
+        return [mine]
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _restore_streams(resumed: dict, generator: torch.Generator, rank: int, world_size: int, seed: int,
+                     step: int, device) -> None:
+    saved = resumed.get("ranks") or []
+    if len(saved) == world_size:
+        generator.set_state(saved[rank]["mask_generator"])
+        compute.restore_random_state(saved[rank], device)
+    else:  # another number of workers: fresh streams, the same for every resume at this step
+        generator.manual_seed((seed * 7919 + rank) * 1000003 + step)
+        torch.manual_seed((seed * 7919 + rank) * 1000003 + step)
 
 
 @torch.no_grad()

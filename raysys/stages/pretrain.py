@@ -162,14 +162,17 @@ def train_link(ctx: Context, link: Link, tokenizer) -> dict:
                                            masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,
                                            ctx.device, wrap=workers.wrap, checkpointer=checkpointer)
     if workers.rank == 0:
-        save_link(ctx, link, model.cpu(), tokenizer, curve, started, init)
+        resumed = checkpointer.resumed_from if checkpointer else None
+        save_link(ctx, link, model.cpu(), tokenizer, curve, started, init, resumed)
         if checkpointer:
             checkpointer.done()
     return curve[-1] if curve else {}
 
 
-def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started, init: str) -> None:
-    """The PLM artifact (safetensors + tokenizer), then its curve and run rows (`init`: how the link started)."""
+def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started, init: str,
+              resumed_from_step: int | None = None) -> None:
+    """The PLM artifact (safetensors + tokenizer), then its curve and run rows (`init`: how the link started;
+    `resumed_from_step`: the mid-run checkpoint an interrupted link continued from)."""
     from raysys.config import to_dict
     from raysys.core import models
     from raysys.storage import artifacts
@@ -185,7 +188,7 @@ def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], sta
         "steps": last.get("step", 0), "lr": _steps(study, link)[1], "num_workers": ctx.workers.world_size,
         "num_parameters": models.count_parameters(model), "final_loss": last.get("loss"),
         "tokens": last.get("tokens", 0), "tokens_per_second": last.get("tokens_per_second"),
-        "config": json.dumps(to_dict(link_config(study, link))),
+        "config": json.dumps(to_dict(link_config(study, link))), "resumed_from_step": resumed_from_step,
     }])
 
 

@@ -55,7 +55,7 @@ _TABLE_FIELDS = {
         ("chain", pa.string()), ("link", pa.int32()), ("domain", pa.string()), ("parent_hash", pa.string()),
         ("init", pa.string()), ("steps", pa.int64()), ("lr", pa.float64()), ("num_workers", pa.int32()),
         ("num_parameters", pa.int64()), ("final_loss", pa.float64()), ("tokens", pa.int64()),
-        ("tokens_per_second", pa.float64()), ("config", pa.string()),
+        ("tokens_per_second", pa.float64()), ("config", pa.string()), ("resumed_from_step", pa.int64()),
     ],
     "pretrain_curves": _CURVE_COMMON + [
         ("chain", pa.string()), ("link", pa.int32()), ("domain", pa.string()), ("step", pa.int64()),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import ray
 import ray.train
@@ -53,28 +52,20 @@ def _numeric(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _local_copy(checkpoint) -> Path | None:
-    """A Ray checkpoint as a local folder (downloaded if its storage is remote)."""
-    return Path(checkpoint.to_directory()) if checkpoint else None
-
-
 def checkpointer_factory(api, store: Store, stage_name: str,
                          record: bool = True) -> Callable[[str, float], Checkpointer]:
-    """`make(cell_hash, every_seconds)`: a training cell's mid-run checkpoints, in the store (a new driver finds
-    them) and reported to Ray through `api` — `ray.tune` in a trial, `ray.train` in a Train worker: both have
-    `report(metrics, checkpoint=...)`, `Checkpoint` and `get_checkpoint()` — with every evaluation (TensorBoard
-    curves; Ray hands the newest back when it retries), and to the dashboard's metrics when `record`."""
+    """`make(cell_hash, every_seconds)`: a training cell's mid-run checkpoints, in the store only (a new driver
+    finds them there; Ray never gets a copy to keep), and its metrics reported to Ray through `api` — `ray.tune`
+    in a trial, `ray.train` in a Train worker — with every evaluation (TensorBoard curves, the dashboard's
+    metrics when `record`)."""
 
     def make(cell_hash: str, every_seconds: float) -> Checkpointer:
-        def metrics(m: dict) -> dict:
+        def report(m: dict, *_) -> None:
             if record:
                 monitor.record_trial(stage_name, cell_hash, m)
-            return {**_numeric(m), "cell_hash": cell_hash}
+            api.report({**_numeric(m), "cell_hash": cell_hash})
 
-        return Checkpointer(
-            store, every_seconds, cell_hash,
-            on_save=lambda m, path: api.report(metrics(m), checkpoint=api.Checkpoint.from_directory(path)),
-            on_report=lambda m: api.report(metrics(m)), fallback=lambda: _local_copy(api.get_checkpoint()))
+        return Checkpointer(store, every_seconds, cell_hash, on_save=report, on_report=report)
 
     return make
 
@@ -153,8 +144,7 @@ def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
         # A deterministic name, so that a restarted trial finds its Train run again.
         run_config=ray.train.RunConfig(name=f"{stage.name}-{config_hash([c.cell_hash for c in cells])}",
                                        **store.ray_storage("train"),
-                                       failure_config=ray.train.FailureConfig(max_failures=1),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+                                       failure_config=ray.train.FailureConfig(max_failures=1)),
     )
     error = None
     try:
@@ -196,8 +186,7 @@ def _tuner(trainable, study: StudyConfig, store: Store, name: str, resources: di
                                                  **parameters), resources),
         param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, **store.ray_storage("tune"), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks))
+                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks))
 
 
 def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, max_concurrent: int,

@@ -69,6 +69,55 @@ def test_a_link_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterr
         assert torch.equal(a, b), name
 
 
+class _Killed(Exception):
+    pass
+
+
+def _resume_worker(rank, port, sequences, tokenizer, folder, mode):
+    """One of two DDP workers (gloo, dropout on) training 20 steps: `whole` uninterrupted, `killed` stopping both
+    ranks right after the checkpoint at step 10, `resumed` continuing from it; rank 0 saves its weights."""
+    from raysys.storage.checkpoint import Checkpointer
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(1000 + rank)  # each process's dropout stream starts where a fresh worker's would
+
+    def stop_at_10(metrics, *_):
+        if mode == "killed" and metrics["step"] == 10:
+            raise _Killed
+
+    checkpointer = None if mode == "whole" else Checkpointer(Store(folder), 0, "link", on_save=stop_at_10,
+                                                             on_report=stop_at_10)
+    model = models.new_masked_lm(load_study("tiny").model, tokenizer, seed=0)
+    cfg = PretrainConfig(batch_size=16, log_every_steps=5, num_workers=2)
+    try:
+        masked_lm_loop.train_masked_lm(model, sequences, tokenizer, cfg, masked_lm_loop.LinkPlan(20, 2e-3), rank, 2,
+                                       wrap=lambda m: torch.nn.parallel.DistributedDataParallel(m),
+                                       checkpointer=checkpointer)
+    except _Killed:
+        assert mode == "killed"
+    if rank == 0 and mode != "killed":
+        torch.save(model.state_dict(), folder / f"{mode}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_workers_resumed_from_a_checkpoint_end_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Every rank's random streams (masking and dropout) are in the checkpoint: rank 1 must not be reseeded."""
+    import socket
+
+    _, tokenizer, sequences = _tiny_setup()
+    for mode in ("whole", "killed", "resumed"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(_resume_worker, args=(port, sequences, tokenizer, tmp_path, mode), nprocs=2)
+        if mode == "killed":
+            assert [p.name for p in (tmp_path / "checkpoints" / "link").iterdir()] == ["step-000000010"]
+    whole, resumed = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
+    for name, weights in whole.items():
+        assert torch.equal(weights, resumed[name]), name
+
+
 def test_sample_batch_shards_disjointly_across_workers():
     sequences = [[i] for i in range(100)]
     a = masked_lm_loop.sample_batch(sequences, 3, 8, rank=0, world_size=2, seed=1)

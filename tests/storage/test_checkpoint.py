@@ -1,5 +1,5 @@
-"""Checkpoint storage: state round-trips through safetensors + JSON, folders are per cell and step, Ray's copy is
-a fallback only."""
+"""Checkpoint storage: state round-trips through safetensors + JSON, folders are per cell and step, and the store is
+the only copy."""
 
 import torch
 
@@ -40,13 +40,10 @@ def test_a_checkpoint_of_another_cell_is_ignored(tmp_path):
     assert Checkpointer(Store(tmp_path), 0, "cell").resume() is None
 
 
-def test_rays_copy_is_asked_for_only_when_the_store_has_no_checkpoint(tmp_path):
-    ray_copy = write(Store(tmp_path / "ray"), "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.ones(2)})
-    store = Store(tmp_path / "store")
-    asked = []
-    fallback = lambda: asked.append(1) or ray_copy
-    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
-    assert state["step"] == 8 and torch.equal(state["x"], torch.ones(2)) and asked == [1]
-    write(store, "cell", 8, {"cell_hash": "cell", "step": 8, "x": torch.zeros(2)})
-    state = Checkpointer(store, 0, "cell", fallback=fallback).resume()
-    assert torch.equal(state["x"], torch.zeros(2)) and asked == [1]
+def test_ray_is_told_the_metrics_of_a_save_but_the_checkpoint_stays_in_the_store(tmp_path):
+    saved, reported = [], []
+    checkpointer = Checkpointer(Store(tmp_path), 0, "cell", on_save=lambda m, path: saved.append((m, path)),
+                                on_report=reported.append)
+    path = checkpointer.save(8, {"x": torch.ones(2)}, {"step": 8})
+    assert saved == [({"step": 8}, path)] and path.parent == tmp_path / "checkpoints" / "cell"
+    assert torch.equal(checkpointer.resume()["x"], torch.ones(2)) and checkpointer.resumed_from == 8

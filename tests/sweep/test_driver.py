@@ -181,6 +181,7 @@ def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_
     names = [i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
     assert any(re.match(r"ray/tune/tuning-[^/]+/[^/]+/events\.out\.tfevents\.", n) for n in names)
     assert any(n.startswith("ray/train/pretrain-") for n in names)
+    assert not [n for n in names if "checkpoint_" in n]  # checkpoints live once, in the store, and went when done
     assert "report/report.md" in names and any(re.match(r"report/figures/.+\.png$", n) for n in names)
     assert "study.json" in names and "progress.json" in names
     out = capsys.readouterr().out

@@ -163,3 +163,66 @@ def test_a_new_grid_value_runs_only_the_new_cells(micro_run, tmp_path):
             assert before[r["cell_hash"]] == r["started_at"]
     paths = results.read_table(store, "interpolation_paths").to_pylist()
     assert len(paths) == 2 * len(pairs) and all(p["num_alphas"] == 4 for p in paths)
+
+
+PRETRAIN_SETS = ("--set", "pilot.control_length=0", "--set", "pretrain.continual_steps=60",
+                 "--set", "pretrain.checkpoint_every_seconds=0")
+
+
+def _pretrain_command(storage: Path, address: str) -> list[str]:
+    sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
+    return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address,
+            "--only", "pretrain", *sets, *PRETRAIN_SETS]
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _plm_weights(store: Store) -> dict[str, bytes]:
+    return {h: (store.artifact("plm", h) / "model.safetensors").read_bytes() for h in store.list_dirs("artifacts/plm")}
+
+
+def test_a_killed_train_worker_costs_one_checkpoint_interval_of_one_link(address, tmp_path):
+    """A pre-training worker process is SIGKILLed mid-chain (a spot node reclaimed): Ray Train restarts the worker
+    group, the chain skips the links already in the store and continues the interrupted one from its checkpoint;
+    no finished link is trained again and the PLMs equal an uninterrupted run's, byte for byte."""
+    killed_store = Store(tmp_path / "killed")
+    driver = subprocess.Popen(_pretrain_command(killed_store.local, address), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        def link_2_checkpointed():
+            rows = results.read_table(killed_store, "pretrain_runs").to_pylist()
+            return len(rows) == 2 and _checkpointed(killed_store) and _train_workers()
+
+        _wait_for(link_2_checkpointed, 300, "link 2 to checkpoint after links 0 and 1 are done")
+        finished = {r["cell_hash"]: r["started_at"] for r in results.read_table(killed_store, "pretrain_runs").to_pylist()}
+        files = {h: (killed_store.artifact("plm", h) / "model.safetensors").stat().st_mtime_ns for h in finished}
+        victim = _train_workers()[-1]
+        victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs([victim], timeout=10)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    rows = {r["cell_hash"]: r for r in results.read_table(killed_store, "pretrain_runs").to_pylist()}
+    assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"ok"}
+    for h, started in finished.items():  # 0 finished links retrained
+        assert rows[h]["started_at"] == started and rows[h]["resumed_from_step"] is None
+        assert (killed_store.artifact("plm", h) / "model.safetensors").stat().st_mtime_ns == files[h]
+    resumed = [r for r in rows.values() if r["resumed_from_step"] is not None]
+    assert len(resumed) == 1 and resumed[0]["link"] == 2 and 5 <= resumed[0]["resumed_from_step"] < 60
+    assert killed_store.list_dirs("checkpoints") == []
+    # the checkpoints lived in the store only: Ray's own run folders hold none
+    ray_files = [str(p.relative_to(killed_store.local)) for p in (killed_store.local / "ray").rglob("*")]
+    assert ray_files and not [f for f in ray_files if "checkpoint_" in f]
+
+    whole_store = Store(tmp_path / "whole")
+    whole = subprocess.run(_pretrain_command(whole_store.local, address), capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    assert _plm_weights(killed_store) == _plm_weights(whole_store)
+    curve = lambda store: sorted((r["cell_hash"], r["step"], r["loss"])
+                                 for r in results.read_table(store, "pretrain_curves").to_pylist())
+    assert curve(killed_store) == curve(whole_store)
