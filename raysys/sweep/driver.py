@@ -31,6 +31,7 @@ from raysys.storage.study import save_study
 from raysys.sweep.cluster import AUTO, ClusterError, choose_preset, init_ray, local_gpus, resources_text
 from raysys.sweep.launchers import launch
 from raysys.sweep.progress import Progress
+from raysys.sweep.storage_check import StorageNotShared, check_shared
 from raysys.sweep.trackers import tracking_callbacks
 
 
@@ -196,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         print(f"raysys: --preset auto -> {preset} ({why})")
     try:
+        check_shared(store)  # before --fresh moves anything: a storage some node cannot see is refused unchanged
         if args.fresh:
             aside = fresh_start(store)
             if aside:
                 print(f"raysys: --fresh: moved the old storage to {aside}")
         store.ensure_writable()
-    except ValueError as err:
+    except (ValueError, StorageNotShared) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"raysys: study '{study.name}' (preset {preset}) -> {store.root}")
