@@ -450,11 +450,15 @@ class SearchConfig:
     kd_weight: tuple[float, float] = (0.0, 1.0)
     beta: tuple[float, float] = (0.0, 100.0)
     seed: int = 0
+    # trials of one search in flight at once (all searches run together): TPE proposes from the results it has,
+    # so a search wider than this learns less from its own trials
+    parallel: int = 4
 
     def __post_init__(self):
         _check(self.algorithm in SEARCH_ALGORITHMS, "methods.search.algorithm",
                f"unknown '{self.algorithm}'; known: {list(SEARCH_ALGORITHMS)}")
         _check(self.trials >= 1, "methods.search.trials", "must be >= 1")
+        _check(self.parallel >= 1, "methods.search.parallel", "must be >= 1")
         for name, low in (("lr", 0.0), ("temperature", 0.0), ("kd_weight", 0.0), ("beta", 0.0)):
             lo, hi = getattr(self, name)
             _check(lo >= low and lo < hi, f"methods.search.{name}", f"must be a range [low, high) with low >= {low}"

@@ -49,8 +49,8 @@ class SearchStage(Stage):
         search = study.methods.search
         if search.algorithm != "optuna":
             return []
-        # The budget is not part of a search's identity: a larger one continues the same search.
-        space = {k: v for k, v in dataclasses.asdict(search).items() if k not in ("algorithm", "trials")}
+        # The budget is not part of a search's identity (a larger one continues the same search), nor its pace.
+        space = {k: v for k, v in dataclasses.asdict(search).items() if k not in ("algorithm", "trials", "parallel")}
         cells = []
         for ref in (c for c in plan_methods(study, chain) if c.cell_hash == c.vanilla_hash):
             for method in study.methods.names:

@@ -3,7 +3,7 @@ one checkpointer factory, and the three launchers a stage can ask for —
 
     grid    one Tune experiment, `grid_search` over the groups, a trial per group (`run_group`)
     chain   one Tune trial fitting a Ray Train `TorchTrainer`: every worker runs `run_group` over all the cells
-    search  per group (one search cell) a Tune experiment driven by a seeded `OptunaSearch`
+    search  one Tune experiment running every search cell's seeded Optuna sampler side by side
 
 Ray's own examples are the pattern: small identifiers in `param_space`, big constants through
 `tune.with_parameters`, the typed config built once inside each trial, the stage's plain code called from there.
@@ -24,13 +24,13 @@ from ray import tune
 from raysys.config import StudyConfig, build, to_dict
 from raysys.core import compute
 from raysys.identity import config_hash
-from raysys.stages.base import Context, Resources, Stage, View, Workers, write_failure
+from raysys.stages.base import Context, Stage, View, Workers, write_failure
 from raysys.stages.chain import plan_chain
 from raysys.stages.registry import stage as stage_named
 from raysys.storage import results
 from raysys.storage.checkpoint import Checkpointer
 from raysys.storage.store import Store
-from raysys.sweep import monitor
+from raysys.sweep import monitor, searches
 
 # ------------------------------------------------------------------------------------------- in the trial
 
@@ -89,10 +89,11 @@ def cell_trainable(config: dict, study_dict: dict, storage: str) -> None:
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
 
 
-def search_trainable(config: dict, study_dict: dict, storage: str, stage_name: str, search: dict) -> None:
-    """A trial of an Optuna search: the cell of the proposed knobs, its metric reported for Optuna."""
+def search_trainable(config: dict, study_dict: dict, storage: str, stage_name: str) -> None:
+    """A trial of an Optuna search: the cell of the knobs its search proposed, its metric reported for Optuna."""
     stage = stage_named(stage_name)
-    trial = stage.trial(stage.decode(search), config)
+    knobs = {k: v for k, v in config.items() if k != searches.SEARCH_KEY}
+    trial = stage.trial(stage.decode(config[searches.SEARCH_KEY]), knobs)
     tune.report({**stage.run_trial(trial_context(study_dict, storage, stage), trial), "cells_ok": 1,
                  "cells_failed": 0})
 
@@ -163,11 +164,6 @@ def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def concurrency(resources: Resources) -> int:
-    """Trials at once: as many as the cluster's CPUs hold."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // resources.cpus))
-
-
 def _named(trainable, stage: Stage):
     """The generic trainable under the stage's name: Ray names a trial's actors, and the dashboard groups its tasks
     and actors, by the trainable's `__name__` (`tuning_trainable`, `methods_trainable`, ...)."""
@@ -189,50 +185,53 @@ def _tuner(trainable, study: StudyConfig, store: Store, name: str, resources: di
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks))
 
 
-def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, max_concurrent: int,
-                study: StudyConfig, store: Store, callbacks: list) -> None:
-    """One Tune experiment over the groups (`grid_search` over them)."""
+def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, study: StudyConfig, store: Store,
+                callbacks: list) -> None:
+    """One Tune experiment over the groups (`grid_search` over them). No cap on trials at once: those the cluster
+    cannot hold yet wait, and their resource requests are what makes the autoscaler add nodes."""
     encoded = [{"stage": stage.name, "cells": [stage.encode(cell) for cell in group]} for group in groups]
     # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (~2.6 s a trial on 2 cores).
-    tune_config = tune.TuneConfig(max_concurrent_trials=max(1, max_concurrent), reuse_actors=not resources.get("gpu"))
+    tune_config = tune.TuneConfig(reuse_actors=not resources.get("gpu"))
     _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,
            {"group": tune.grid_search(encoded)}, tune_config, callbacks).fit()
 
 
 def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
     res = stage.resources(study)
-    _experiment(stage, cell_trainable, groups, {"cpu": res.cpus, "gpu": res.gpus}, concurrency(res), study, store,
-                callbacks)
+    _experiment(stage, cell_trainable, groups, {"cpu": res.cpus, "gpu": res.gpus}, study, store, callbacks)
 
 
 def run_chain(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
     # The trial only coordinates: its Train workers hold the CPUs and GPUs.
-    _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, 1, study, store, callbacks)
+    _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, study, store, callbacks)
 
 
 def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
-    """Per search, a Tune experiment of seeded TPE proposals (OptunaSearch cannot take a `grid_search` space, so
-    the grid stays outside); a search already started is told its finished trials (`points_to_evaluate` with
-    `evaluated_rewards`) and runs only the rest of its budget."""
+    """Every search in one Tune experiment (raysys.sweep.searches): each its own seeded TPE sampler, told the
+    trials it finished before (a search already started runs only the rest of its budget), at most
+    `methods.search.parallel` of its trials at once; the trials of all searches share the cluster."""
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     res = stage.resources(study)
     view = View(store)  # read once: each search adds trials of its own only
+    specs = []
     for (search,) in groups:
         done = stage.finished(search, view)[:search.trials]
-        left = search.trials - len(done)
-        space = {knob: tune.loguniform(low, high) if log_scale else tune.uniform(low, high)
-                 for knob, (low, high, log_scale) in stage.space(study, search).items()}
-        optuna = OptunaSearch(metric=stage.metric, mode="max", seed=stage.sampler_seed(study, len(done)),
-                              points_to_evaluate=[{k: r[k] for k in space} for r in done] or None,
-                              evaluated_rewards=[r[stage.metric] for r in done] or None)
-        log(f"[{stage.name}] {stage.describe(search)}: {len(done)} trials done, {left} to run")
-        tune_config = tune.TuneConfig(search_alg=ConcurrencyLimiter(optuna, max_concurrent=concurrency(res)),
-                                      num_samples=left, reuse_actors=not res.gpus)
-        _tuner(_named(search_trainable, stage), study, store, f"{stage.name}-{search.cell_hash}-{len(done)}",
-               {"cpu": res.cpus, "gpu": res.gpus}, space, tune_config, callbacks, stage_name=stage.name,
-               search=stage.encode(search)).fit()
+        space = stage.space(study, search)
+        specs.append(searches.SearchSpec(stage.encode(search), space, search.trials - len(done),
+                                         stage.sampler_seed(study, len(done)),
+                                         tuple(({k: r[k] for k in space}, r[stage.metric]) for r in done)))
+        log(f"[{stage.name}] {stage.describe(search)}: {len(done)} trials done, {specs[-1].budget} to run")
+    parallel = study.methods.search.parallel
+    # The limiter never binds (each search keeps to `parallel` itself); Tune reads its bound as how many trials
+    # it may ask resources for ahead of time — otherwise one, and the autoscaler would see one trial's demand.
+    searcher = ConcurrencyLimiter(searches.ParallelSearches(specs, stage.metric, parallel),
+                                  max_concurrent=max(1, parallel * len(specs)))
+    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=sum(spec.budget for spec in specs),
+                                  reuse_actors=not res.gpus)
+    name = f"{stage.name}-{config_hash([(spec.key, spec.budget) for spec in specs])}"
+    _tuner(_named(search_trainable, stage), study, store, name, {"cpu": res.cpus, "gpu": res.gpus}, {},
+           tune_config, callbacks, stage_name=stage.name).fit()
 
 
 LAUNCHERS = {"grid": run_grid, "chain": run_chain, "search": run_search}

@@ -1,5 +1,5 @@
 """Stage `search` (`--search optuna`) on a copy of the micro store: each search runs its budget with knobs inside
-their ranges, a rerun runs nothing, a larger budget later runs only the extra trials."""
+their ranges, all searches at once, a rerun runs nothing, a larger budget later runs only the extra trials."""
 
 import dataclasses
 import shutil
@@ -39,6 +39,11 @@ def test_optuna_search_runs_its_budget_inside_each_grid_cell_and_resumes(micro_r
             assert r["temperature"] is None
     first = {r["cell_hash"]: r["started_at"] for r in rows}
     assert all(stage("search").done(s, View(store)) for s in searches)
+    # all searches in one Tune experiment, their trials side by side (2 CPUs, a CPU a trial): some trial of one
+    # search ran while a trial of another did
+    assert len([d for d in store.list_dirs("ray/tune") if d.startswith("search-")]) == 1
+    spans = [(r["search_hash"], r["started_at"].timestamp(), r["started_at"].timestamp() + r["seconds"]) for r in rows]
+    assert any(a != b and s1 < e2 and s2 < e1 for a, s1, e1 in spans for b, s2, e2 in spans)
 
     again = sweep.run_study(narrowed, store, only=("methods", "search"), log=lambda *_: None)
     assert again["search"]["ran"] == 0 and again["search"]["finished_before"] == len(searches)

@@ -1,7 +1,7 @@
-"""On a cluster of more than one node the storage must be one every node sees: tested on a two-node
-`ray.cluster_utils.Cluster` run by a separate process (this session's own Ray stays as it is), then with a third
-node started in a private mount namespace, where the driver's storage folder is hidden under an empty tmpfs — the
-way a worker's own disk hides the head's."""
+"""Clusters of more than one node, on a `ray.cluster_utils.Cluster` run by a separate process (this session's own
+Ray stays as it is): a stage started on one node grows onto a node that joins while it runs; the storage must be
+one every node sees — tested with a third node started in a private mount namespace, where the driver's storage
+folder is hidden under an empty tmpfs, the way a worker's own disk hides the head's."""
 
 import json
 import os
@@ -24,9 +24,10 @@ import sys
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
                   head_node_args={"num_cpus": 1, "gcs_server_port": int(sys.argv[1]), "include_dashboard": False})
-cluster.add_node(num_cpus=1)
 print(cluster.address, flush=True)
-sys.stdin.read()  # until the test closes our stdin
+for line in sys.stdin:  # "add": one more node of 1 CPU; the end of stdin: shut down
+    cluster.add_node(num_cpus=1)
+    print("added", flush=True)
 cluster.shutdown()
 """
 
@@ -61,9 +62,24 @@ def _wait_for_nodes(address: str, count: int) -> None:
     raise AssertionError(f"the cluster never reached {count} nodes")
 
 
-@pytest.fixture
-def two_node_cluster():
-    """(address of a two-node local Cluster); the machine's `ray start` address file is left as it was."""
+class HeldCluster:
+    """A local Cluster in its own process: its address, and `add_node()`."""
+
+    def __init__(self, holder: subprocess.Popen):
+        self.holder, self.address = holder, holder.stdout.readline().strip()
+        self.nodes = 1
+
+    def add_node(self) -> None:
+        self.holder.stdin.write("add\n")
+        self.holder.stdin.flush()
+        assert self.holder.stdout.readline().strip() == "added"
+        self.nodes += 1
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node local Cluster (1 CPU) that the module's tests grow; the machine's `ray start` address file
+    (which a Cluster overwrites) is left as it was."""
     from ray._common.utils import get_ray_address_file
 
     address_file = Path(get_ray_address_file(None))
@@ -71,7 +87,7 @@ def two_node_cluster():
     holder = subprocess.Popen([sys.executable, "-c", HOLD_CLUSTER, str(_free_port())], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        yield holder.stdout.readline().strip()
+        yield HeldCluster(holder)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -79,6 +95,13 @@ def two_node_cluster():
             address_file.unlink(missing_ok=True)
         else:
             address_file.write_text(before)
+
+
+@pytest.fixture
+def two_node_cluster(cluster):
+    while cluster.nodes < 2:
+        cluster.add_node()
+    return cluster.address
 
 
 @pytest.fixture
@@ -102,6 +125,52 @@ def hidden_storage_node(two_node_cluster, tmp_path):
         for proc in processes:
             proc.send_signal(signal.SIGKILL)
         psutil.wait_procs(processes, timeout=30)
+
+
+def _overlapping(spans: list[tuple[float, float]]) -> bool:
+    return any(s1 < e2 and s2 < e1 for i, (s1, e1) in enumerate(spans) for s2, e2 in spans[i + 1:])
+
+
+def test_a_stage_started_on_one_node_grows_onto_a_node_that_joins(cluster, micro_run, tmp_path):
+    """Tuning cells of a new seed, one CPU each, on a one-CPU cluster: one at a time, until a second node joins
+    mid-stage; from then on two run at once (no cap on concurrent trials fixed when the stage started). The cells
+    take seconds: a trial whose cell is shorter than a new node's actor start-up finishes first and hands its
+    process on (actor reuse), which is right for such cells."""
+    from raysys.storage import results
+    from raysys.storage.store import Store
+    from tests.conftest import MICRO_OVERRIDES
+
+    assert cluster.nodes == 1
+    _, shared, _ = micro_run
+    store = Store(tmp_path / "grow")
+    shutil.copytree(shared.root, store.root)
+    before = {r["cell_hash"] for r in results.read_table(store, "tuning_runs").to_pylist()}
+    sets = [x for o in [*MICRO_OVERRIDES, "seeds=[21]", 'tuning.types=["finetune"]', "tuning.max_steps=240",
+                                    "tuning.eval_every_steps=120"] for x in ("--set", o)]
+    driver = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(store.root),
+                               "--address", cluster.address, "--only", "tuning", *sets],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+    def new_rows() -> list[dict]:
+        return [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["cell_hash"] not in before]
+
+    try:
+        deadline = time.time() + 300
+        while len(new_rows()) < 2 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        cluster.add_node()
+        joined = time.time()
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    rows = new_rows()
+    assert len(rows) >= 6 and {r["status"] for r in rows} == {"ok"}
+    spans = sorted((r["started_at"].timestamp(), r["started_at"].timestamp() + r["seconds"]) for r in rows)
+    alone = [span for span in spans if span[1] < joined]
+    assert len(alone) >= 2 and not _overlapping(alone)  # one CPU: one cell at a time
+    assert _overlapping([span for span in spans if span[0] > joined])  # the joined node's CPU is used
 
 
 def test_a_storage_every_node_reads_passes_and_so_does_one_node(two_node_cluster, ray_cluster, tmp_path):
