@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:
+    import tomllib  # novm: Python 3.11's TOML reader; 3.10 (Ubuntu 22.04's python3) has it as tomli
+except ModuleNotFoundError:
+    import tomli as tomllib
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

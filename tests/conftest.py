@@ -49,6 +49,18 @@ def with_stand_in_fingerprints(study):
         tasks=tuple(dataclasses.replace(t, fingerprint=f"files:{t.name}") for t in study.tasks))
 
 
+def write_paper_data(root):
+    """Stand-ins for the paper preset's data under `root/data` (its paths are relative to the working directory);
+    none for WB: M0 is roberta-base kept as it is, so D0 is never read."""
+    for corpus in ("bio", "reviews"):
+        (root / "data" / "corpora" / corpus).mkdir(parents=True)
+        (root / "data" / "corpora" / corpus / "part-0.txt").write_text(f"a {corpus} sentence\n")
+    for task in ("chemprot", "helpfulness"):
+        (root / "data" / "tasks" / task).mkdir(parents=True)
+        for split in ("train", "dev", "test"):
+            (root / "data" / "tasks" / task / f"{split}.jsonl").write_text('{"text": "x", "label": "a"}\n')
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from raysys.config import tomllib  # tomli on Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ["cluster.yaml", "cluster-gcp.yaml"]

@@ -1,16 +1,23 @@
 """Which Ray the driver runs on: an explicit address that must answer, the cluster `ray start` runs on this machine,
-or a new local Ray; and `--preset auto`, settled by the GPUs found there."""
+or a new local Ray; and `--preset auto`, settled once, before any Ray work, by what that Ray can hold — the GPUs
+up now plus those its autoscaler may add — and by whether the paper preset's data is there."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
 
 AUTO = "auto"  # --preset auto
+# `ray up` leaves the autoscaler's config here on the head (the cluster file, each node type's resources filled in
+# from the cloud's instance types); the monitor reads it (`--autoscaling-config`), and so does Tune.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 class ClusterError(Exception):
@@ -53,40 +60,220 @@ def discover_cluster(address: str | None) -> tuple[str | None, str]:
     return None, "a new local Ray (no running cluster found)"
 
 
-def init_ray(address: str | None, num_cpus: int | None, offline: bool) -> str:
-    """Attach to a cluster or start a local Ray; returns what it did. `offline` (the tiny preset on a new local
-    Ray) keeps every process away from the model hub."""
+@dataclass(frozen=True)
+class Target:
+    """The Ray the driver runs on: `address` to attach to, or None for a new local Ray; `how` it was chosen.
+    `running`: this process runs a Ray already (the tests, a notebook), used as it is."""
+
+    address: str | None
+    how: str
+    running: bool = False
+
+    def __post_init__(self):
+        if self.running and self.address is not None:
+            raise ValueError("a Ray this process already runs has no address to attach to")
+
+
+def choose_target(address: str | None) -> Target:
+    if ray.is_initialized():
+        return Target(None, "the Ray this process already runs", running=True)
+    return Target(*discover_cluster(address))
+
+
+def init_ray(target: Target, num_cpus: int | None, offline: bool) -> str:
+    """Attach to the target cluster or start a local Ray; returns what it did. `offline` (the tiny preset on a new
+    local Ray) keeps every process away from the model hub."""
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "TRANSFORMERS_VERBOSITY": "error",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    if ray.is_initialized():
+    if target.running:
         os.environ.update(env)
-        return "the Ray this process already runs"
-    target, how = discover_cluster(address)
-    if offline and target is None:
+        return target.how
+    if offline and target.address is None:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     os.environ.update(env)
-    if target is None:
+    if target.address is None:
         ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, configure_logging=False)
-        return how
+        return target.how
     try:
-        ray.init(address=target, runtime_env={"env_vars": env})
+        ray.init(address=target.address, runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError) as err:
-        raise ClusterError(f"could not join {how}: {str(err).splitlines()[0]} (token auth: this machine needs the "
-                           "cluster's token in ~/.ray/auth_token and RAY_AUTH_MODE=token)") from err
-    return how
+        raise ClusterError(f"could not join {target.how}: {str(err).splitlines()[0]} (token auth: this machine "
+                           "needs the cluster's token in ~/.ray/auth_token and RAY_AUTH_MODE=token)") from err
+    return target.how
 
 
-def choose_preset(gpus: float, where: str = "the cluster") -> tuple[str, str]:
-    """`--preset auto`: the paper's scale where there are GPUs to run it, the tiny study otherwise."""
-    if gpus >= 1:
-        return "paper", f"{gpus:g} GPU(s) in {where}"
-    return "tiny", f"no GPU in {where}"
+# ------------------------------------------------------------------------------------------- --preset auto
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """A node's (or a node type's) CPUs and GPUs, as Ray counts them."""
+
+    cpus: float
+    gpus: float
+
+    def __post_init__(self):
+        if self.cpus < 0 or self.gpus < 0:
+            raise ValueError(f"a node has no negative resources: {self}")
+
+    def ddp_workers(self, cpus_per_worker: float) -> int:
+        """DDP workers it holds: Ray Train gives each one whole GPU and `cpus_per_worker` CPUs."""
+        return math.floor(min(self.gpus, self.cpus / cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One of the autoscaler's node types: the shape of its nodes and how many workers of it it may start."""
+
+    name: str
+    shape: NodeShape
+    max_workers: int
+
+    def __post_init__(self):
+        if self.max_workers < 0:
+            raise ValueError(f"node type {self.name}: max_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """The largest cluster an autoscaler may build: the head, worker nodes of each type up to that type's
+    max_workers, and all of them together up to `max_workers` (None: no cap). `source`: where this was read."""
+
+    source: str
+    head: NodeShape
+    types: tuple[NodeType, ...]
+    max_workers: int | None
+
+    def __post_init__(self):
+        if self.max_workers is not None and self.max_workers < 0:
+            raise ValueError(f"{self.source}: max_workers must be >= 0")
+
+    def most_ddp_workers(self, cpus_per_worker: float) -> int:
+        """Each worker node costs one of `max_workers` whatever its type, so the richest types first is the most."""
+        left = math.inf if self.max_workers is None else self.max_workers
+        most = self.head.ddp_workers(cpus_per_worker)
+        for node_type in sorted(self.types, key=lambda t: -t.shape.ddp_workers(cpus_per_worker)):
+            count = min(node_type.max_workers, left)
+            most += count * node_type.shape.ddp_workers(cpus_per_worker)
+            left -= count
+        return most
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What `--preset auto` weighs: where the driver will run, the nodes alive there, and the autoscaler that may
+    add more (None, and `no_autoscaler` says why, when nothing can)."""
+
+    where: str
+    nodes: tuple[NodeShape, ...]
+    autoscaler: Autoscaler | None = None
+    no_autoscaler: str = ""
+
+    def __post_init__(self):
+        if self.autoscaler is None and not self.no_autoscaler:
+            raise ValueError("say why the cluster cannot grow (no_autoscaler)")
+
+    def ddp_workers(self, cpus_per_worker: float) -> int:
+        return sum(node.ddp_workers(cpus_per_worker) for node in self.nodes)
+
+    def addable_ddp_workers(self, cpus_per_worker: float) -> int:
+        """What the autoscaler may add to the nodes alive now (none beyond its largest cluster)."""
+        if self.autoscaler is None:
+            return 0
+        return max(0, self.autoscaler.most_ddp_workers(cpus_per_worker) - self.ddp_workers(cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    preset: str
+    why: str
+
+
+def _gpus(count: int) -> str:
+    return f"{count} GPU" + ("" if count == 1 else "s")
+
+
+def choose_preset(gpus_now: int, gpus_addable: int, gpus_needed: int, data_problems: Callable[[], list[str]],
+                  where: str = "the cluster", no_autoscaler: str = "") -> AutoChoice:
+    """`--preset auto`: `paper` only where its pre-training's DDP workers fit — `gpus_now` (GPUs alive, each with
+    the CPUs of a worker beside it) plus `gpus_addable` (what the autoscaler may add) reach `gpus_needed` — and its
+    data is there; else `tiny`, saying which failed. `data_problems()` is asked only when the GPUs are there: it
+    reads the paper's corpora the first time."""
+    most = gpus_now + gpus_addable
+    grows = f" ({no_autoscaler})" if no_autoscaler else ""
+    cluster = f"{where} has {_gpus(gpus_now)} for DDP workers and can grow to {most}{grows}"
+    if most < gpus_needed:
+        return AutoChoice("tiny", f"{cluster}; the paper preset's pre-training needs {gpus_needed} "
+                                  "(pretrain.num_workers)")
+    problems = data_problems()
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return AutoChoice("tiny", f"{cluster}, enough for the paper preset's {gpus_needed}, but its data is not "
+                                  f"there: {problems[0]}{more}")
+    return AutoChoice("paper", f"{cluster}, enough for the paper preset's {gpus_needed}; its data is there")
 
 
 def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _shape(resources: dict) -> NodeShape:
+    return NodeShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
+
+
+def read_autoscaler(path: str | Path) -> Autoscaler:
+    """The node types of a `ray up` config: per type its `resources` and `max_workers` (the head's own type
+    counted without the head), and the cluster's `max_workers`. `ray up` writes every one of them (Ray's
+    prepare_config fills those left out); in a config written by hand a missing one is 0, as the autoscaler reads
+    it."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        config = yaml.safe_load(path.read_text())
+        types = config.get("available_node_types") or {}
+        head = config.get("head_node_type") or (next(iter(types)) if len(types) == 1 else None)
+        return Autoscaler(
+            source=str(path), head=_shape(types.get(head, {}).get("resources") or {}),
+            types=tuple(NodeType(name, _shape(spec.get("resources") or {}), int(spec.get("max_workers", 0)))
+                        for name, spec in types.items()),
+            max_workers=config.get("max_workers"))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as err:
+        raise ClusterError(f"--preset auto: cannot read the autoscaler's config {path}: {err}") from err
+
+
+def _alive_nodes(address: str) -> tuple[NodeShape, ...]:
+    """The cluster's alive nodes from Ray's state API (its dashboard), without joining the cluster as a driver."""
+    from ray.util.state import list_nodes
+
+    # the state API asks $RAY_ADDRESS before its argument; the address the driver chose must win
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10_000)  # the most it gives
+    except Exception as err:  # no dashboard, refused, timed out, a token missing: each is a different class
+        raise ClusterError(f"--preset auto: could not list the nodes of the cluster at {address} "
+                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); name the preset "
+                           "with --preset") from err
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+    return tuple(_shape(node.resources_total) for node in nodes)
+
+
+def cluster_facts(target: Target, num_cpus: int | None) -> ClusterFacts:
+    """The facts `--preset auto` decides on, for the Ray the driver will run on; nothing is started or joined."""
+    if target.running:
+        alive = tuple(_shape(node["Resources"]) for node in ray.nodes() if node["Alive"])
+        return ClusterFacts("the Ray this process runs", alive, no_autoscaler="its autoscaler, if any, not asked")
+    if target.address is None:
+        here = NodeShape(cpus=float(num_cpus or os.cpu_count() or 1), gpus=float(local_gpus()))
+        return ClusterFacts("this machine", (here,), no_autoscaler="a new local Ray does not grow")
+    nodes = _alive_nodes(target.address)
+    if not Path(BOOTSTRAP_CONFIG).expanduser().is_file():
+        return ClusterFacts(f"the cluster at {target.address}", nodes,
+                            no_autoscaler=f"no autoscaler config here: {BOOTSTRAP_CONFIG} is on the head of a "
+                                          "`ray up` cluster")
+    return ClusterFacts(f"the cluster at {target.address}", nodes, autoscaler=read_autoscaler(BOOTSTRAP_CONFIG))
 
 
 def resources_text() -> str:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import ray
 
 from raysys.config import ConfigError, StudyConfig, available_presets, load_study, to_dict
 from raysys.core.recycle import WeightMismatchError
@@ -28,7 +27,18 @@ from raysys.stages.data_check import DataCheckError, check_data
 from raysys.stages.registry import NAMES, STAGES
 from raysys.storage.store import Store
 from raysys.storage.study import save_study
-from raysys.sweep.cluster import AUTO, ClusterError, choose_preset, init_ray, local_gpus, resources_text
+from raysys.sweep.cluster import (
+    AUTO,
+    AutoChoice,
+    ClusterError,
+    ClusterFacts,
+    Target,
+    choose_preset,
+    choose_target,
+    cluster_facts,
+    init_ray,
+    resources_text,
+)
 from raysys.sweep.launchers import launch
 from raysys.sweep.progress import Progress
 from raysys.sweep.storage_check import StorageNotShared, check_shared
@@ -108,8 +118,9 @@ def fresh_start(store: Store) -> str | None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the recyclable-tuning study on Ray.")
     parser.add_argument("--preset", default=AUTO,
-                        help=f"one of {available_presets()}, or auto (default): paper when the cluster has GPUs, "
-                             "else tiny")
+                        help=f"one of {available_presets()}, or auto (default): paper where the cluster (with what "
+                             "its autoscaler may add) holds the paper's pre-training GPUs and its data is there, "
+                             "else tiny; it says why")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set tuning.lr=5e-4 --set seeds=[1,2]")
     parser.add_argument("--storage", default=None,
@@ -154,18 +165,44 @@ def _load(args: argparse.Namespace, preset: str) -> tuple[StudyConfig, Store]:
     return study, store
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    # `auto` is settled by the cluster's GPUs once Ray is up; until then (and for --dry-run / --print-config, which
-    # start no Ray) by this machine's.
-    preset, why = (args.preset, "") if args.preset != AUTO else choose_preset(local_gpus(), "this machine")
+def _data_problems(study: StudyConfig, only: tuple[str, ...]) -> list[str]:
     try:
-        study, store = _load(args, preset)
-    except (ConfigError, ValueError) as err:
+        check_data(study, only)
+    except DataCheckError as err:
+        return err.problems
+    return []
+
+
+def settle_auto(args: argparse.Namespace, target: Target | None, facts: ClusterFacts | None = None) -> AutoChoice:
+    """`--preset auto`, decided once for the whole run by the facts of the Ray it will run on (`facts`, when given,
+    stand in for them): the paper preset as this command would load it, overrides included, or tiny and why."""
+    try:
+        paper = load_study("paper", args.overrides + _search_overrides(args))
+    except ConfigError as err:
+        return AutoChoice("tiny", f"the overrides do not fit the paper preset: {err}")
+    facts = facts or cluster_facts(target, args.num_cpus)
+    per_worker = paper.pretrain.cpus_per_worker
+    needed = paper.pretrain.num_workers if paper.pretrain.use_gpu else 0
+    return choose_preset(facts.ddp_workers(per_worker), facts.addable_ddp_workers(per_worker), needed,
+                         lambda: _data_problems(paper, tuple(args.only)), where=facts.where,
+                         no_autoscaler=facts.no_autoscaler)
+
+
+def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> int:
+    """The driver. `facts` stand in for the cluster's when `--preset auto` is settled (a GPU cluster in a test)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    runs = not (args.print_config or args.dry_run)
+    try:
+        # the Ray is found before anything else when the run uses it or `auto` asks what it holds
+        target = choose_target(args.address) if runs or (args.preset == AUTO and facts is None) else None
+        choice = settle_auto(args, target, facts) if args.preset == AUTO else AutoChoice(args.preset, "")
+        study, store = _load(args, choice.preset)
+    except (ConfigError, ValueError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    preset = choice.preset
     if args.preset == AUTO:
-        print(f"raysys: --preset auto -> {preset} ({why})",
+        print(f"raysys: --preset auto -> {preset} ({choice.why})",
               file=sys.stderr if args.print_config else sys.stdout)  # --print-config prints JSON only
     if args.print_config:
         print(json.dumps(to_dict(study), indent=1))
@@ -181,21 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print(plan_text(study, store, tflops))
         return 0
     try:
-        joined = init_ray(args.address, args.num_cpus, offline=study.model.name_or_path is None)
+        joined = init_ray(target, args.num_cpus, offline=study.model.name_or_path is None)
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"raysys: running on {joined}: {resources_text()}")
-    if args.preset == AUTO:
-        chosen, why = choose_preset(ray.cluster_resources().get("GPU", 0))
-        if chosen != preset:
-            try:
-                (study, store), preset = _load(args, chosen), chosen
-                study = check_data(study, tuple(args.only))
-            except (ConfigError, ValueError) as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-        print(f"raysys: --preset auto -> {preset} ({why})")
     try:
         check_shared(store)  # before --fresh moves anything: a storage some node cannot see is refused unchanged
         if args.fresh:

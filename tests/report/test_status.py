@@ -13,6 +13,7 @@ from raysys.stages.chain import plan_chain
 from raysys.stages.data_check import check_data
 from raysys.stages.registry import NAMES, stage
 from raysys.sweep import driver as sweep
+from tests.conftest import write_paper_data
 
 SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
 
@@ -24,21 +25,9 @@ def test_training_flops_scale_with_the_steps():
     assert set(base) == {"pretrain", "tuning", "methods", "training_free"}  # the stages that train
 
 
-def _paper_data(root):
-    """Stand-ins for the paper preset's data under `root/data` (its paths are relative to the working directory);
-    none for WB: M0 is roberta-base kept as it is, so D0 is never read."""
-    for corpus in ("bio", "reviews"):
-        (root / "data" / "corpora" / corpus).mkdir(parents=True)
-        (root / "data" / "corpora" / corpus / "part-0.txt").write_text(f"a {corpus} sentence\n")
-    for task in ("chemprot", "helpfulness"):
-        (root / "data" / "tasks" / task).mkdir(parents=True)
-        for split in ("train", "dev", "test"):
-            (root / "data" / "tasks" / task / f"{split}.jsonl").write_text('{"text": "x", "label": "a"}\n')
-
-
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path, monkeypatch):
     storage = tmp_path / "plan"
-    _paper_data(tmp_path)
+    write_paper_data(tmp_path)
     out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--preset", "paper", "--storage", str(storage)],
                          capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
                          env={**os.environ, "RAY_ADDRESS": ""})
