@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,9 +192,15 @@ class PretrainConfig:
     checkpoint_every_seconds: float = 900.0  # mid-link checkpoints: at most this much training lost to a crash
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (weights, optimizer and loss stay fp32)
     micro_batch_size: int | None = None  # sequences per worker per forward pass (None: the whole worker batch)
+    # a custom Ray resource each DDP worker also asks one unit of: the node type meant for pre-training offers
+    # it (cluster.yaml's gpu_8x: `pretrain_gpu: 8`), so the job lands on NVLinked GPUs, never on 1-GPU nodes
+    worker_resource: str = ""
 
     def __post_init__(self):
         _check_precision(self.precision, "pretrain.precision")
+        _check(self.worker_resource == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.worker_resource) is not None
+               and self.worker_resource not in ("CPU", "GPU", "memory", "object_store_memory"),
+               "pretrain.worker_resource", "a custom resource name (letters, digits, _), not CPU/GPU/memory")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "pretrain.micro_batch_size", "must be >= 1")
         _check(self.initial_steps >= 0, "pretrain.initial_steps", "must be >= 0")
         _check(self.continual_steps > 0, "pretrain.continual_steps", "must be > 0")

@@ -16,7 +16,7 @@ from raysys.config import CorpusConfig, StudyConfig, TaskConfig, TuningConfig, p
 
 # How the work is spread and paced, not what it computes: never part of an artifact's identity.
 RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
-                   "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size"}
+                   "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size", "worker_resource"}
 # Fields added after artifacts were made: part of the identity only when set away from their default, so that the
 # artifacts made before they existed keep their hashes (RoBERTa was the only architecture then).
 IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta"}

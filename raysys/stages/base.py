@@ -152,6 +152,7 @@ class Resources:
     cpus: float
     gpus: float = 0.0
     workers: int = 0
+    worker_resource: str = ""  # a custom resource each Train worker asks one unit of (pretrain.worker_resource)
 
     @classmethod
     def per_trial(cls, section) -> Resources:

@@ -276,6 +276,24 @@ def cluster_facts(target: Target, num_cpus: int | None) -> ClusterFacts:
     return ClusterFacts(f"the cluster at {target.address}", nodes, autoscaler=read_autoscaler(BOOTSTRAP_CONFIG))
 
 
+def require_resource(name: str, setting: str) -> None:
+    """Refuse a custom resource (`setting` asks for it) that no node alive offers and no node type of the
+    autoscaler would: Ray would keep the job waiting for it without a word."""
+    if any(node["Resources"].get(name, 0) > 0 for node in ray.nodes() if node["Alive"]):
+        return
+    config = Path(BOOTSTRAP_CONFIG).expanduser()
+    if config.is_file():
+        import yaml
+
+        types = (yaml.safe_load(config.read_text()) or {}).get("available_node_types") or {}
+        if any((spec.get("resources") or {}).get(name, 0) > 0 for spec in types.values()):
+            return
+    raise ClusterError(f"{setting} = '{name}': no node of this cluster offers the resource '{name}', and no node "
+                       "type of its autoscaler would. Declare it on the node type meant for it (`resources: {"
+                       f"{name}: <GPUs>}}` in the cluster file, or `ray start --resources='{{\"{name}\": 8}}'`), "
+                       f"or set {setting} = \"\"")
+
+
 def resources_text() -> str:
     res = ray.cluster_resources()
     alive = sum(node["Alive"] for node in ray.nodes())

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
-    except (WeightMismatchError, MissingInputError, DataCheckError) as err:
+    except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(study, store))

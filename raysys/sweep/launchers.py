@@ -24,13 +24,14 @@ from ray import tune
 from raysys.config import StudyConfig, build, to_dict
 from raysys.core import compute
 from raysys.identity import config_hash
-from raysys.stages.base import Context, Stage, View, Workers, write_failure
+from raysys.stages.base import Context, Resources, Stage, View, Workers, write_failure
 from raysys.stages.chain import plan_chain
 from raysys.stages.registry import stage as stage_named
 from raysys.storage import results
 from raysys.storage.checkpoint import Checkpointer
 from raysys.storage.store import Store
 from raysys.sweep import monitor, searches
+from raysys.sweep.cluster import require_resource
 
 # ------------------------------------------------------------------------------------------- in the trial
 
@@ -128,6 +129,11 @@ def root_cause(err: BaseException) -> str:
     return "\n".join([raised[-1], f"(from {type(err).__name__}; the worker's traceback ends:)", *lines[-8:]])
 
 
+def worker_resources(res: Resources) -> dict:
+    """What each Train worker asks for besides its GPU (Ray Train adds that for `use_gpu`)."""
+    return {"CPU": res.cpus, **({res.worker_resource: 1} if res.worker_resource else {})}
+
+
 def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
     """The Tune trial of a chain stage: fit one TorchTrainer over the group, then record a failed row for every
     cell it did not finish."""
@@ -141,7 +147,7 @@ def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
         chain_worker,
         train_loop_config={"study": study_dict, "storage": storage, "stage": stage.name, "cells": group["cells"]},
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
-                                               resources_per_worker={"CPU": res.cpus}),
+                                               resources_per_worker=worker_resources(res)),
         # A deterministic name, so that a restarted trial finds its Train run again.
         run_config=ray.train.RunConfig(name=f"{stage.name}-{config_hash([c.cell_hash for c in cells])}",
                                        **store.ray_storage("train"),
@@ -202,6 +208,9 @@ def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store,
 
 
 def run_chain(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+    res = stage.resources(study)
+    if res.worker_resource:
+        require_resource(res.worker_resource, f"{stage.name}.worker_resource")
     # The trial only coordinates: its Train workers hold the CPUs and GPUs.
     _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, study, store, callbacks)
 

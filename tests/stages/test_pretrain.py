@@ -1,5 +1,6 @@
 """Stage `pretrain` on a real Ray Train job (the micro study's, two DDP workers) and the chains it walks."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -96,3 +97,24 @@ def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp
     text = status_text(store)
     assert "1 x FloatingPointError: masked-LM loss became non-finite" in text
     assert f"{len(study.corpora) - 1} x not run: the job stopped at" in text
+
+
+def test_a_worker_resource_no_node_offers_is_refused_before_the_job_waits_for_it(ray_cluster, tmp_path):
+    """`pretrain.worker_resource` pins the DDP workers to the node type that offers it; where nothing offers it
+    (this session's one-node Ray, no autoscaler) the stage is refused at once instead of pending forever."""
+    from raysys.stages.base import Resources
+    from raysys.storage.store import Store
+    from raysys.sweep.cluster import ClusterError
+    from raysys.sweep.driver import run_study
+    from raysys.sweep.launchers import worker_resources
+
+    assert worker_resources(Resources(4.0, 1.0, 8, "pretrain_gpu")) == {"CPU": 4.0, "pretrain_gpu": 1}
+    assert worker_resources(Resources(2.0, 0.0, 2)) == {"CPU": 2.0}
+    study = load_study("tiny", ["world.general_sentences=500", "world.domain_sentences=500", "pilot.control_length=0",
+                                "pretrain.worker_resource=pretrain_gpu"])
+    assert study.pretrain.worker_resource == "pretrain_gpu"
+    store = Store(tmp_path / "pinned")
+    with pytest.raises(ClusterError, match=r"pretrain.worker_resource = 'pretrain_gpu': no node of this cluster "
+                                           r"offers the resource 'pretrain_gpu'"):
+        run_study(study, store, only=("pretrain",), log=lambda *_: None)
+    assert results.read_table(store, "pretrain_runs").num_rows == 0
