@@ -1,9 +1,13 @@
-"""cluster.yaml and cluster-gcp.yaml: valid for `ray up` (Ray's own defaults merge and schema check), secure by
-default, and shaped for the study (CPU head, 1-GPU and multi-GPU spot workers, this project installed)."""
+"""cluster.yaml, cluster-gcp.yaml and cluster/local.yaml: valid for `ray up` (Ray's own defaults merge and schema
+check), secure by default, every node set up by the one script cluster/setup-node.sh, the cloud files shaped for the
+study (CPU head, 1-GPU and multi-GPU spot workers), the local one clear of any other Ray on its machines.
+tests/test_ray_up.py runs cluster/local.yaml for real."""
 
 import copy
 import ipaddress
+import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -15,8 +19,12 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from raysys.config import tomllib  # tomli on Python 3.10
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = ["cluster.yaml", "cluster-gcp.yaml"]
+CLOUD = ["cluster.yaml", "cluster-gcp.yaml"]
+CONFIGS = [*CLOUD, "cluster/local.yaml"]
+SETUP = REPO / "cluster" / "setup-node.sh"
 CONTROL_PORTS = (6379, 8265, 10001)  # GCS, dashboard and Jobs API, Ray client
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365}  # GCS, dashboard, client, dashboard agent: any `ray start`
+RAY_DEFAULT_WORKER_PORTS = range(10002, 20000)
 
 
 def _load(name: str) -> dict:
@@ -42,8 +50,8 @@ def test_the_cluster_config_passes_rays_schema(name):
     config = prepare_config(copy.deepcopy(_load(name)))  # what `ray up` does before validating
     validate_config(config)
     broken = copy.deepcopy(_load(name))
-    broken["available_node_types"]["head"]["max_worker"] = 1  # a typo the schema must catch
-    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+    broken["auth"]["ssh_usr"] = "ubuntu"  # a typo the schema must catch
+    with pytest.raises(jsonschema.ValidationError, match="ssh_usr"):
         validate_config(prepare_config(broken))
 
 
@@ -56,7 +64,7 @@ def test_token_auth_is_on_and_no_control_port_is_public(name):
         assert "0.0.0.0" not in command, command  # the dashboard listens on localhost: reached by SSH tunnel
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert any("RAY_AUTH_MODE=token" in c for c in config["setup_commands"])  # for drivers started over SSH
+    assert "export RAY_AUTH_MODE=token" in SETUP.read_text()  # for drivers and clients started over SSH
     for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
         public = any(ipaddress.ip_network(r["CidrIp"]).num_addresses > 2**16 for r in rule.get("IpRanges", []))
         if public:
@@ -70,7 +78,7 @@ def test_no_token_is_committed():
     assert "auth_token" in (REPO / ".gitignore").read_text()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLOUD)
 def test_node_types_fit_the_study(name):
     config = _load(name)
     types = config["available_node_types"]
@@ -84,14 +92,84 @@ def test_node_types_fit_the_study(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_node_installs_this_project_with_its_pinned_ray(name):
+def test_every_node_runs_the_one_setup_script(name):
     config = _load(name)
-    setup = "\n".join(config["setup_commands"])
-    assert config["file_mounts"]["~/raysys"] == "."
-    assert "pip install -q -e ~/raysys" in setup
-    assert re.search(r"pip install -q \"torch==[\d.]+\"", setup)  # PyPI's Linux torch wheel is the CUDA build
+    assert config["setup_commands"] == ["bash ~/raysys/cluster/setup-node.sh"]
+    assert config["file_mounts"]["~/raysys"] == "."  # the script arrives with the checkout it installs
+    assert all(c.startswith("~/venv/bin/ray") or "~/venv/bin/ray start" in c
+               for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+
+
+def test_the_setup_script_installs_torch_then_this_project_with_its_pinned_ray():
+    script = SETUP.read_text()
+    torch = re.search(r'^TORCH=([\d.]+)', script, re.MULTILINE)
+    install_torch = script.index('pip" install -q "torch==$TORCH"')  # PyPI's Linux torch wheel is the CUDA build
+    assert torch and install_torch < script.index('pip" install -q -e "$checkout"')
     pinned = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
               if d.startswith("ray[")]
     assert pinned and "==" in pinned[0]  # so `pip install -e` puts one Ray version on every node
-    assert all(c.startswith("~/venv/bin/ray") or "~/venv/bin/ray start" in c
-               for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert subprocess.run(["bash", "-n", str(SETUP)], check=False, capture_output=True).returncode == 0
+
+
+def test_the_setup_script_refuses_a_python_older_than_3_10(tmp_path):
+    """The node's python3 is 3.9 (a stand-in: `--version` prints it, the version check fails as 3.9's would): the
+    script says so and stops before it builds anything."""
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.18" && exit 0\nexit 1\n')
+    fake.chmod(0o755)
+    env = {"HOME": str(tmp_path / "home"), "PATH": f"{fake.parent}:/usr/bin:/bin"}
+    (tmp_path / "home").mkdir()
+    done = subprocess.run(["bash", str(SETUP)], check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1
+    assert "needs Python 3.10 or newer" in done.stderr and "'Python 3.9.18'" in done.stderr, done.stderr
+    assert list((tmp_path / "home").iterdir()) == []  # no venv, no .bashrc edit
+
+
+def _start_flags(command: str) -> dict[str, str]:
+    words = shlex.split(command.split(";")[-1])
+    return dict(w.removeprefix("--").split("=", 1) for w in words if w.startswith("--") and "=" in w)
+
+
+def test_the_local_cluster_keeps_clear_of_any_other_ray_on_its_machines():
+    """Its own GCS, dashboard, agent, metrics, client and worker ports (none a default `ray start` takes, none in
+    the kernel's ephemeral range Ray draws unset ports from) and its own temp dir, on the head and every worker;
+    no `ray stop` outside its own account (`ray down` runs one as `ssh_user`)."""
+    config = _load("cluster/local.yaml")
+    assert config["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    head = _start_flags(next(c for c in config["head_start_ray_commands"] if "ray start" in c))
+    worker = _start_flags(next(c for c in config["worker_start_ray_commands"] if "ray start" in c))
+    fixed = [int(head[k]) for k in ("port", "dashboard-port", "dashboard-agent-listen-port", "metrics-export-port",
+                                    "ray-client-server-port")]
+    workers = range(int(head["min-worker-port"]), int(head["max-worker-port"]) + 1)
+    assert len(set(fixed)) == len(fixed) and not set(fixed) & RAY_DEFAULT_PORTS
+    assert not any(p in RAY_DEFAULT_WORKER_PORTS or p in workers or p >= 32768 for p in fixed)
+    assert workers.start > RAY_DEFAULT_WORKER_PORTS.stop and workers.stop <= 32768 and len(workers) >= 1000
+    assert worker["address"] == f"$RAY_HEAD_IP:{head['port']}"
+    assert all(worker[k] == head[k] for k in ("dashboard-agent-listen-port", "metrics-export-port",
+                                              "min-worker-port", "max-worker-port", "temp-dir"))
+    assert head["temp-dir"] == "$HOME/ray-tmp"  # not /tmp/ray, where every other Ray on the machine lives
+    stops = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray stop" in c]
+    assert stops == ["~/venv/bin/ray stop"] * 2  # as ssh_user: it can only stop that account's processes
+    assert config["auth"]["ssh_user"] != "root"
+
+
+def test_the_aws_policy_covers_what_cluster_yaml_asks_of_ray_up_and_the_autoscaler():
+    """The nodes' instance profile is the role the policy lets `ray up` pass; the AMI it resolves through SSM, the
+    spot workers and the bucket are each granted."""
+    config = _load("cluster.yaml")
+    policy = json.loads((REPO / "cluster" / "aws-policy.json").read_text())
+    granted = {a: s for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str)
+                                                           else s["Action"])}
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in config["available_node_types"].values()}
+    assert profiles == {"raysys-node"}
+    assert granted["iam:PassRole"]["Resource"][0].endswith(":role/raysys-node")
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+                   "ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress", "ec2:CreateKeyPair",
+                   "iam:CreateServiceLinkedRole", "s3:PutObject", "s3:GetObject", "s3:ListBucket"):
+        assert action in granted, action
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    assert all(i.startswith("resolve:ssm:/aws/service/deeplearning/") for i in images)
+    assert granted["ssm:GetParameters"]["Resource"].endswith(":parameter/aws/service/deeplearning/*")
+    trust = json.loads((REPO / "cluster" / "aws-trust.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
