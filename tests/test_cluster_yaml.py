@@ -88,7 +88,35 @@ def test_node_types_fit_the_study(name):
     gpus = sorted(_gpus(t) for t in workers.values())
     assert gpus[0] == 1 and gpus[-1] >= 8  # a tuning type and a pre-training type
     assert all(_spot(t) for t in workers.values()) and not _spot(head)
-    assert any(t["min_workers"] >= 1 and _gpus(t) >= 1 for t in workers.values())  # `--preset auto` sees a GPU
+    assert any(t["min_workers"] >= 1 and _gpus(t) >= 1 for t in workers.values())  # tuning starts at once
+
+
+@pytest.mark.parametrize("name", CLOUD)
+def test_only_the_8_gpu_type_offers_what_pre_training_asks_for(name):
+    """The paper preset's pre-training workers each ask for one `pretrain_gpu` (pretrain.worker_resource): the
+    8-GPU type offers one per GPU, no other type any, so the DDP job can only land there."""
+    from raysys.config import load_study
+
+    resource = load_study("paper").pretrain.worker_resource
+    assert resource == "pretrain_gpu"
+    types = _load(name)["available_node_types"]
+    offered = {k: (t.get("resources") or {}).get(resource, 0) for k, t in types.items()}
+    assert offered == {k: _gpus(t) if _gpus(t) >= 8 else 0 for k, t in types.items()}
+
+
+def test_gcp_node_types_declare_the_cpus_and_gpus_of_their_machines():
+    """GCP's provider fills in no resources: what the autoscaler (and `--preset auto`) plans with is declared,
+    and it must be the machine's. The paper's 8 pre-training workers fit the largest cluster it may build."""
+    from raysys.config import load_study
+    from raysys.sweep.cluster import read_autoscaler
+
+    vcpus = {"n2-standard-8": 8, "g2-standard-8": 8, "a2-highgpu-8g": 96}
+    for name, spec in _load("cluster-gcp.yaml")["available_node_types"].items():
+        resources = spec["resources"]
+        assert resources["CPU"] == vcpus[spec["node_config"]["machineType"]], name
+        assert resources.get("GPU", 0) == _gpus(spec), name
+    paper = load_study("paper").pretrain
+    assert read_autoscaler(REPO / "cluster-gcp.yaml").most_ddp_workers(paper.cpus_per_worker) >= paper.num_workers
 
 
 @pytest.mark.parametrize("name", CONFIGS)
