@@ -46,11 +46,13 @@ from raysys.sweep.trackers import tracking_callbacks
 
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
-              tracker: str | None = None, tracking_uri: str | None = None) -> dict:
+              tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
     finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
-    The data is checked (and fingerprinted) first: DataCheckError names every problem before any trial starts."""
-    study = check_data(study, tuple(only))
+    The data is checked (and fingerprinted) first, unless the caller just did (`data_checked`): DataCheckError
+    names every problem before any trial starts."""
+    if not data_checked:
+        study = check_data(study, tuple(only))
     chain = plan_chain(study)
     save_study(study, store)
     ran = {}
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
     print(f"raysys: study '{study.name}' (preset {preset}) -> {store.root}")
     started = time.time()
     try:
-        run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri)
+        run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,
+                  data_checked=True)  # checked above, before Ray started
     except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
