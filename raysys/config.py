@@ -61,6 +61,9 @@ class ModelConfig:
 
     name_or_path: str | None = None
     architecture: str = "roberta"
+    # a local checkpoint folder's fingerprint, set by the up-front data check: it stands in for the path in every
+    # identity (sources.checkpoint_fingerprint)
+    checkpoint_fingerprint: str = ""
     vocab_size: int = 2048
     hidden_size: int = 128
     num_layers: int = 4
@@ -341,6 +344,7 @@ class PilotConfig:
     hops: tuple[int, ...] = (1, 2)
     control_seed: int = 1
     control_name_or_path: str | None = None
+    control_checkpoint_fingerprint: str = ""  # as model.checkpoint_fingerprint, for control_name_or_path
     control_length: int | None = None
     similarity_examples: int = 64
     eval_batch_size: int = 256

@@ -17,6 +17,8 @@ from raysys.config import CorpusConfig, StudyConfig, TaskConfig, TuningConfig, p
 # How the work is spread and paced, not what it computes: never part of an artifact's identity.
 RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
                    "eval_batch_size", "checkpoint_every_seconds", "micro_batch_size", "worker_resource"}
+# Fingerprints that stand in for a path field (the path's identity is its fingerprint; see checkpoint_identity).
+FINGERPRINT_FIELDS = {"checkpoint_fingerprint", "control_checkpoint_fingerprint"}
 # Fields added after artifacts were made: part of the identity only when set away from their default, so that the
 # artifacts made before they existed keep their hashes (RoBERTa was the only architecture then).
 IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta"}
@@ -33,7 +35,13 @@ def config_hash(*parts: Any) -> str:
 def identity(config) -> dict:
     """The fields of a (flat) config section that decide what it computes."""
     return {k: v for k, v in to_dict(config).items()
-            if k not in RESOURCE_FIELDS and IDENTITY_ONLY_WHEN_SET.get(k, object()) != v}
+            if k not in RESOURCE_FIELDS and k not in FINGERPRINT_FIELDS and IDENTITY_ONLY_WHEN_SET.get(k, object()) != v}
+
+
+def checkpoint_identity(name_or_path: str | None, fingerprint: str) -> str | None:
+    """A pretrained origin as identities name it: a local folder by its fingerprint (move it, and what was made
+    from it stays; edit it, and it is made again), a hub name (or a folder not checked yet) as given."""
+    return fingerprint or name_or_path
 
 
 # Options of a source that say how it is read, not what it holds.

@@ -155,6 +155,21 @@ def fingerprint_files(files: list[DataFile], cache: DigestCache) -> str:
     return "files:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:24]
 
 
+def checkpoint_fingerprint(path: str | None, cache: DigestCache) -> str:
+    """A local checkpoint folder by its files (names, sizes, content; hidden ones such as `.cache` and Python's
+    `__pycache__` aside), so that moving it keeps what was made from it and editing it in place does not; "" for
+    a hub name or nothing."""
+    if not path or not os.path.isdir(path):
+        return ""
+    fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
+    files = [DataFile(fs, info.path, os.path.relpath(info.path, root), info.size, info.mtime_ns or 0)
+             for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if info.type == pafs.FileType.File
+             and not any(part.startswith(".") or part == "__pycache__"
+                         for part in os.path.relpath(info.path, root).split(os.sep))]
+    return fingerprint_files(sorted(files, key=lambda f: f.name), cache)
+
+
 def hub_fingerprint(spec: CorpusConfig | TaskConfig, splits: list[str]) -> str:
     """A hub dataset is identified by what names it: pin `revision` to make that its content too."""
     named = [spec.path, spec.config_name, spec.revision, splits]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysys.config import ConfigError, ModelConfig, StudyConfig
-from raysys.identity import config_hash, data_spec, identity, tuned_hash, world_if_builtin
+from raysys.identity import checkpoint_identity, config_hash, data_spec, identity, tuned_hash, world_if_builtin
 from raysys.storage.store import Store, atomic_write_bytes
 
 
@@ -47,13 +47,13 @@ class ChainPlan:
 
 
 def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed: int,
-           checkpoint: str | None) -> list[Link]:
+           checkpoint: str | None, fingerprint: str) -> list[Link]:
     first_corpus = study.corpora[0]
     recipe = identity(dataclasses.replace(study.pretrain, seed=seed))
     initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr")}
     continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
     # identity(): the architecture enters only when it is not RoBERTa, so the RoBERTa chains keep their hashes
-    model = identity(dataclasses.replace(study.model, name_or_path=checkpoint))
+    model = identity(dataclasses.replace(study.model, name_or_path=checkpoint_identity(checkpoint, fingerprint)))
     # M0 kept as it is (0 steps) has never seen D0: D0 is then no part of it (and need not exist)
     trained = study.pretrain.initial_steps > 0
     first = config_hash("plm", model, tokenizer_hash, data_spec(first_corpus) if trained else None,
@@ -69,12 +69,13 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
 def plan_chain(study: StudyConfig) -> ChainPlan:
     """The main chain M0 → … → Mk and the control chain M0' → … (another origin, the same continual data)."""
     first_corpus = study.corpora[0]
-    tokenizer_hash = config_hash("tokenizer", study.model.name_or_path or
-                                 [study.model.vocab_size, data_spec(first_corpus),
-                                  world_if_builtin(study, first_corpus.source)])
-    main = _chain(study, tokenizer_hash, "main", len(study.corpora), study.pretrain.seed, study.model.name_or_path)
-    control = _chain(study, tokenizer_hash, "control", study.control_length, study.pilot.control_seed,
-                     study.pilot.control_name_or_path) if study.control_length else []
+    m, pilot = study.model, study.pilot
+    tokenizer_hash = config_hash("tokenizer", checkpoint_identity(m.name_or_path, m.checkpoint_fingerprint) or
+                                 [m.vocab_size, data_spec(first_corpus), world_if_builtin(study, first_corpus.source)])
+    main = _chain(study, tokenizer_hash, "main", len(study.corpora), study.pretrain.seed, m.name_or_path,
+                  m.checkpoint_fingerprint)
+    control = _chain(study, tokenizer_hash, "control", study.control_length, pilot.control_seed,
+                     pilot.control_name_or_path, pilot.control_checkpoint_fingerprint) if study.control_length else []
     return ChainPlan(tokenizer_hash, tuple(main + control))
 
 

@@ -99,9 +99,9 @@ def check_task(spec: TaskConfig, cache) -> tuple[str | None, list[str]]:
 def check_data(study: StudyConfig, only: tuple[str, ...]) -> StudyConfig:
     """The study with every used source fingerprinted; DataCheckError listing every problem otherwise. A source
     nothing uses is fingerprinted when it is there and skipped when it is not."""
-    from raysys.core.sources import DigestCache
+    from raysys.core import sources
 
-    cache, problems = DigestCache(), []
+    cache, problems = sources.DigestCache(), []
     corpora, tasks = [], []
     for index, spec in enumerate(study.corpora):
         found, issues = check_corpus(spec, cache)
@@ -111,7 +111,11 @@ def check_data(study: StudyConfig, only: tuple[str, ...]) -> StudyConfig:
         found, issues = check_task(spec, cache)
         problems += issues if tasks_needed(only) else []
         tasks.append(dataclasses.replace(spec, fingerprint=found))
+    model = dataclasses.replace(study.model, checkpoint_fingerprint=sources.checkpoint_fingerprint(
+        study.model.name_or_path, cache))
+    pilot = dataclasses.replace(study.pilot, control_checkpoint_fingerprint=sources.checkpoint_fingerprint(
+        study.pilot.control_name_or_path, cache))
     cache.save()
     if problems:
         raise DataCheckError(problems)
-    return dataclasses.replace(study, corpora=tuple(corpora), tasks=tuple(tasks))
+    return dataclasses.replace(study, corpora=tuple(corpora), tasks=tuple(tasks), model=model, pilot=pilot)

@@ -149,3 +149,43 @@ def test_an_edited_task_gets_new_tuned_models_and_teacher_outputs_a_moved_one_ke
     _write_task(tmp_path / "b" / "tasks", "chem", {"dev": _rows("ba")})
     edited = keys(_study_at(tmp_path / "b"))
     assert all(x != y for x, y in zip(edited, first))
+
+
+def test_a_local_checkpoint_is_named_by_its_files_moving_it_keeps_its_plms_editing_it_does_not(tmp_path):
+    """M0 from a local checkpoint folder: the check fingerprints its files, and that fingerprint, not the path,
+    names the chain (tokenizer and every PLM): a moved folder keeps them, a weight file edited in place does not."""
+    import shutil
+
+    from raysys.core import models
+
+    study = load_study("tiny")
+    tokenizer = models.train_tokenizer(["a b c d e f g"] * 50, 300)
+    folder = tmp_path / "ckpt"
+    models.new_masked_lm(study.model, tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "note").write_text("not part of the checkpoint")
+
+    def chain(path):
+        checked = check_data(load_study("tiny", [f"model.name_or_path={path}", "pretrain.initial_steps=0",
+                                                 "pilot.control_length=0"]), ("pretrain",))
+        plan = plan_chain(checked)
+        return checked.model.checkpoint_fingerprint, plan.tokenizer_hash, plan.plm_hashes
+
+    first = chain(folder)
+    fingerprint = first[0]
+    assert fingerprint.startswith("files:")
+    (folder / ".cache" / "note").write_text("changed")  # hidden files are not the checkpoint
+    assert chain(folder) == first
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.move(folder, moved)
+    assert chain(moved) == first
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    edited = chain(moved)
+    assert edited[0] != fingerprint and edited[1] != first[1] and not set(edited[2]) & set(first[2])
+    # a hub name has no files here: it is named as given
+    assert load_study("tiny", ["model.name_or_path=some/hub-model", "pilot.control_length=0"]
+                      ).model.checkpoint_fingerprint == ""
