@@ -34,6 +34,28 @@ import pyarrow.fs as pafs
 MANIFEST = ".raysys-complete"
 
 
+class UnsafeManifest(ValueError):
+    """A directory's manifest names a file outside that directory."""
+
+
+def manifest_files(manifest: bytes, where: str) -> dict[str, int]:
+    """The files a manifest lists (name -> size), each a plain relative path inside its directory: whoever can
+    write to a bucket must not be able to make a node write elsewhere (`../`, an absolute path, a drive or a
+    backslash would reach site-packages or ~/.ssh when the directory is fetched)."""
+    try:
+        files = json.loads(manifest)["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UnsafeManifest(f"{where}: not a manifest ({err})") from None
+    for name, size in files.items():
+        parts = name.split("/")
+        if (not name or name.startswith("/") or "\\" in name or ":" in parts[0] or "\0" in name
+                or any(part in ("", ".", "..") for part in parts)):
+            raise UnsafeManifest(f"{where}: the file name {name!r} is not a plain relative path inside its folder")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise UnsafeManifest(f"{where}: the size of {name!r} is {size!r}, not a byte count")
+    return files
+
+
 class Store:
     """`root` is what the user gave (an absolute path or the URI) and what workers are handed; `local` is the
     folder this process works in: the store itself when it is local, its cache when it is remote."""
@@ -180,10 +202,11 @@ class Store:
         manifest = self.read_bytes(f"{rel}/{MANIFEST}")
         if manifest is None:
             raise FileNotFoundError(f"{self.uri(rel)}: not in the store")
+        files = manifest_files(manifest, self.uri(f"{rel}/{MANIFEST}"))
         temp = local.parent / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(parents=True)
         try:
-            for name, size in json.loads(manifest)["files"].items():
+            for name, size in files.items():
                 (temp / name).parent.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(self.path(f"{rel}/{name}"), str(temp / name), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())

@@ -137,3 +137,37 @@ def test_on_s3_a_concurrent_writer_on_another_node_keeps_the_committed_copy(s3_u
     assert (second.artifact("tuned", "h") / "w").read_bytes() == b"first"  # the bucket's copy, not its own
     assert (first.artifact("tuned", "h") / "w").read_bytes() == b"first"
     assert json.loads(first.read_bytes(f"artifacts/tuned/h/{MANIFEST}")) == {"files": {"w": 5}}
+
+
+@pytest.mark.parametrize("name", ["../../evil.pth", "/tmp/evil.pth", "sub/../../evil.pth", "./evil.pth",
+                                  "sub//evil.pth", "C:evil.pth", "sub\\..\\..\\evil.pth", "", "evil\0.pth"])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused_and_nothing_is_written(name):
+    from raysys.storage.store import UnsafeManifest, manifest_files
+
+    with pytest.raises(UnsafeManifest, match="not a plain relative path inside its folder"):
+        manifest_files(json.dumps({"files": {"model.safetensors": 5, name: 3}}).encode(), "s3://b/x/.raysys-complete")
+
+
+def test_a_manifest_lists_sizes_that_are_byte_counts():
+    from raysys.storage.store import UnsafeManifest, manifest_files
+
+    assert manifest_files(b'{"files": {"a/b.json": 2, "c": 0}}', "m") == {"a/b.json": 2, "c": 0}
+    for bad in (b'{"files": {"a": -1}}', b'{"files": {"a": "5"}}', b'{"files": {"a": true}}', b"[]", b"{"):
+        with pytest.raises(UnsafeManifest, match="^m: "):
+            manifest_files(bad, "m")
+
+
+def test_on_s3_a_bucket_manifest_cannot_make_a_node_write_outside_the_directory(s3_uri, tmp_path, monkeypatch):
+    """Whoever can write to the bucket writes a manifest naming `../../../evil.pth`: a node fetching the directory
+    refuses it and writes nothing, inside its cache or beside it."""
+    from raysys.storage.store import UnsafeManifest
+
+    store = Store(s3_uri("traversal"))
+    store.write_bytes("artifacts/plm/h/model.safetensors", b"whole")
+    store.write_bytes("evil.pth", b"import os")
+    store.write_bytes(f"artifacts/plm/h/{MANIFEST}",
+                      json.dumps({"files": {"model.safetensors": 5, "../../../evil.pth": 9}}).encode())
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node"))
+    with pytest.raises(UnsafeManifest, match=r"'\.\./\.\./\.\./evil\.pth' is not a plain relative path"):
+        Store(s3_uri("traversal")).artifact("plm", "h")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # not even model.safetensors
