@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = Store(args.storage)
         if not store.exists():
-            raise FileNotFoundError(f"{store.root}: no such storage")
+            raise FileNotFoundError(f"{store.shown}: no such storage")
         if args.command == "status":
             print(status_text(store))
         elif args.command == "results":

@@ -105,7 +105,7 @@ def status_text(store: Store) -> str:
     study = load_saved_study(store)
     status = stage_status(study, store)
     running = running_sweep(store)
-    lines = [f"study '{study.name}' in {store.root}",
+    lines = [f"study '{study.name}' in {store.shown}",
              f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to do':>7}  state"]
     for stage in STAGES:
         counts = status[stage.name]

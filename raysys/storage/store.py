@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -32,6 +33,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 MANIFEST = ".raysys-complete"
+
+
+_SECRET_OPTION = re.compile(r"([?&])([^=&]*(?:key|secret|token|password|credential)[^=&]*)=([^&]*)", re.IGNORECASE)
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@?]*@", re.IGNORECASE)
+
+
+def redact(uri: str) -> str:
+    """A URI as it may be printed or stored: credentials in it (`s3://KEY:SECRET@bucket`, `?secret_key=…`,
+    `access_key`, `session_token`, an account key or SAS token) replaced by `***`; anything else as given."""
+    return _SECRET_OPTION.sub(lambda m: f"{m[1]}{m[2]}=***", _USERINFO.sub(r"\1***@", uri))
 
 
 class UnsafeManifest(ValueError):
@@ -67,7 +78,7 @@ class Store:
                 self.fs, base = pafs.FileSystem.from_uri(text)
             except (pa.ArrowInvalid, OSError, ValueError) as err:
                 first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise ValueError(f"--storage '{text}': pyarrow.fs cannot open it ({first_line})") from err
+                raise ValueError(f"--storage '{redact(text)}': pyarrow.fs cannot open it ({first_line})") from err
             self.remote = not isinstance(self.fs, pafs.LocalFileSystem)
         else:
             self.fs, base, self.remote = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), False
@@ -84,7 +95,13 @@ class Store:
             self.local = Path(self.base)
 
     def __repr__(self) -> str:
-        return f"Store({self.root!r})"
+        return f"Store({self.shown!r})"
+
+    @property
+    def shown(self) -> str:
+        """The root as messages, logs and stored tags name it: credentials redacted (`root` keeps them, for the
+        workers that must open it)."""
+        return redact(self.root)
 
     # ------------------------------------------------------------------------------------------ addressing
 
@@ -93,8 +110,9 @@ class Store:
         return f"{self.base}/{rel}" if rel else self.base
 
     def uri(self, rel: str = "", suffix: str = "") -> str:
-        """`rel` as the user would name it, or with `suffix` a sibling of the root (`<root><suffix>`)."""
-        return f"{self._location}{suffix}{'/' + rel if rel else ''}{self._query}"
+        """`rel` as the user would name it, or with `suffix` a sibling of the root (`<root><suffix>`), for messages:
+        credentials redacted."""
+        return redact(f"{self._location}{suffix}{'/' + rel if rel else ''}{self._query}")
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.base).type != pafs.FileType.NotFound
@@ -106,7 +124,7 @@ class Store:
             self.write_bytes(".raysys-probe", b"ok")
             self.fs.delete_file(self.path(".raysys-probe"))
         except OSError as err:
-            raise ValueError(f"--storage '{self.root}' is not writable: {str(err).splitlines()[0]}") from err
+            raise ValueError(f"--storage '{self.shown}' is not writable: {str(err).splitlines()[0]}") from err
 
     def ray_storage(self, sub: str) -> dict:
         """`storage_path` (and `storage_filesystem` for a URI) for a Tune or Train `RunConfig`."""
@@ -278,7 +296,7 @@ class Store:
 def cache_dir(root: str) -> Path:
     """Where a remote store's committed directories are cached on this machine."""
     base = Path(os.environ.get("RAYSYS_CACHE") or Path.home() / ".cache" / "raysys").expanduser()
-    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in root.split("://", 1)[-1])[-48:]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in redact(root).split("://", 1)[-1])[-48:]
     return base / f"{readable}-{hashlib.sha256(root.encode()).hexdigest()[:12]}"
 
 

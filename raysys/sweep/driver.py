@@ -110,7 +110,7 @@ def fresh_start(store: Store) -> str | None:
         Path(store.base).rename(store.base + suffix)
         return store.base + suffix
     if "/" not in store.base:
-        raise ValueError(f"--fresh: '{store.root}' is a bucket root; give the storage a prefix (bucket/name) to move")
+        raise ValueError(f"--fresh: '{store.shown}' is a bucket root; give the storage a prefix (bucket/name) to move")
     pafs.copy_files(store.base, store.base + suffix, source_filesystem=store.fs, destination_filesystem=store.fs)
     store.fs.delete_dir(store.base)
     shutil.rmtree(store.local, ignore_errors=True)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
         return 2
     if args.dry_run:
         tflops = args.assume_tflops or (100.0 if study.pretrain.use_gpu else 0.05)
-        print(f"raysys: plan of study '{study.name}' (preset {preset}) in {store.root}")
+        print(f"raysys: plan of study '{study.name}' (preset {preset}) in {store.shown}")
         print(plan_text(study, store, tflops))
         return 0
     try:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
     except (ValueError, StorageNotShared) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"raysys: study '{study.name}' (preset {preset}) -> {store.root}")
+    print(f"raysys: study '{study.name}' (preset {preset}) -> {store.shown}")
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,

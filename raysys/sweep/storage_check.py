@@ -73,6 +73,6 @@ def check_shared(store: Store, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
     if missing:
         listed = "; ".join(f"node {name}: {why}" for name, why in sorted(missing.items()))
         raise StorageNotShared(
-            f"--storage {store.root}: not shared by every node of this {len(_alive_nodes())}-node cluster ({listed}). "
+            f"--storage {store.shown}: not shared by every node of this {len(_alive_nodes())}-node cluster ({listed}). "
             "Workers write models and rows there and the driver reads them back: use a bucket (s3://..., gs://...) "
             "the nodes can read, or a filesystem mounted at the same path on every node")

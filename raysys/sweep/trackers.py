@@ -27,4 +27,4 @@ def tracking_callbacks(tracker: str | None, study: StudyConfig, store: Store, st
     except ImportError as err:
         raise ValueError("--tracker mlflow needs MLflow: pip install 'raysys[mlflow]'") from err
     return (MLflowLoggerCallback(tracking_uri=mlflow_uri(store, uri), experiment_name=f"raysys-{study.name}",
-                                 tags={"stage": stage, "storage": store.root}),)
+                                 tags={"stage": stage, "storage": store.shown}),)

@@ -171,3 +171,28 @@ def test_on_s3_a_bucket_manifest_cannot_make_a_node_write_outside_the_directory(
     with pytest.raises(UnsafeManifest, match=r"'\.\./\.\./\.\./evil\.pth' is not a plain relative path"):
         Store(s3_uri("traversal")).artifact("plm", "h")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # not even model.safetensors
+
+
+def test_credentials_in_a_uri_are_redacted_wherever_it_is_shown():
+    from raysys.storage.store import redact
+
+    assert redact("s3://AKIAEXAMPLE:wJalrXUt@bucket/run?region=eu-west-1") == "s3://***@bucket/run?region=eu-west-1"
+    assert redact("s3://b/run?access_key=AKIA1&secret_key=s3cr3t&session_token=tok&endpoint_override=minio:9000") == \
+        "s3://b/run?access_key=***&secret_key=***&session_token=***&endpoint_override=minio:9000"
+    assert redact("abfs://c@acct.dfs.core.windows.net/run?account_key=K&sas_token=T") == \
+        "abfs://***@acct.dfs.core.windows.net/run?account_key=***&sas_token=***"
+    assert redact("/data/run1") == "/data/run1" and redact("gs://bucket/run") == "gs://bucket/run"
+
+
+def test_a_store_opened_with_credentials_never_shows_them(s3_uri, capsys):
+    uri = s3_uri("secret").replace("s3://", "s3://raysys-test:SUPERSECRET@")  # pyarrow's form: key:secret@bucket
+    store = Store(uri)
+    assert store.root == uri  # what workers are handed: it must still open the bucket
+    store.ensure_writable()
+    for shown in (store.shown, store.uri("results"), store.uri(suffix=".old-1"), repr(store), str(store.local),
+                  store.artifact_uri("plm", "h")):
+        assert "SUPERSECRET" not in shown and "raysys-test:" not in shown, shown
+    assert store.shown.startswith("s3://***@raysys-test/secret?")
+    assert cli.main(["status", uri]) == 2  # no study there yet: the message names the storage, redacted
+    err = capsys.readouterr().err
+    assert "s3://***@raysys-test/secret" in err and "SUPERSECRET" not in err
