@@ -201,11 +201,15 @@ class Store:
                 if self.has_dir(rel):
                     return  # the store's copy wins; ours (in `finally`) goes
                 self._upload(temp, rel)
+            else:
+                sync_tree(temp)  # the cache of a URI store can be fetched again; a local store is the only copy
             try:
                 temp.rename(final)
             except OSError:
                 if not final.is_dir():
                     raise
+            if not self.remote:
+                sync_folder(final.parent)
         finally:
             if temp.exists():
                 shutil.rmtree(temp, ignore_errors=True)
@@ -301,9 +305,35 @@ def cache_dir(root: str) -> Path:
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a file so readers see either nothing or all of it. Temporary names start with '.', which
-    `pyarrow.dataset` ignores."""
+    """Write a file so readers see either nothing or all of it, after a power loss too: the bytes reach the disk
+    before the rename does (without the fsync a crash can leave the new name on a zero-length file). Temporary
+    names start with '.', which `pyarrow.dataset` ignores."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    temp.write_bytes(payload)
+    with open(temp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temp, path)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make the renames and new names in `folder` durable (a directory's entries are flushed on its own fsync)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder` and the folders themselves: a directory about to be renamed into place
+    (a PLM, a checkpoint) must be whole on the disk first."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            sync_folder(path)
+    sync_folder(folder)

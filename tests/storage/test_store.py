@@ -2,6 +2,7 @@
 results and checkpoints round-trip, the local cache is filled once, and bad roots fail before any work."""
 
 import json
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
@@ -196,3 +197,35 @@ def test_a_store_opened_with_credentials_never_shows_them(s3_uri, capsys):
     assert cli.main(["status", uri]) == 2  # no study there yet: the message names the storage, redacted
     err = capsys.readouterr().err
     assert "s3://***@raysys-test/secret" in err and "SUPERSECRET" not in err
+
+
+def test_a_file_and_a_committed_folder_reach_the_disk_before_their_names_do(tmp_path, monkeypatch):
+    """A power loss must not leave a committed name on bytes still in the page cache (a zero-length Parquet file
+    made its whole table unreadable): every file is fsynced before the rename, and the folder after it."""
+    import os
+
+    from raysys.storage import store as store_module
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, Path.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module.os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    monkeypatch.setattr(Path, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    store = Store(tmp_path / "s")
+    store.write_bytes("results/t/cell.parquet", b"rows")
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert ".tmp-cell.parquet-" in events[0][1] and events[2][1] == str(tmp_path / "s" / "results" / "t")
+    events.clear()
+    with store.writing_artifact("plm", "h") as temp:
+        (temp / "model.safetensors").write_bytes(b"weights")
+        (temp / "sub").mkdir()
+        (temp / "sub" / "config.json").write_text("{}")
+    renamed = events.index(("rename", str(tmp_path / "s" / "artifacts" / "plm" / "h")))
+    synced = {path.split("/.tmp-h-", 1)[1].partition("/")[2] for kind, path in events[:renamed] if kind == "fsync"}
+    assert synced == {"model.safetensors", "sub/config.json", "sub", ""}  # "": the folder itself
+    assert events[renamed + 1] == ("fsync", str(tmp_path / "s" / "artifacts" / "plm"))
