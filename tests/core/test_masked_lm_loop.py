@@ -73,12 +73,13 @@ class _Killed(Exception):
     pass
 
 
-def _resume_worker(rank, port, sequences, tokenizer, folder, mode):
+def _resume_worker(rank, rendezvous, sequences, tokenizer, folder, mode):
     """One of two DDP workers (gloo, dropout on) training 20 steps: `whole` uninterrupted, `killed` stopping both
     ranks right after the checkpoint at step 10, `resumed` continuing from it; rank 0 saves its weights."""
     from raysys.storage.checkpoint import Checkpointer
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file rendezvous: no port to pick that another process could take in between
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     torch.manual_seed(1000 + rank)  # each process's dropout stream starts where a fresh worker's would
 
@@ -98,19 +99,19 @@ def _resume_worker(rank, port, sequences, tokenizer, folder, mode):
         assert mode == "killed"
     if rank == 0 and mode != "killed":
         torch.save(model.state_dict(), folder / f"{mode}.pt")
+    # both ranks past their last collective before either tears the group down: a rank whose peer is still
+    # saving a checkpoint could otherwise abort in gloo's teardown (seen under load)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 def test_two_ddp_workers_resumed_from_a_checkpoint_end_with_the_weights_of_an_uninterrupted_run(tmp_path):
     """Every rank's random streams (masking and dropout) are in the checkpoint: rank 1 must not be reseeded."""
-    import socket
 
     _, tokenizer, sequences = _tiny_setup()
     for mode in ("whole", "killed", "resumed"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.multiprocessing.spawn(_resume_worker, args=(port, sequences, tokenizer, tmp_path, mode), nprocs=2)
+        rendezvous = tmp_path / f"rendezvous-{mode}"
+        torch.multiprocessing.spawn(_resume_worker, args=(rendezvous, sequences, tokenizer, tmp_path, mode), nprocs=2)
         if mode == "killed":
             assert [p.name for p in (tmp_path / "checkpoints" / "link").iterdir()] == ["step-000000010"]
     whole, resumed = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")
