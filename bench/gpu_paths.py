@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from throughput import SyntheticTokenizer  # this script's folder is on sys.path when it runs
+
 from raysys.config import ModelConfig, PretrainConfig
 from raysys.core import compute, masked_lm_loop, models
 from raysys.storage.checkpoint import Checkpointer
@@ -30,19 +32,6 @@ from raysys.storage.store import Store
 
 MODEL = ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
                     max_positions=64)
-
-
-class _Tokenizer:
-    """RoBERTa's special-token layout over `size` ids: what the masked-LM loop needs of a tokenizer."""
-
-    bos_token_id, pad_token_id, eos_token_id, unk_token_id, mask_token_id = 0, 1, 2, 3, 4
-    all_special_ids = (0, 1, 2, 3, 4)
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def _sequences(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -57,7 +46,7 @@ def check_fused_adamw(device: torch.device) -> dict:
 
 
 def check_bf16_step(device: torch.device) -> dict:
-    tokenizer = _Tokenizer(MODEL.vocab_size)
+    tokenizer = SyntheticTokenizer(MODEL.vocab_size)
     model = models.new_masked_lm(MODEL, tokenizer, seed=0).to(device)
     cfg = PretrainConfig(batch_size=16, sequence_length=32, precision="bf16", log_every_steps=5, num_workers=1)
     curve = masked_lm_loop.train_masked_lm(model, _sequences(64, 32), tokenizer, cfg, masked_lm_loop.LinkPlan(10, 1e-3),
@@ -75,7 +64,7 @@ def check_checkpoint_round_trip(device: torch.device) -> dict:
     """Train 20 steps; separately train, stop after the checkpoint at step 10, resume: the checkpoint holds the
     device's random state, and the resumed weights match the uninterrupted ones (exactly on CPU; on CUDA up to
     the nondeterminism of its kernels, reported)."""
-    tokenizer = _Tokenizer(MODEL.vocab_size)
+    tokenizer = SyntheticTokenizer(MODEL.vocab_size)
     sequences = _sequences(128, 32)
     cfg = PretrainConfig(batch_size=16, sequence_length=32, log_every_steps=5, num_workers=1)
     plan = masked_lm_loop.LinkPlan(20, 1e-3)
@@ -122,7 +111,7 @@ def check_device_moves(device: torch.device) -> dict:
 
     from safetensors.torch import load_model, save_model
 
-    tokenizer = _Tokenizer(MODEL.vocab_size)
+    tokenizer = SyntheticTokenizer(MODEL.vocab_size)
     model = models.new_masked_lm(MODEL, tokenizer, seed=1).to(device)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.safetensors")
