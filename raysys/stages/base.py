@@ -5,8 +5,10 @@ A stage (torchtune's recipe, peft's tuner: one module following one small interf
 - `plan(study, chain)`: its cells, typed (a frozen dataclass per kind of cell), each with the `cell_hash` of
   everything that determines its result;
 - `outputs(cell)` and `inputs(cell)`: the rows and artifacts a cell leaves, and those it needs. A cell is *done*
-  when all its outputs are in the store and *ready* when all its inputs are — one rule, used by the driver,
-  progress, `raysys status` and `--dry-run` alike (`done`, `ready`; a stage with a finer rule overrides them);
+  when all its outputs are in the store — its rows say ok *and* its artifacts are whole by their manifests
+  (raysys.storage.manifest) — and *ready* when all its inputs are: one rule, used by the driver, progress,
+  `raysys status` and `--dry-run` alike (`done`, `ready`; a stage with a finer rule overrides them). An artifact
+  found spoiled when used is set aside, so the cell that made it is no longer done and runs again;
 - `groups(cells)`: how cells share a trial; `resources(study)`: what a trial holds, from the stage's own config;
   `launcher`: which Ray pattern runs it ("grid": a Tune experiment over the groups; "chain": one Ray Train job
   walking the cells in order; "search": an Optuna search per group);
@@ -85,7 +87,8 @@ class View:
             return self.store.has_artifact(out.kind, out.key)
         if out.kind not in self._artifacts:
             self._artifacts[out.kind] = set(self.store.list_dirs(f"artifacts/{out.kind}"))
-        return out.key in self._artifacts[out.kind]
+        # listed, and (locally) its files have their manifest's sizes: a stat per file
+        return out.key in self._artifacts[out.kind] and (self.store.remote or self.store.has_artifact(out.kind, out.key))
 
     def failed(self, out: Output) -> bool:
         return isinstance(out, Rows) and self._status(out, "failed")

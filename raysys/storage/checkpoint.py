@@ -118,7 +118,18 @@ class Checkpointer:
         self.resumed_from: int | None = None  # the step `resume()` found a checkpoint of
 
     def resume(self) -> dict | None:
-        state = self._load(latest(self.store, self.cell_hash))
+        """The newest checkpoint's state, or None. One that cannot be read (spoiled files, a state from other
+        code) is set aside and the cell starts over: losing a checkpoint costs time, a crash would block the
+        cell for good."""
+        try:
+            state = self._load(latest(self.store, self.cell_hash))
+        except FileNotFoundError:  # CorruptArtifact included: set aside already
+            state = None
+        except Exception as err:  # noqa: BLE001 — whatever the reader raised, the checkpoint is unusable
+            steps = [n for n in self.store.list_dirs(cell_folder(self.cell_hash)) if _STEP_DIR.match(n)]
+            self.store.set_aside(f"{cell_folder(self.cell_hash)}/{max(steps)}",
+                                 f"unreadable checkpoint ({type(err).__name__}: {err}); the cell starts over")
+            state = None
         self.resumed_from = state["step"] if state else None
         return state
 

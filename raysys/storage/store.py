@@ -6,8 +6,12 @@ an artifact, a checkpoint) either whole or not at all:
 
 - on a local filesystem the directory is written under a temporary name and renamed;
 - on an object store, where there is no rename, its files are uploaded first and a manifest
-  (`.raysys-complete`, the file names and sizes) last: the manifest is the commit, and readers download exactly the
-  files it names. A killed upload leaves no manifest, so the cell runs again.
+  (`.raysys-complete`, the file names, sizes and checksums) last: the manifest is the commit, and readers download
+  exactly the files it names. A killed upload leaves no manifest, so the cell runs again.
+
+Either way the manifest travels with the directory, and a directory whose files do not match it (truncated by a
+full disk, edited, a deleted file, a bit flipped) is set aside into `quarantine/` and counts as missing
+(raysys.storage.manifest), so the cell that made it runs again.
 
 Single files (Parquet result files, the study config) are written whole: a temporary name and `os.replace`
 locally; one object PUT, which object stores make visible only once complete, on a URI.
@@ -21,10 +25,11 @@ checkpoints by step), so a cached copy is never stale.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +37,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-MANIFEST = ".raysys-complete"
+from raysys.storage import manifest
+from raysys.storage.manifest import MANIFEST, CorruptArtifact, UnsafeManifest, manifest_files  # noqa: F401
+
+QUARANTINE = "quarantine"
 
 
 _SECRET_OPTION = re.compile(r"([?&])([^=&]*(?:key|secret|token|password|credential)[^=&]*)=([^&]*)", re.IGNORECASE)
@@ -43,28 +51,6 @@ def redact(uri: str) -> str:
     """A URI as it may be printed or stored: credentials in it (`s3://KEY:SECRET@bucket`, `?secret_key=…`,
     `access_key`, `session_token`, an account key or SAS token) replaced by `***`; anything else as given."""
     return _SECRET_OPTION.sub(lambda m: f"{m[1]}{m[2]}=***", _USERINFO.sub(r"\1***@", uri))
-
-
-class UnsafeManifest(ValueError):
-    """A directory's manifest names a file outside that directory."""
-
-
-def manifest_files(manifest: bytes, where: str) -> dict[str, int]:
-    """The files a manifest lists (name -> size), each a plain relative path inside its directory: whoever can
-    write to a bucket must not be able to make a node write elsewhere (`../`, an absolute path, a drive or a
-    backslash would reach site-packages or ~/.ssh when the directory is fetched)."""
-    try:
-        files = json.loads(manifest)["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise UnsafeManifest(f"{where}: not a manifest ({err})") from None
-    for name, size in files.items():
-        parts = name.split("/")
-        if (not name or name.startswith("/") or "\\" in name or ":" in parts[0] or "\0" in name
-                or any(part in ("", ".", "..") for part in parts)):
-            raise UnsafeManifest(f"{where}: the file name {name!r} is not a plain relative path inside its folder")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise UnsafeManifest(f"{where}: the size of {name!r} is {size!r}, not a byte count")
-    return files
 
 
 class Store:
@@ -172,12 +158,15 @@ class Store:
     # ---------------------------------------------------------------------------------- committed directories
 
     def has_dir(self, rel: str) -> bool:
+        """Whether `rel` is committed (on a URI: its manifest is there) and, locally, its files have the sizes its
+        manifest lists (a truncated or deleted file makes the directory missing; checksums are checked on use)."""
         if self.remote:
             return self.is_file(f"{rel}/{MANIFEST}")
-        return (self.local / rel).is_dir()
+        folder = self.local / rel
+        return folder.is_dir() and manifest.verify(folder, full=False) is None
 
     def list_dirs(self, rel: str) -> list[str]:
-        """Names of the committed directories directly in `rel`."""
+        """Names of the committed directories directly in `rel` (locally: every folder; `has_dir` checks one)."""
         if not self.remote:
             parent = self.local / rel
             return sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")) \
@@ -189,20 +178,24 @@ class Store:
 
     @contextmanager
     def writing_dir(self, rel: str):
-        """Yield an empty local folder; when the block succeeds it becomes the committed directory `rel` (if a
-        concurrent identical writer committed it first, that copy is kept — and, on a URI, fetched into the cache
-        in place of ours when asked for); when it fails it is removed."""
+        """Yield an empty local folder; when the block succeeds it becomes the committed directory `rel`, with a
+        manifest of its files' sizes and checksums (if a concurrent identical writer committed it first, that copy
+        is kept; a copy already there that fails its manifest is set aside and replaced); when it fails it is
+        removed."""
         final = self.local / rel
         temp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(parents=True)
         try:
             yield temp
+            listing = manifest.describe(temp)
+            (temp / MANIFEST).write_bytes(manifest.encode(listing))
             if self.remote:
-                if self.has_dir(rel):
-                    return  # the store's copy wins; ours (in `finally`) goes
-                self._upload(temp, rel)
+                if self.has_dir(rel) or not self._upload(temp, rel, listing):
+                    return  # the store's copy wins; ours (in `finally`) goes, and the cache fetches theirs
             else:
                 sync_tree(temp)  # the cache of a URI store can be fetched again; a local store is the only copy
+                if final.is_dir() and manifest.verify(final, full=False):
+                    self.set_aside(rel, manifest.verify(final, full=False))
             try:
                 temp.rename(final)
             except OSError:
@@ -215,26 +208,36 @@ class Store:
                 shutil.rmtree(temp, ignore_errors=True)
 
     def fetch_dir(self, rel: str) -> Path:
-        """The committed directory `rel` as a local folder (downloaded into the cache once, for a URI)."""
+        """The committed directory `rel` as a local folder (downloaded into the cache once, for a URI), its files
+        checked against their checksums once per process. A directory that fails is set aside (CorruptArtifact):
+        for every reader it is now missing, so whatever made it runs again."""
         local = self.local / rel
         if local.is_dir():
-            return local
+            problem = manifest.verify(local)
+            if problem is None:
+                return local
+            if not self.remote:
+                raise CorruptArtifact(f"{self.uri(rel)}: {problem}; set aside to {self.set_aside(rel, problem)}, "
+                                      "so the cell that made it runs again")
+            shutil.rmtree(local, ignore_errors=True)  # a spoiled cache copy: fetch it again
         if not self.remote:
             raise FileNotFoundError(f"{local}: not in the store")
-        manifest = self.read_bytes(f"{rel}/{MANIFEST}")
-        if manifest is None:
+        payload = self.read_bytes(f"{rel}/{MANIFEST}")
+        if payload is None:
             raise FileNotFoundError(f"{self.uri(rel)}: not in the store")
-        files = manifest_files(manifest, self.uri(f"{rel}/{MANIFEST}"))
+        listing = manifest.parse(payload, self.uri(f"{rel}/{MANIFEST}"))
         temp = local.parent / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
         temp.mkdir(parents=True)
         try:
-            for name, size in files.items():
+            for name in listing["files"]:
                 (temp / name).parent.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(self.path(f"{rel}/{name}"), str(temp / name), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
-                if (temp / name).stat().st_size != size:
-                    raise OSError(f"{self.uri(f'{rel}/{name}')}: {(temp / name).stat().st_size} bytes, "
-                                  f"its manifest says {size}")
+            (temp / MANIFEST).write_bytes(payload)
+            problem = manifest.content_problem(temp, listing)
+            if problem:
+                raise CorruptArtifact(f"{self.uri(rel)}: {problem}; set aside to {self.set_aside(rel, problem)}, "
+                                      "so the cell that made it runs again")
             try:
                 temp.rename(local)
             except OSError:
@@ -243,6 +246,26 @@ class Store:
         finally:
             shutil.rmtree(temp, ignore_errors=True)
         return local
+
+    def set_aside(self, rel: str, reason: str) -> str:
+        """Move the committed directory `rel` into `quarantine/` (never delete: a person may want to look at it),
+        with the reason beside it; returns where it went. On a URI its objects are copied there, then removed."""
+        name = f"{rel.replace('/', '__')}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        target = f"{QUARANTINE}/{name}"
+        if self.remote:
+            pafs.copy_files(self.path(rel), self.path(target), source_filesystem=self.fs,
+                            destination_filesystem=self.fs)
+            self.remove_dir(rel)
+        else:
+            (self.local / QUARANTINE).mkdir(exist_ok=True)
+            os.replace(self.local / rel, self.local / target)
+        self.write_bytes(f"{QUARANTINE}/{name}.reason.txt", f"{rel}: {reason}\n".encode())
+        print(f"raysys: {self.uri(rel)}: {reason}; set aside to {self.uri(target)}", file=sys.stderr, flush=True)
+        return self.uri(target)
+
+    def quarantined(self) -> int:
+        """How many directories have been set aside so far."""
+        return len(self.list_files(QUARANTINE, ".reason.txt"))
 
     def remove_dir(self, rel: str) -> None:
         """Remove `rel` (committed or not) from the store and from the local cache."""
@@ -264,11 +287,40 @@ class Store:
                         destination_filesystem=self.fs)
         return self.uri(rel)
 
-    def _upload(self, folder: Path, rel: str) -> None:
-        files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-        pafs.copy_files(str(folder), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-        self.write_bytes(f"{rel}/{MANIFEST}", json.dumps({"files": files}).encode())
+    def _upload(self, folder: Path, rel: str, listing: dict) -> bool:
+        """Upload a folder, its manifest last; whether the manifest now in the store is ours (a second writer
+        that raced us may have won: then its files, possibly mixed with ours, are what the checksums decide)."""
+        for name in listing["files"]:
+            pafs.copy_files(str(folder / name), self.path(f"{rel}/{name}"), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        payload = manifest.encode(listing)
+        self.write_bytes(f"{rel}/{MANIFEST}", payload)
+        return self.read_bytes(f"{rel}/{MANIFEST}") == payload
+
+    def clean_temporaries(self) -> int:
+        """Remove the `.tmp-*` files and folders writers killed mid-write left (in this process's folder: the store,
+        or a URI's cache), Ray's own folder aside; returns how many. Only safe while no writer runs: the driver
+        calls it once it holds the storage's lease, before any trial starts."""
+        removed = 0
+        for folder in self._temporary_homes():
+            for entry in os.scandir(folder):
+                if not entry.name.startswith(".tmp-"):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def _temporary_homes(self) -> list[Path]:
+        """Where temporaries can be: the root, each results table, each artifact kind, each cell's checkpoints."""
+        homes = [self.local]
+        for sub in ("results", "artifacts", "checkpoints", "configs"):
+            parent = self.local / sub
+            if parent.is_dir():
+                homes += [parent] + [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [home for home in homes if home.is_dir()]
 
     # ------------------------------------------------------------------------------------------- artifacts
 
@@ -280,10 +332,17 @@ class Store:
         return self.fetch_dir(f"artifacts/{kind}/{key}")
 
     def artifact_file(self, kind: str, key: str, name: str) -> bytes:
-        """One file of an artifact, without fetching the rest (a PLM's config.json on the driver)."""
-        payload = self.read_bytes(f"artifacts/{kind}/{key}/{name}")
+        """One file of an artifact, without fetching the rest (a PLM's config.json on the driver), checked against
+        its checksum."""
+        rel = f"artifacts/{kind}/{key}"
+        payload = self.read_bytes(f"{rel}/{name}")
         if payload is None:
             raise FileNotFoundError(f"{self.artifact_uri(kind, key)}/{name}: not in the store")
+        listed = self.read_bytes(f"{rel}/{MANIFEST}")
+        digest = manifest.parse(listed, self.uri(f"{rel}/{MANIFEST}"))["sha256"].get(name) if listed else None
+        if digest and hashlib.sha256(payload).hexdigest() != digest:
+            problem = f"{name} does not match its checksum"
+            raise CorruptArtifact(f"{self.uri(rel)}: {problem}; set aside to {self.set_aside(rel, problem)}")
         return payload
 
     def artifact_uri(self, kind: str, key: str) -> str:

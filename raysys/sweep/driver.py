@@ -25,8 +25,9 @@ from raysys.stages.base import MissingInputError, Stage, View, hashes
 from raysys.stages.chain import plan_chain
 from raysys.stages.data_check import DataCheckError, check_data
 from raysys.stages.registry import NAMES, STAGES
+from raysys.storage.lease import LEASE, Lease, LeaseHeld
 from raysys.storage.store import Store
-from raysys.storage.study import save_study
+from raysys.storage.study import STUDY_FILE, save_study
 from raysys.sweep.cluster import (
     AUTO,
     AutoChoice,
@@ -46,7 +47,8 @@ from raysys.sweep.trackers import tracking_callbacks
 
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
-              tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False) -> dict:
+              tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False,
+              lease: Lease | None = None) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
     finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
     The data is checked (and fingerprinted) first, unless the caller just did (`data_checked`): DataCheckError
@@ -55,14 +57,35 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
         study = check_data(study, tuple(only))
     chain = plan_chain(study)
     save_study(study, store)
-    ran = {}
-    for stage in STAGES:
-        if stage.name in only:
-            cells = stage.plan(study, chain)
-            stage.check(study, store, chain, cells, tuple(only))
-            trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
-            ran[stage.name] = run_stage(stage, cells, study, store, log, trackers)
+    ran: dict[str, dict] = {}
+    for _ in range(MAX_PASSES):
+        set_aside = store.quarantined()
+        for stage in STAGES:
+            if stage.name in only:
+                if lease is not None and lease.lost:
+                    raise LeaseHeld(f"{store.shown}: this driver lost its lease (it was not renewed for "
+                                    f"{lease.ttl:.0f}s) and another driver holds it; stopping before {stage.name}")
+                cells = stage.plan(study, chain)
+                stage.check(study, store, chain, cells, tuple(only))
+                trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
+                ran[stage.name] = _added(ran.get(stage.name), run_stage(stage, cells, study, store, log, trackers))
+        spoiled = store.quarantined() - set_aside
+        if not spoiled:
+            break
+        log(f"raysys: {spoiled} spoiled artifacts were set aside during this pass (see {store.uri('quarantine')}): "
+            "another pass remakes them and what needed them")
     return ran
+
+
+MAX_PASSES = 3  # a pass remakes what the one before found spoiled; a store that spoils every time needs a person
+
+
+def _added(before: dict | None, now: dict) -> dict:
+    """The counts of a stage over the passes of one run: totals as planned, the rest summed."""
+    if before is None:
+        return now
+    return {**now, "finished_before": before["finished_before"], "ran": before["ran"] + now["ran"],
+            "seconds": before["seconds"] + now["seconds"]}
 
 
 def count_done(stage: Stage, cells: list, store: Store) -> int:
@@ -100,21 +123,63 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
             "seconds": seconds}
 
 
-def fresh_start(store: Store) -> str | None:
-    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time). An
-    object store has no rename: its objects are copied, then removed (and the local cache of them too)."""
+def refuse_fresh(store: Store) -> None:
+    """`--fresh` moves a raysys storage aside, nothing else: a directory holding files but no study.json is someone's
+    data (a mistyped path), so it is refused untouched."""
+    if store.exists() and not store.is_file(STUDY_FILE) and _has_entries(store):
+        raise ValueError(f"--fresh: '{store.shown}' holds no {STUDY_FILE}, so it is no raysys storage; --fresh moves "
+                         "only raysys storages (nothing was moved)")
+
+
+def _has_entries(store: Store) -> bool:
+    infos = store.fs.get_file_info(pafs.FileSelector(store.base, allow_not_found=True))
+    return any(info.base_name not in (LEASE, ".raysys-probe") for info in infos)
+
+
+def fresh_start(store: Store, lease: Lease) -> str | None:
+    """`--fresh`: move the storage aside (never delete: a mistyped flag must not cost a week of GPU time), while
+    holding its lease, which stays behind. An object store has no rename: its objects are copied, then removed (and
+    the local cache of them too)."""
     if not store.exists():
         return None
     suffix = f".old-{time.strftime('%Y%m%d-%H%M%S')}"
+    if store.remote and "/" not in store.base:
+        raise ValueError(f"--fresh: '{store.shown}' is a bucket root; give the storage a prefix (bucket/name) to move")
+    lease.stop_renewing()
     if not store.remote:
         Path(store.base).rename(store.base + suffix)
+        (Path(store.base + suffix) / LEASE).unlink(missing_ok=True)
         return store.base + suffix
-    if "/" not in store.base:
-        raise ValueError(f"--fresh: '{store.shown}' is a bucket root; give the storage a prefix (bucket/name) to move")
     pafs.copy_files(store.base, store.base + suffix, source_filesystem=store.fs, destination_filesystem=store.fs)
     store.fs.delete_dir(store.base)
+    try:
+        store.fs.delete_file(f"{store.base}{suffix}/{LEASE}")
+    except FileNotFoundError:
+        pass
     shutil.rmtree(store.local, ignore_errors=True)
     return store.uri(suffix=suffix)
+
+
+def take_storage(store: Store, fresh: bool, log=print) -> Lease:
+    """Hold the storage for this run: its lease (LeaseHeld if another driver has it), `--fresh` moving it aside,
+    then the temporaries a killed run left removed (no other writer can be running now)."""
+    if fresh:
+        refuse_fresh(store)
+    lease = Lease(store).acquire()
+    try:
+        if fresh:
+            aside = fresh_start(store, lease)
+            if aside:
+                log(f"raysys: --fresh: moved the old storage to {aside}")
+                lease = Lease(store).acquire()
+        store.ensure_writable()
+        removed = store.clean_temporaries()
+        if removed:
+            log(f"raysys: removed {removed} temporary files and folders an interrupted run left")
+    except BaseException:
+        lease.release()
+        raise
+    return lease
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -227,20 +292,23 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
     print(f"raysys: running on {joined}: {resources_text()}")
     try:
         check_shared(store)  # before --fresh moves anything: a storage some node cannot see is refused unchanged
-        if args.fresh:
-            aside = fresh_start(store)
-            if aside:
-                print(f"raysys: --fresh: moved the old storage to {aside}")
-        store.ensure_writable()
-    except (ValueError, StorageNotShared) as err:
+        lease = take_storage(store, args.fresh)
+    except (ValueError, StorageNotShared, LeaseHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, study, store, preset, lease)
+    finally:
+        lease.release()
+
+
+def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str, lease: Lease) -> int:
     print(f"raysys: study '{study.name}' (preset {preset}) -> {store.shown}")
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,
-                  data_checked=True)  # checked above, before Ray started
-    except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError) as err:
+                  data_checked=True, lease=lease)  # checked above, before Ray started
+    except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError, LeaseHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary(study, store))

@@ -47,3 +47,23 @@ def test_ray_is_told_the_metrics_of_a_save_but_the_checkpoint_stays_in_the_store
     path = checkpointer.save(8, {"x": torch.ones(2)}, {"step": 8})
     assert saved == [({"step": 8}, path)] and path.parent == tmp_path / "checkpoints" / "cell"
     assert torch.equal(checkpointer.resume()["x"], torch.ones(2)) and checkpointer.resumed_from == 8
+
+
+def test_a_spoiled_or_unreadable_checkpoint_is_set_aside_and_the_cell_starts_over(tmp_path):
+    store = Store(tmp_path)
+    write(store, "cell", 4, {"cell_hash": "cell", "step": 4, "w": torch.ones(3)})
+    tensors = tmp_path / "checkpoints/cell/step-000000004/state.safetensors"
+    spoiled = bytearray(tensors.read_bytes())
+    spoiled[-1] ^= 1  # a flipped bit in the weights: the checksum sees it
+    tensors.write_bytes(bytes(spoiled))
+    checkpointer = Checkpointer(store, 0, "cell")
+    assert checkpointer.resume() is None and checkpointer.resumed_from is None
+    assert store.quarantined() == 1 and store.list_dirs("checkpoints/cell") == []
+
+    with store.writing_dir("checkpoints/cell/step-000000008") as temp:  # whole by its manifest, yet no state
+        (temp / "state.safetensors").write_bytes(b"not safetensors")
+        (temp / "state.json").write_text("{}")
+    assert Checkpointer(store, 0, "cell").resume() is None
+    assert store.quarantined() == 2 and store.list_dirs("checkpoints/cell") == []
+    reasons = sorted((tmp_path / "quarantine").glob("*.reason.txt"))
+    assert "unreadable checkpoint" in reasons[1].read_text() or "unreadable checkpoint" in reasons[0].read_text()

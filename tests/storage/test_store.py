@@ -1,6 +1,7 @@
 """The store on a URI: a local S3 (moto's server) through pyarrow.fs — committed directories appear only whole,
 results and checkpoints round-trip, the local cache is filled once, and bad roots fail before any work."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from raysys import cli
 from raysys.storage import checkpoint, results
-from raysys.storage.store import MANIFEST, Store
+from raysys.storage.lease import Lease
+from raysys.storage.store import MANIFEST, CorruptArtifact, Store
 
 
 def _row(acc):
@@ -55,7 +57,8 @@ def test_on_s3_a_directory_is_visible_only_once_its_manifest_is_written(s3_uri, 
         (tmp / "sub" / "config.json").write_text("{}")
     assert store.has_artifact("plm", "h") and store.list_dirs("artifacts/plm") == ["h"]
     manifest = json.loads(store.read_bytes(f"artifacts/plm/h/{MANIFEST}"))
-    assert manifest == {"files": {"model.safetensors": 5, "sub/config.json": 2}}
+    assert manifest["files"] == {"model.safetensors": 5, "sub/config.json": 2}
+    assert manifest["sha256"]["sub/config.json"] == hashlib.sha256(b"{}").hexdigest()
     assert store.artifact_file("plm", "h", "sub/config.json") == b"{}"
 
     store.write_bytes("artifacts/plm/h/stray.bin", b"from another writer")  # not in the manifest: never fetched
@@ -71,6 +74,17 @@ def test_on_s3_a_directory_is_visible_only_once_its_manifest_is_written(s3_uri, 
     with pytest.raises(OSError, match="manifest says 5"):
         Store(s3_uri("commit")).artifact("plm", "h")
     assert not any((tmp_path / "node3").rglob("model.safetensors"))  # no half-fetched folder left
+    # set aside in the bucket: missing for every reader, kept for a person to look at
+    assert not store.has_artifact("plm", "h") and store.quarantined() == 1
+    assert store.list_dirs("quarantine")[0].startswith("artifacts__plm__h-")
+
+    with store.writing_artifact("plm", "h") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+    store.write_bytes("artifacts/plm/h/model.safetensors", b"whale")  # same size, another content
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "node4"))
+    with pytest.raises(CorruptArtifact, match="model.safetensors does not match its checksum"):
+        Store(s3_uri("commit")).artifact("plm", "h")
+    assert not store.has_artifact("plm", "h") and store.quarantined() == 2
 
     store.remove_dir("artifacts/plm/h")
     assert not store.has_artifact("plm", "h") and store.list_files("artifacts/plm/h") == []
@@ -120,11 +134,14 @@ def test_fresh_on_s3_moves_the_objects_aside_and_forgets_the_cache(s3_uri):
     store = Store(s3_uri("fresh"))
     with store.writing_artifact("plm", "h") as tmp:
         (tmp / "w").write_bytes(b"kept")
-    aside = sweep.fresh_start(store)
+    store.write_bytes("study.json", b"{}")
+    lease = Lease(store).acquire()
+    aside = sweep.fresh_start(store, lease)
     assert aside.startswith(s3_uri("fresh.old-").split("?")[0]) and aside.endswith(s3_uri("").split("?", 1)[1])
     assert not store.exists() and not store.local.exists()
     assert Store(aside).artifact_file("plm", "h", "w") == b"kept" and Store(aside).has_artifact("plm", "h")
-    assert sweep.fresh_start(store) is None
+    assert Store(aside).read_bytes(".raysys-lease") is None  # the lease stays with the storage's name
+    assert sweep.fresh_start(store, lease) is None
 
 
 def test_on_s3_a_concurrent_writer_on_another_node_keeps_the_committed_copy(s3_uri, tmp_path, monkeypatch):
@@ -137,7 +154,7 @@ def test_on_s3_a_concurrent_writer_on_another_node_keeps_the_committed_copy(s3_u
             (early / "w").write_bytes(b"first")
     assert (second.artifact("tuned", "h") / "w").read_bytes() == b"first"  # the bucket's copy, not its own
     assert (first.artifact("tuned", "h") / "w").read_bytes() == b"first"
-    assert json.loads(first.read_bytes(f"artifacts/tuned/h/{MANIFEST}")) == {"files": {"w": 5}}
+    assert json.loads(first.read_bytes(f"artifacts/tuned/h/{MANIFEST}"))["files"] == {"w": 5}
 
 
 @pytest.mark.parametrize("name", ["../../evil.pth", "/tmp/evil.pth", "sub/../../evil.pth", "./evil.pth",

@@ -3,6 +3,7 @@ that recompute nothing, failed cells recorded and retried."""
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from raysys.stages.chain import control_indices, plan_chain, plan_pairs
 from raysys.stages.data_check import check_data
 from raysys.stages.registry import NAMES, stage
 from raysys.storage import results
+from raysys.storage.lease import Lease, LeaseHeld
 from raysys.storage.store import Store
 from raysys.storage.study import PROGRESS_FILE, STUDY_FILE
 from raysys.sweep import driver as sweep
@@ -134,13 +136,41 @@ def test_micro_overrides_change_identity_but_resources_do_not():
     assert Path(Store("/tmp/x").root).is_absolute()
 
 
-def test_fresh_moves_the_old_storage_aside(tmp_path):
+def test_fresh_moves_the_old_storage_aside_holding_its_lease(tmp_path):
     store = Store(tmp_path / "s")
     (store.local / "results").mkdir(parents=True)
     (store.local / "results" / "x").write_text("keep me")
-    aside = sweep.fresh_start(store)
-    assert not store.exists() and (Path(aside) / "results" / "x").read_text() == "keep me"
-    assert sweep.fresh_start(store) is None
+    (store.local / "study.json").write_text("{}")
+    messages = []
+    lease = sweep.take_storage(store, fresh=True, log=messages.append)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("s.old-")]
+    assert (aside / "results" / "x").read_text() == "keep me" and not (aside / ".raysys-lease").exists()
+    assert messages == [f"raysys: --fresh: moved the old storage to {aside}"]
+    assert sorted(p.name for p in store.local.iterdir()) == [".raysys-lease"]  # the new, empty storage, held
+    lease.release()
+    assert list(store.local.iterdir()) == []
+    assert sweep.fresh_start(Store(tmp_path / "none"), lease) is None
+
+
+def test_fresh_refuses_a_folder_that_is_no_raysys_storage_and_moves_nothing(tmp_path):
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="holds no study.json, so it is no raysys storage"):
+        sweep.take_storage(Store(tmp_path / "thesis"), fresh=True)
+    assert sorted(p.name for p in (tmp_path / "thesis").iterdir()) == ["chapter1.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+
+
+def test_fresh_refuses_a_storage_another_driver_holds(tmp_path):
+    store = Store(tmp_path / "s")
+    (store.local / "results").mkdir(parents=True)
+    (store.local / "study.json").write_text("{}")
+    other = Lease(store).acquire()  # another driver: alive, renewing
+    before = sorted(p.name for p in store.local.iterdir())
+    with pytest.raises(LeaseHeld, match=rf"in use by another driver: .*\(pid {os.getpid()}\)"):
+        sweep.take_storage(store, fresh=True)
+    assert sorted(p.name for p in store.local.iterdir()) == before and not list(tmp_path.glob("s.old-*"))
+    other.release()
 
 
 def test_progress_file_records_the_last_stage(micro_run):
