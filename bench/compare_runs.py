@@ -20,7 +20,7 @@ from raysys.storage.store import Store
 
 # When and where a row was made, and how fast: never the same twice.
 PROVENANCE = {"started_at", "seconds", "host", "node_id", "code_version", "train_seconds", "seconds_to_target",
-              "full_dev_seconds_to_target", "tokens_per_second"}
+              "full_dev_seconds_to_target", "tokens_per_second", "attempts"}
 # Besides the cell hash, what tells one cell's rows apart.
 ROW_KEYS = ("step", "split", "layer", "head", "what", "kind", "task", "alpha")
 

@@ -71,6 +71,7 @@ class View:
         self._artifacts: dict[str, set[str]] = {}
         self._rows: dict[str, list[dict]] = {}
         self._by_cell: dict[str, dict[str | None, list[dict]]] = {}
+        self._given_up: dict[tuple[str, int], set[str]] = {}
 
     def _status(self, out: Rows, status: str) -> bool:
         if self.scan:
@@ -92,6 +93,17 @@ class View:
 
     def failed(self, out: Output) -> bool:
         return isinstance(out, Rows) and self._status(out, "failed")
+
+    def given_up(self, out: Output, after: int) -> bool:
+        """Its row failed the same way `after` tries in a row."""
+        if not isinstance(out, Rows):
+            return False
+        if not self.scan:
+            return any(r["cell_hash"] == out.key and r["status"] == "failed" and (r["repeated_failures"] or 0) >= after
+                       for r in results.read_cell(self.store, out.table, out.file or out.key))
+        if (out.table, after) not in self._given_up:
+            self._given_up[out.table, after] = results.given_up(self.store, out.table, after)
+        return out.key in self._given_up[out.table, after]
 
     def all_rows(self, table: str) -> list[dict]:
         """Every row of a table, whatever its status (read once)."""
@@ -194,6 +206,10 @@ class Stage:
     def failed(self, cell, view: View) -> bool:
         """Not done, and its last attempt recorded an error (the next run retries it)."""
         return not self.done(cell, view) and any(view.failed(out) for out in self.outputs(cell))
+
+    def given_up(self, cell, view: View, after: int) -> bool:
+        """Not done, and failed the same way `after` tries in a row: the driver leaves it until `--retry-failed`."""
+        return not self.done(cell, view) and any(view.given_up(out, after) for out in self.outputs(cell))
 
     def ready(self, cell, view: View) -> bool:
         return all(view.present(inp) for inp in self.inputs(cell))

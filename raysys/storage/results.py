@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from raysys.storage.store import Store
 
-SCHEMA_VERSION = 5  # 5: node_id (files of version 4 read with it null)
+SCHEMA_VERSION = 6  # 6: attempts, repeated_failures (files of version 5 read with them null)
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -30,6 +31,8 @@ _COMMON = [
     ("node_id", pa.string()),  # the Ray node that ran the cell (hosts can share a name; nodes cannot)
     ("code_version", pa.string()),
     ("schema_version", pa.int32()),
+    ("attempts", pa.int32()),  # which try of the cell this row records: 1, 2, ...
+    ("repeated_failures", pa.int32()),  # failed rows: how many tries in a row failed with this error's first line
 ]
 _CURVE_COMMON = [("cell_hash", pa.string())]
 
@@ -193,12 +196,52 @@ def _cell_file(table: str, cell_hash: str) -> str:
 
 
 def write_rows(store: Store, table: str, cell_hash: str, rows: list[dict]) -> str:
-    """All rows of one cell, as one Parquet file replacing any earlier attempt of the same cell; returns its URI."""
+    """All rows of one cell, as one Parquet file replacing any earlier attempt of the same cell; returns its URI.
+    A run table's rows are numbered by attempt, counting the rows they replace."""
+    if "attempts" in SCHEMAS[table].names:
+        try:
+            before = read_cell(store, table, cell_hash)
+        except (pa.ArrowInvalid, OSError):  # a spoiled earlier file: this row replaces it
+            before = []
+        rows = _numbered(rows, before)
     arrow = to_table(table, [{"cell_hash": cell_hash, **row} for row in rows])
     buffer = io.BytesIO()
     pq.write_table(arrow, buffer)
     store.write_bytes(_cell_file(table, cell_hash), buffer.getvalue())
     return store.uri(_cell_file(table, cell_hash))
+
+
+_IDS = re.compile(r"\b(?:0x)?[0-9a-f]*\d[0-9a-f]*\b", re.IGNORECASE)
+
+
+def failure_kind(error: str | None) -> str:
+    """What tells two failures apart: the error's first line (its type and message, not the traceback), numbers
+    and ids in it aside (a dead actor's id and pid change from try to try; the failure does not)."""
+    text = (error or "").strip()
+    return _IDS.sub("#", text.splitlines()[0]) if text else ""
+
+
+def _numbered(rows: list[dict], before: list[dict]) -> list[dict]:
+    """`attempts` one more than the rows replaced had; a failed row's `repeated_failures` one more than theirs when
+    they failed the same way, else 1."""
+    last = before[0] if before else {}
+    attempt = (last.get("attempts") or (1 if before else 0)) + 1
+    repeated = (last.get("repeated_failures") or 1) + 1 if last.get("status") == "failed" else 1
+    out = []
+    for row in rows:
+        row = {"attempts": attempt, **row}
+        if row.get("status") == "failed":
+            same = last.get("status") == "failed" and failure_kind(last.get("error")) == failure_kind(row["error"])
+            row.setdefault("repeated_failures", repeated if same else 1)
+        out.append(row)
+    return out
+
+
+def given_up(store: Store, table: str, after: int) -> set[str]:
+    """Hashes of the cells whose row failed the same way `after` tries in a row: not retried until asked."""
+    t = read_table(store, table, ["cell_hash", "status", "repeated_failures"])
+    return {h for h, status, n in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist(),
+                                      t["repeated_failures"].to_pylist()) if status == "failed" and (n or 0) >= after}
 
 
 def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa.Table:

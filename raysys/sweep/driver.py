@@ -8,6 +8,7 @@ restore recomputes trials that had finished): every launch is built from the cel
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import json
 import shutil
@@ -21,10 +22,11 @@ from raysys.config import ConfigError, StudyConfig, available_presets, load_stud
 from raysys.core.recycle import WeightMismatchError
 from raysys.report.status import missing_cells, plan_text
 from raysys.report.summary import publish_report, summary
-from raysys.stages.base import MissingInputError, Stage, View, hashes
+from raysys.stages.base import MissingInputError, Rows, Stage, View, hashes, write_failure
 from raysys.stages.chain import plan_chain
 from raysys.stages.data_check import DataCheckError, check_data
 from raysys.stages.registry import NAMES, STAGES
+from raysys.storage import results
 from raysys.storage.lease import LEASE, Lease, LeaseHeld
 from raysys.storage.store import Store
 from raysys.storage.study import STUDY_FILE, save_study
@@ -48,7 +50,7 @@ from raysys.sweep.trackers import tracking_callbacks
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
               tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False,
-              lease: Lease | None = None) -> dict:
+              lease: Lease | None = None, give_up_after: int | None = None) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
     finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
     The data is checked (and fingerprinted) first, unless the caller just did (`data_checked`): DataCheckError
@@ -68,7 +70,8 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
                 cells = stage.plan(study, chain)
                 stage.check(study, store, chain, cells, tuple(only))
                 trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
-                ran[stage.name] = _added(ran.get(stage.name), run_stage(stage, cells, study, store, log, trackers))
+                ran[stage.name] = _added(ran.get(stage.name),
+                                         run_stage(stage, cells, study, store, log, trackers, give_up_after))
         spoiled = store.quarantined() - set_aside
         if not spoiled:
             break
@@ -93,17 +96,25 @@ def count_done(stage: Stage, cells: list, store: Store) -> int:
     return sum(stage.done(cell, view) for cell in cells)
 
 
-def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=print, trackers=tuple) -> dict:
+def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=print, trackers=tuple,
+              give_up_after: int | None = None) -> dict:
     """Launch the stage's cells that are not done and are ready; again while that made more of them ready (the
     methods stage: the reference runs, then what is measured against them). A cell tried in this run is not
-    launched again: if it failed, its row says so and the next run retries it. `trackers()` gives each launch
-    its tracking callbacks."""
+    launched again: if it failed, its row says so and the next run retries it — unless it failed the same way
+    `give_up_after` tries in a row (then it waits for `--retry-failed`). A trial that died without recording its
+    cells (killed for memory, a signal, a lost node) gets their failed rows from here. `trackers()` gives each
+    launch its tracking callbacks."""
     view = View(store)
     finished = sum(stage.done(cell, view) for cell in cells)
+    given_up = {c.cell_hash for c in cells if give_up_after and stage.given_up(c, view, give_up_after)}
+    if given_up:
+        log(f"[{stage.name}] {len(given_up)} cells not retried: they failed the same way {give_up_after} times in a "
+            "row (raysys status STORAGE shows why; --retry-failed runs them again)")
     tried: set[str] = set()
     seconds = 0.0
     while True:
-        todo = [c for c in cells if c.cell_hash not in tried and not stage.done(c, view) and stage.ready(c, view)]
+        todo = [c for c in cells if c.cell_hash not in tried | given_up and not stage.done(c, view)
+                and stage.ready(c, view)]
         groups = stage.groups(todo)
         if todo or not tried:
             log(f"[{stage.name}] {len(cells)} cells: {finished + len(tried)} finished, {len(todo)} to run in "
@@ -111,16 +122,42 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
         if not todo:
             break
         progress = Progress(stage.name, lambda: count_done(stage, cells, store), len(cells), store, log)
-        seconds += launch(stage, groups, study, store, [progress, *trackers()], log)
+        launched_at = results.now()
+        took, errors = launch(stage, groups, study, store, [progress, *trackers()], log)
+        seconds += took
         tried |= hashes(todo)
         view = View(store)  # what the launch left
-    blocked = len(cells) - finished - len(tried)
+        orphans = record_orphans(stage, todo, study, store, view, launched_at, errors)
+        if orphans:
+            log(f"[{stage.name}] {orphans} cells lost their trial's process without a row: recorded as failed")
+            view = View(store)
+    blocked = len(cells) - finished - len(tried) - len(given_up)
     if blocked:
         log(f"[{stage.name}] {blocked} cells blocked: their inputs are missing")
     if tried:
         log(f"[{stage.name}] done in {seconds:.1f}s")
     return {"cells": len(cells), "finished_before": finished, "ran": len(tried), "blocked": blocked,
-            "seconds": seconds}
+            "given_up": len(given_up), "seconds": seconds}
+
+
+DIED = ("the trial ended without recording this cell: its process died (killed for memory or by a signal, or its "
+        "node was lost)")
+
+
+def record_orphans(stage: Stage, todo: list, study: StudyConfig, store: Store, view: View, launched_at,
+                   errors: dict[str, str]) -> int:
+    """A failed row for every cell launched that is neither done nor has a row from this launch; returns how many."""
+    since = launched_at - dt.timedelta(seconds=1)  # rows keep milliseconds
+    orphans = 0
+    for cell in todo:
+        out = next((o for o in stage.outputs(cell) if isinstance(o, Rows)), None)
+        if out is None or stage.done(cell, view):
+            continue
+        if any(r["cell_hash"] == out.key and r["started_at"] >= since for r in view.all_rows(out.table)):
+            continue
+        write_failure(store, study, stage, cell, launched_at, errors.get(cell.cell_hash) or DIED)
+        orphans += 1
+    return orphans
 
 
 def refuse_fresh(store: Store) -> None:
@@ -215,6 +252,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db; "
                              "for a URI storage, a file in its local cache)")
+    parser.add_argument("--max-failures", type=int, default=3, metavar="N",
+                        help="a cell that failed the same way N times in a row is not retried (default 3)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="retry every failed cell, also those that reached --max-failures")
     parser.add_argument("--fresh", action="store_true",
                         help="start over: move the storage aside to <storage>.old-<time>, then run")
     return parser.parse_args(argv)
@@ -258,6 +299,9 @@ def settle_auto(args: argparse.Namespace, target: Target | None, facts: ClusterF
 def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> int:
     """The driver. `facts` stand in for the cluster's when `--preset auto` is settled (a GPU cluster in a test)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.max_failures < 1:
+        print(f"error: --max-failures: {args.max_failures}; a cell needs at least one try", file=sys.stderr)
+        return 2
     runs = not (args.print_config or args.dry_run)
     try:
         # the Ray is found before anything else when the run uses it or `auto` asks what it holds
@@ -307,7 +351,8 @@ def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,
-                  data_checked=True, lease=lease)  # checked above, before Ray started
+                  data_checked=True, lease=lease,  # data checked above, before Ray started
+                  give_up_after=None if args.retry_failed else args.max_failures)
     except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError, LeaseHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -182,13 +182,26 @@ def _named(trainable, stage: Stage):
 
 
 def _tuner(trainable, study: StudyConfig, store: Store, name: str, resources: dict, param_space: dict,
-           tune_config: tune.TuneConfig, callbacks: list, **parameters) -> tune.Tuner:
+           tune_config: tune.TuneConfig, callbacks: list, max_failures: int = 1, **parameters) -> tune.Tuner:
+    """`max_failures`: how often Tune restarts a trial whose process died (a lost spot node) — a grid trial
+    records its cells' own errors and never raises, so only deaths count."""
     return tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, study_dict=to_dict(study), storage=store.root,
                                                  **parameters), resources),
         param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=name, **store.ray_storage("tune"), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks))
+                                  failure_config=tune.FailureConfig(max_failures=max_failures), callbacks=callbacks))
+
+
+def trial_errors(stage: Stage, grid) -> dict[str, str]:
+    """cell hash -> why its trial ended in error (a grid or chain trial: its group's cells)."""
+    errors = {}
+    for result in grid:
+        group = (result.config or {}).get("group")
+        if result.error is not None and group:
+            for encoded in group["cells"]:
+                errors[stage.decode(encoded).cell_hash] = root_cause(result.error)
+    return errors
 
 
 def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, study: StudyConfig, store: Store,
@@ -198,24 +211,24 @@ def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, st
     encoded = [{"stage": stage.name, "cells": [stage.encode(cell) for cell in group]} for group in groups]
     # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (~2.6 s a trial on 2 cores).
     tune_config = tune.TuneConfig(reuse_actors=not resources.get("gpu"))
-    _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,
-           {"group": tune.grid_search(encoded)}, tune_config, callbacks).fit()
+    return _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,
+                  {"group": tune.grid_search(encoded)}, tune_config, callbacks).fit()
 
 
-def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log):
     res = stage.resources(study)
-    _experiment(stage, cell_trainable, groups, {"cpu": res.cpus, "gpu": res.gpus}, study, store, callbacks)
+    return _experiment(stage, cell_trainable, groups, {"cpu": res.cpus, "gpu": res.gpus}, study, store, callbacks)
 
 
-def run_chain(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+def run_chain(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log):
     res = stage.resources(study)
     if res.worker_resource:
         require_resource(res.worker_resource, f"{stage.name}.worker_resource")
     # The trial only coordinates: its Train workers hold the CPUs and GPUs.
-    _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, study, store, callbacks)
+    return _experiment(stage, chain_trainable, groups, {"cpu": 0, "memory": 1024**2}, study, store, callbacks)
 
 
-def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log) -> None:
+def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log):
     """Every search in one Tune experiment (raysys.sweep.searches): each its own seeded TPE sampler, told the
     trials it finished before (a search already started runs only the rest of its budget), at most
     `methods.search.parallel` of its trials at once; the trials of all searches share the cluster."""
@@ -239,15 +252,18 @@ def run_search(stage: Stage, groups: list[list], study: StudyConfig, store: Stor
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=sum(spec.budget for spec in specs),
                                   reuse_actors=not res.gpus)
     name = f"{stage.name}-{config_hash([(spec.key, spec.budget) for spec in specs])}"
-    _tuner(_named(search_trainable, stage), study, store, name, {"cpu": res.cpus, "gpu": res.gpus}, {},
-           tune_config, callbacks, stage_name=stage.name).fit()
+    # a trial that raised has recorded its failed row: Tune must not run it again (the next sweep does, if asked)
+    return _tuner(_named(search_trainable, stage), study, store, name, {"cpu": res.cpus, "gpu": res.gpus}, {},
+                  tune_config, callbacks, max_failures=0, stage_name=stage.name).fit()
 
 
 LAUNCHERS = {"grid": run_grid, "chain": run_chain, "search": run_search}
 
 
-def launch(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log=print) -> float:
-    """Run the groups with the stage's launcher; returns the seconds it took."""
+def launch(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list,
+           log=print) -> tuple[float, dict[str, str]]:
+    """Run the groups with the stage's launcher; returns the seconds it took and, per cell hash, the error of each
+    trial that ended in error (its process died, or the trial itself raised)."""
     started = time.time()
-    LAUNCHERS[stage.launcher](stage, groups, study, store, callbacks, log)
-    return time.time() - started
+    grid = LAUNCHERS[stage.launcher](stage, groups, study, store, callbacks, log)
+    return time.time() - started, trial_errors(stage, grid)

@@ -95,4 +95,26 @@ def test_a_table_of_schema_4_files_reads_on_with_node_id_null(tmp_path, ray_clus
     rows = {r["cell_hash"]: r for r in results.read_table(store, "compatibility").to_pylist()}
     assert rows["old"]["node_id"] is None and rows["old"]["schema_version"] == 4
     assert rows["new"]["node_id"] == ray.get_runtime_context().get_node_id()
-    assert rows["new"]["schema_version"] == 5
+    assert rows["new"]["schema_version"] == results.SCHEMA_VERSION
+
+
+def _failed(error: str) -> dict:
+    return {**results.provenance(results.now(), "failed", f"{error}\nTraceback (most recent call last): ..."),
+            "task": "t1"}
+
+
+def test_rows_count_their_attempts_and_how_often_a_cell_failed_the_same_way(tmp_path):
+    store = Store(tmp_path)
+    seen = []
+    for row in [_failed("OSError: disk full"), _failed("OSError: disk full"), _failed("ValueError: nan loss"),
+                _failed("ValueError: nan loss"), _failed("ValueError: nan loss"), _row()]:
+        results.write_rows(store, "compatibility", "abc", [row])
+        (only,) = results.read_cell(store, "compatibility", "abc")
+        seen.append((only["status"], only["attempts"], only["repeated_failures"]))
+    assert seen == [("failed", 1, 1), ("failed", 2, 2), ("failed", 3, 1), ("failed", 4, 2), ("failed", 5, 3),
+                    ("ok", 6, None)]
+    assert results.given_up(store, "compatibility", 3) == set()  # it succeeded in the end
+    results.write_rows(store, "compatibility", "xyz", [_failed("ValueError: nan loss")])
+    for _ in range(2):
+        results.write_rows(store, "compatibility", "xyz", [_failed("ValueError: nan loss")])
+    assert results.given_up(store, "compatibility", 3) == {"xyz"} and results.given_up(store, "compatibility", 4) == set()

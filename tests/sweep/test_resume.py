@@ -47,44 +47,101 @@ def address(ray_cluster):
     return ray_cluster.get_runtime_context().gcs_address
 
 
+# (what the driver is in the middle of when it is killed, table, ok rows to wait for): four kills at four stages
+KILLS = (("pretraining", "pretrain_runs", 2), ("tuning", "tuning_runs", 5), ("interpolation", "interpolation", 3),
+         ("the recycling methods", "methods_runs", 3))
+# Columns an interruption changes by design: where a cell resumed from, whether the teacher cache was warm
+INTERRUPTION_COLUMNS = {"resumed_from_step", "teacher"}
+
+
+def _full_command(storage: Path, address: str) -> list[str]:
+    sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
+    return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address, *sets]
+
+
+def _finished(store: Store) -> dict[tuple[str, str], object]:
+    """(table, cell hash) -> started_at of every ok row: what a rerun must not make again."""
+    return {(table, r["cell_hash"]): r["started_at"] for table in results.SCHEMAS
+            if "status" in results.SCHEMAS[table].names
+            for r in results.read_table(store, table, ["cell_hash", "status", "started_at"]).to_pylist()
+            if r["status"] == "ok"}
+
+
+def _artifact_times(store: Store) -> dict[tuple[str, str], int]:
+    return {(kind, key): max(p.stat().st_mtime_ns for p in (store.local / "artifacts" / kind / key).rglob("*"))
+            for kind in ("plm", "tuned") for key in store.list_dirs(f"artifacts/{kind}")}
+
+
 @pytest.fixture(scope="module")
 def killed_then_resumed(address, tmp_path_factory, micro_study):
-    """Run 1 is SIGKILLed once some tuning cells are done; run 2 is the same command."""
+    """The whole micro study (two DDP workers), its driver SIGKILLed four times at four stages — the next run
+    started at once each time — then run to completion. While the first run holds the storage a second driver is
+    refused."""
     storage = tmp_path_factory.mktemp("resume")
     store = Store(storage)
+    kills, second, tuning_finished_at_kill, tuned_at_kill = [], None, {}, {}
+    for what, table, rows in KILLS:
+        driver = subprocess.Popen(_full_command(storage, address), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            if second is None:
+                _wait_for(lambda: store.is_file(".raysys-lease"), 120, "the first driver to take the storage")
+                second = subprocess.run(_full_command(storage, address), capture_output=True, text=True, timeout=120,
+                                        check=False)
+                second = (second, driver.pid)
+            _wait_for(lambda t=table, n=rows: len(results.finished_cells(store, t)) >= n, 600, f"{rows} rows of {table}")
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        kills.append((what, _finished(store), _artifact_times(store)))
+        if table == "tuning_runs":
+            tuning_finished_at_kill = _ok_runs(store)
+            tuned_at_kill = {h: t for (kind, h), t in kills[-1][2].items() if kind == "tuned"}
+    rerun = subprocess.run(_full_command(storage, address), capture_output=True, text=True, timeout=900, check=False)
+    return store, kills, second, rerun, tuning_finished_at_kill, tuned_at_kill
+
+
+def test_a_driver_killed_at_four_stages_ends_exactly_where_an_uninterrupted_run_does(killed_then_resumed, micro_run):
+    """Every table equals the uninterrupted micro run's, cell for cell and value for value (timing and
+    provenance aside), each cell once; nothing finished before a kill was made again."""
+    sys.path.insert(0, str(SCRIPT.parents[1] / "bench"))
+    from compare_runs import compare
+
+    store, kills, _, rerun, _, _ = killed_then_resumed
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _, uninterrupted, _ = micro_run
+    report = compare(uninterrupted, store, ignore=INTERRUPTION_COLUMNS)
+    assert {t: r for t, r in report.items() if r["only_old"] or r["only_new"] or r["differing"]} == {}
+    assert sum(r["rows"][1] for r in report.values()) > 1000
+    final, times = _finished(store), _artifact_times(store)
+    for what, finished, artifacts in kills:
+        assert finished, f"the kill during {what} came before anything was finished"
+        remade = [key for key, started in finished.items() if final[key] != started]
+        assert remade == [], f"made again after the kill during {what}"
+        assert [k for k, t in artifacts.items() if times[k] != t and (("pretrain_runs" if k[0] == "plm" else
+                                                                        "tuning_runs"), k[1]) in finished] == []
+    for table in results.SCHEMAS:
+        rows = results.read_table(store, table).to_pylist()
+        assert all(r.get("status", "ok") == "ok" for r in rows), table
+    assert len(kills) == 4 and len({len(f) for _, f, _ in kills}) == 4  # each kill later in the study
+
+
+def test_a_second_driver_on_a_storage_in_use_is_refused_naming_the_first(killed_then_resumed):
+    _, _, (second, first_pid), _, _, _ = killed_then_resumed
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert re.search(rf"error: --storage '.*' is in use by another driver: \S+@\S+ \(pid {first_pid}\)", second.stderr)
+    assert "Traceback" not in second.stderr + second.stdout
+
+
+def test_a_killed_driver_resumes_without_retraining(killed_then_resumed, micro_study):
+    store, _, _, _, before, mtimes = killed_then_resumed
     tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
-    driver = subprocess.Popen(_command(storage, address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: len(_ok_runs(store)) >= 5, 300, "the first tuning cells")
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    before = _ok_runs(store)
     assert 5 <= len(before) < len(tuning_cells), "the kill must land in the middle of the stage"
-    mtimes = {h: (store.artifact("tuned", h) / "trainable.safetensors").stat().st_mtime_ns
-              if (store.artifact("tuned", h) / "trainable.safetensors").exists()
-              else (store.artifact("tuned", h) / "model.safetensors").stat().st_mtime_ns for h in before}
-    rerun = subprocess.run(_command(storage, address), capture_output=True, text=True, timeout=600, check=False)
-    return store, tuning_cells, before, mtimes, rerun
-
-
-def test_a_killed_driver_resumes_without_retraining(killed_then_resumed):
-    store, tuning_cells, before, mtimes, rerun = killed_then_resumed
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    match = re.search(r"\[tuning\] (\d+) cells: (\d+) finished, (\d+) to run", rerun.stdout)
-    assert match, rerun.stdout[-2000:]
-    total, finished, to_run = map(int, match.groups())
-    # cells finished when the driver died are never trained again: only the rest ran (a cell killed mid-way
-    # wrote no row, so it is among them)
-    assert (total, finished, to_run) == (len(tuning_cells), len(before), len(tuning_cells) - len(before))
     after = _ok_runs(store)
     assert set(after) == {c.cell_hash for c in tuning_cells}
     for h, row in before.items():
         assert after[h]["started_at"] == row["started_at"]  # the same run's row, not a retrained one
-        path = store.artifact("tuned", h)
-        weights = path / "trainable.safetensors" if (path / "trainable.safetensors").exists() else \
-            path / "model.safetensors"
-        assert weights.stat().st_mtime_ns == mtimes[h]
+        assert _artifact_times(store)[("tuned", h)] == mtimes[h]
     table = results.read_table(store, "tuning_runs")
     assert table.num_rows == len(set(table["cell_hash"].to_pylist())) == len(tuning_cells)  # each row once
     curves = results.read_table(store, "tuning_curves").to_pylist()
@@ -110,11 +167,12 @@ def _checkpointed(store: Store) -> dict[str, int]:
     return {h: int(p.name.split("-")[1]) for h, p in found.items() if p is not None}
 
 
-def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address):
+def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address, micro_study):
     """Another seed adds tuning cells, longer ones (max_steps is part of their identity), checkpointed at every
     evaluation; the trial processes are SIGKILLed while they run; Tune's FailureConfig retries them, each interrupted cell continues from its newest checkpoint, and
     the sweep ends with every cell done once."""
-    store, tuning_cells, _, _, _ = killed_then_resumed
+    store = killed_then_resumed[0]
+    tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
     driver = subprocess.Popen(_command(store.root, address, "--set", "seeds=[21]", "--set", f"tuning.max_steps={LONG}",
                                        "--set", "tuning.checkpoint_every_seconds=0"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
