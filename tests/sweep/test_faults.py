@@ -83,7 +83,7 @@ def test_cells_whose_trials_die_get_failed_rows_and_stop_being_retried_after_max
     cells = [c for c in stage("compatibility").plan(study, plan_chain(study)) if isinstance(c, CompatibilityCell)]
     runs = []
     for _ in range(2):
-        with _Reaper("compatibility_trainable") as reaper:
+        with _Reaper("ImplicitFunc") as reaper:  # a Tune trial's process (only this stage's trials run now)
             runs.append(_driver(store.local, address, "--only", "compatibility", "--max-failures", "2"))
         assert reaper.killed > 0
         assert runs[-1].returncode == 1, runs[-1].stderr[-2000:]

@@ -1,6 +1,7 @@
 """Interruptions: the driver SIGKILLed mid-stage, a trial process killed, a grid value added. The sweep runs as a
 real `sweeps/full_paper.py` process attached to the test session's Ray cluster."""
 
+import json
 import re
 import shutil
 import signal
@@ -47,16 +48,21 @@ def address(ray_cluster):
     return ray_cluster.get_runtime_context().gcs_address
 
 
-# (what the driver is in the middle of when it is killed, table, ok rows to wait for): four kills at four stages
-KILLS = (("pretraining", "pretrain_runs", 2), ("tuning", "tuning_runs", 5), ("interpolation", "interpolation", 3),
-         ("the recycling methods", "methods_runs", 3))
-# Columns an interruption changes by design: where a cell resumed from, whether the teacher cache was warm
-INTERRUPTION_COLUMNS = {"resumed_from_step", "teacher"}
+# (what the driver is in the middle of when it is killed, table, ok rows to wait for, a cell mid-way with a
+# checkpoint too): four kills at four stages
+KILLS = (("pretraining", "pretrain_runs", 2, True), ("tuning", "tuning_runs", 5, True),
+         ("interpolation", "interpolation", 3, False), ("the recycling methods", "methods_runs", 3, False))
+# Columns an interruption changes by design: where a cell resumed from, whether the teacher cache was warm; and the
+# config column, which records checkpoint_every_seconds (checked apart)
+INTERRUPTION_COLUMNS = {"resumed_from_step", "teacher", "config"}
+# checkpoints at every evaluation, so that kills land in cells holding one (not part of any cell's identity)
+EVERY_STEP = ("--set", "pretrain.checkpoint_every_seconds=0", "--set", "tuning.checkpoint_every_seconds=0")
 
 
 def _full_command(storage: Path, address: str) -> list[str]:
     sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
-    return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address, *sets]
+    return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address, *sets,
+            *EVERY_STEP]
 
 
 def _finished(store: Store) -> dict[tuple[str, str], object]:
@@ -80,7 +86,7 @@ def killed_then_resumed(address, tmp_path_factory, micro_study):
     storage = tmp_path_factory.mktemp("resume")
     store = Store(storage)
     kills, second, tuning_finished_at_kill, tuned_at_kill = [], None, {}, {}
-    for what, table, rows in KILLS:
+    for what, table, rows, mid_cell in KILLS:
         driver = subprocess.Popen(_full_command(storage, address), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
@@ -89,7 +95,8 @@ def killed_then_resumed(address, tmp_path_factory, micro_study):
                 second = subprocess.run(_full_command(storage, address), capture_output=True, text=True, timeout=120,
                                         check=False)
                 second = (second, driver.pid)
-            _wait_for(lambda t=table, n=rows: len(results.finished_cells(store, t)) >= n, 600, f"{rows} rows of {table}")
+            _wait_for(lambda t=table, n=rows, c=mid_cell: len(results.finished_cells(store, t)) >= n
+                      and (not c or _checkpointed(store)), 600, f"{rows} rows of {table}")
         finally:
             driver.send_signal(signal.SIGKILL)
             driver.wait()
@@ -123,7 +130,18 @@ def test_a_driver_killed_at_four_stages_ends_exactly_where_an_uninterrupted_run_
     for table in results.SCHEMAS:
         rows = results.read_table(store, table).to_pylist()
         assert all(r.get("status", "ok") == "ok" for r in rows), table
+        if "config" in results.SCHEMAS[table].names:
+            assert _configs(store, table) == _configs(uninterrupted, table), table
+    resumed = {t: sum(r["resumed_from_step"] is not None for r in results.read_table(store, t).to_pylist())
+               for t in ("pretrain_runs", "tuning_runs")}
+    assert resumed["pretrain_runs"] >= 1 and resumed["tuning_runs"] >= 1, resumed  # kills landed mid-cell
     assert len(kills) == 4 and len({len(f) for _, f, _ in kills}) == 4  # each kill later in the study
+
+
+def _configs(store: Store, table: str) -> dict[str, dict]:
+    """cell hash -> its config column, checkpoint_every_seconds aside."""
+    return {r["cell_hash"]: {k: v for k, v in json.loads(r["config"]).items() if k != "checkpoint_every_seconds"}
+            for r in results.read_table(store, table).to_pylist()}
 
 
 def test_a_second_driver_on_a_storage_in_use_is_refused_naming_the_first(killed_then_resumed):
@@ -223,8 +241,9 @@ def test_a_new_grid_value_runs_only_the_new_cells(micro_run, tmp_path):
     assert len(paths) == 2 * len(pairs) and all(p["num_alphas"] == 4 for p in paths)
 
 
+# one DDP worker here (the driver kills above run two)
 PRETRAIN_SETS = ("--set", "pilot.control_length=0", "--set", "pretrain.continual_steps=30",
-                 "--set", "pretrain.checkpoint_every_seconds=0")
+                 "--set", "pretrain.checkpoint_every_seconds=0", "--set", "pretrain.num_workers=1")
 
 
 def _pretrain_command(storage: Path, address: str) -> list[str]:
