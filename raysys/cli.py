@@ -2,7 +2,8 @@
 
     raysys status STORAGE                       per stage: planned, done, failed, to do; the running sweep
     raysys results STORAGE TABLE [--where k=v]  print a table, or export it (--output x.csv|x.parquet|x.jsonl)
-    raysys report STORAGE [--out DIR]           regenerate the report from the Parquet tables alone
+    raysys report STORAGE [--out DIR]           regenerate the report of the storage's study from the tables
+                          [--all | --version N]  every row of the storage; version N of its study
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import pyarrow.parquet as pq
 
 from raysys.config import ConfigError
 from raysys.report import summary
+from raysys.report.scope import StudyRows
 from raysys.report.status import status_text
 from raysys.storage import results
 from raysys.storage.store import Store, atomic_write_bytes
-from raysys.storage.study import load_saved_study
+from raysys.storage.study import load_saved_study, load_version
 
 
 def _parse_value(text: str):
@@ -91,7 +93,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
     p = sub.add_parser("report", help="regenerate the report from the Parquet tables")
     p.add_argument("storage")
-    p.add_argument("--out", type=Path, default=None, help="local folder for report.md (default <storage>/report)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="local folder for report.md (default <storage>/report, report-all, report-v<N>)")
+    p.add_argument("--all", dest="everything", action="store_true",
+                   help="every row of the storage, whatever study made it (default: the current study's cells)")
+    p.add_argument("--version", type=int, default=None, metavar="N",
+                   help="the cells of version N of the storage's study (see the driver's 'study changed' line)")
     return parser.parse_args(argv)
 
 
@@ -106,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "results":
             print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
         else:
-            study = load_saved_study(store)
-            path = summary.write_report(study, store, args.out) if args.out else summary.publish_report(study, store)
+            study = load_saved_study(store) if args.version is None else load_version(store, args.version)
+            scope = StudyRows(study, store, everything=args.everything)
+            path = summary.write_report(scope, args.out) if args.out else summary.publish_report(scope)
             print(f"report: {path}")
     except (OSError, ValueError, ConfigError, pa.ArrowInvalid) as err:
         print(f"error: {err}", file=sys.stderr)

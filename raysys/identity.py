@@ -87,3 +87,22 @@ def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type:
     """The tuned model of (PLM, task, tuning type, seed) under the study's tuning settings."""
     return config_hash("tuned", plm_hash, data_spec(task), world_if_builtin(study, task.source),
                        tuning_identity(study.tuning, tuning_type), seed)
+
+
+# How a search is paced (trials run at once): beside the resource fields, not part of what a study computes.
+_PACING_FIELDS = {"parallel"}
+
+
+def study_fields(study: StudyConfig) -> dict:
+    """The config of a study as its identity sees it: every field but resources and pacing, at any depth."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in RESOURCE_FIELDS | _PACING_FIELDS}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    return strip(to_dict(study))
+
+
+def study_identity(study: StudyConfig) -> str:
+    """What a storage tells its studies apart by (raysys.storage.study keeps one version per identity): two
+    studies that differ only in how their work is spread are one study."""
+    return config_hash(study_fields(study))

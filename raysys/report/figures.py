@@ -13,9 +13,8 @@ matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt
 
 from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD
+from raysys.report.scope import StudyRows
 from raysys.report.tables import method_knobs, method_setting
-from raysys.storage import results
-from raysys.storage.store import Store
 
 
 def method_colours() -> dict[str, str]:
@@ -41,8 +40,8 @@ def _mean_by(rows: list[dict], key, value: str) -> dict:
     return {k: statistics.mean(v) for k, v in groups.items()}
 
 
-def pretrain_curves(store: Store, out: Path) -> Path | None:
-    rows = results.read_table(store, "pretrain_curves").to_pylist()
+def pretrain_curves(scope: StudyRows, out: Path) -> Path | None:
+    rows = scope.ok_rows("pretrain_curves")
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
@@ -58,9 +57,9 @@ def pretrain_curves(store: Store, out: Path) -> Path | None:
     return _save(fig, out / "pretrain_curves.png")
 
 
-def compatibility_heatmaps(store: Store, out: Path) -> Path | None:
+def compatibility_heatmaps(scope: StudyRows, out: Path) -> Path | None:
     """Per (task, type): test accuracy of Δ_i applied to M_j (i < j), with the model tuned on M_j on the diagonal."""
-    compat, tuned = results.ok_rows(store, "compatibility"), [r for r in results.ok_rows(store, "tuning_runs") if r["chain"] == "main"]
+    compat, tuned = scope.ok_rows("compatibility"), [r for r in scope.ok_rows("tuning_runs") if r["chain"] == "main"]
     if not compat:
         return None
     applied = _mean_by(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"]),
@@ -90,9 +89,9 @@ def compatibility_heatmaps(store: Store, out: Path) -> Path | None:
     return _save(fig, out / "compatibility.png")
 
 
-def interpolation_curves(store: Store, out: Path) -> Path | None:
+def interpolation_curves(scope: StudyRows, out: Path) -> Path | None:
     """Accuracy and loss along θ(α), mean over tasks, seeds and pairs: continual pair vs control, per type."""
-    rows = results.ok_rows(store, "interpolation")
+    rows = scope.ok_rows("interpolation")
     if not rows:
         return None
     types = sorted({r["tuning_type"] for r in rows})
@@ -111,9 +110,9 @@ def interpolation_curves(store: Store, out: Path) -> Path | None:
     return _save(fig, out / "interpolation.png")
 
 
-def head_similarity_heatmaps(store: Store, out: Path) -> Path | None:
+def head_similarity_heatmaps(scope: StudyRows, out: Path) -> Path | None:
     """1 − JS/ln2 between corresponding heads (layer × head), mean over tasks, seeds and pairs."""
-    rows = results.ok_rows(store, "head_similarity")
+    rows = scope.ok_rows("head_similarity")
     if not rows:
         return None
     types, kinds = sorted({r["tuning_type"] for r in rows}), sorted({r["pair_kind"] for r in rows})
@@ -131,10 +130,10 @@ def head_similarity_heatmaps(store: Store, out: Path) -> Path | None:
     return _save(fig, out / "head_similarity.png")
 
 
-def convergence_curves(store: Store, out: Path, best_knobs: dict) -> Path | None:
+def convergence_curves(scope: StudyRows, out: Path, best_knobs: dict) -> Path | None:
     """Dev accuracy vs step per method (mean over seeds); distill/combined at their best (T, a, β) per setting.
     `best_knobs` maps (task, type, upgrade, regime, method) to the chosen (T, a, β)."""
-    rows = results.read_table(store, "methods_curves").to_pylist()
+    rows = scope.ok_rows("methods_curves")
     if not rows:
         return None
     settings = sorted({method_setting(r) for r in rows})

@@ -12,9 +12,8 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
+from raysys.report.scope import StudyRows
 from raysys.report.tables import fmt, mean
-from raysys.storage import results
-from raysys.storage.store import Store
 
 LEARNED_MARGIN = 0.10  # an old model "learned the task" when it beats the majority baseline by this much
 COMPAT_MARGIN = 0.02  # Δ_i on M_j must beat the untrained head on M_j by this much
@@ -52,13 +51,13 @@ def _by(rows, key, value) -> dict:
     return {k: mean(v) for k, v in out.items()}
 
 
-def compatibility(store: Store) -> Finding:
+def compatibility(scope: StudyRows) -> Finding:
     """One hop (Δ_i on M_{i+1}), over the settings whose old model learned its task."""
-    tuned = _by((r for r in results.ok_rows(store, "tuning_runs") if r["chain"] == "main"),
+    tuned = _by((r for r in scope.ok_rows("tuning_runs") if r["chain"] == "main"),
                 lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
-    base = _by(results.ok_rows(store, "baselines"), lambda r: (r["task"], r["plm_index"], r["kind"]),
+    base = _by(scope.ok_rows("baselines"), lambda r: (r["task"], r["plm_index"], r["kind"]),
                "test_accuracy")
-    compat = _by(results.ok_rows(store, "compatibility"),
+    compat = _by(scope.ok_rows("compatibility"),
                  lambda r: (r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"]),
                  "test_accuracy")
     by_hop = defaultdict(list)
@@ -83,10 +82,10 @@ def compatibility(store: Store) -> Finding:
         verdict(sum(acc >= u + COMPAT_MARGIN for acc, u, _ in one), len(one)))
 
 
-def mode_connectivity(store: Store) -> Finding:
+def mode_connectivity(scope: StudyRows) -> Finding:
     """Per tuning type, one-hop continual paths: the accuracy drop below the straight line, against the control."""
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "interpolation_paths"):
+    for r in scope.ok_rows("interpolation_paths"):
         if r["split"] == "test" and r["plm_index_b"] - r["plm_index_a"] == 1:
             groups[(r["tuning_type"], r["pair_kind"])].append(r)
     types = sorted({t for t, _ in groups})
@@ -112,9 +111,9 @@ def mode_connectivity(store: Store) -> Finding:
                    f"≤ {100 * LMC_MAX_DROP:g} points on continual paths", verdict(passed, len(types)))
 
 
-def head_similarity(store: Store) -> Finding:
+def head_similarity(scope: StudyRows) -> Finding:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "head_similarity"):
+    for r in scope.ok_rows("head_similarity"):
         groups[(r["tuning_type"], r["layer"], r["pair_kind"])].append(r)
     settings = sorted({(t, layer) for t, layer, _ in groups})
     parts, passed = [], 0
@@ -201,8 +200,8 @@ def combined_best(methods_table: list[dict]) -> Finding:
                    verdict(passed, total))
 
 
-def findings(store: Store, methods_table: list[dict]) -> list[Finding]:
-    return [compatibility(store), mode_connectivity(store), head_similarity(store),
+def findings(scope: StudyRows, methods_table: list[dict]) -> list[Finding]:
+    return [compatibility(scope), mode_connectivity(scope), head_similarity(scope),
             init_convergence(methods_table), distillation_kshot(methods_table), combined_best(methods_table)]
 
 

@@ -14,7 +14,7 @@ from raysys.stages.base import Rows, View
 from raysys.stages.chain import plan_chain
 from raysys.stages.registry import STAGES
 from raysys.storage.store import Store
-from raysys.storage.study import load_saved_study, read_progress
+from raysys.storage.study import current_version, load_saved_study, read_progress
 
 STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
 
@@ -105,7 +105,8 @@ def status_text(store: Store) -> str:
     study = load_saved_study(store)
     status = stage_status(study, store)
     running = running_sweep(store)
-    lines = [f"study '{study.name}' in {store.shown}",
+    version = current_version(store)
+    lines = [f"study '{study.name}'{f', {version.label},' if version else ''} in {store.shown}",
              f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to do':>7}  state"]
     for stage in STAGES:
         counts = status[stage.name]

@@ -1,53 +1,66 @@
 """The study's summary: on the console at the end of a sweep, and as `report/report.md` with its figures — every
-number regenerated from the Parquet tables alone (`raysys report` rebuilds it from a storage)."""
+number regenerated from the Parquet tables alone (`raysys report` rebuilds it from a storage), over the rows of one
+study (raysys.report.scope): its head says which."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from raysys.config import StudyConfig
 from raysys.report import figures, findings
+from raysys.report.scope import StudyRows
 from raysys.report.tables import methods_table, table_sections
-from raysys.storage.store import Store, atomic_write_bytes
+from raysys.storage.store import atomic_write_bytes
+from raysys.storage.study import current_version
 
 
-def summary(study: StudyConfig, store: Store) -> str:
-    """The console summary: the findings, then every table."""
-    claims = findings.findings(store, methods_table(store))
+def summary(scope: StudyRows) -> str:
+    """The console summary: which rows, the findings, then every table."""
+    claims = findings.findings(scope, methods_table(scope))
     title = "Findings: the paper's claims against this study's data"
-    return "\n\n".join([f"{title}\n{findings.text(claims)}"] + table_sections(study, store))
+    return "\n\n".join(["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"] + table_sections(scope))
 
 
-def write_report(study: StudyConfig, store: Store, out_dir) -> Path:
+def write_report(scope: StudyRows, out_dir) -> Path:
     """`<out_dir>/report.md` and its PNG figures under `<out_dir>/figures/`: every summary table and figure,
     regenerated from the Parquet tables alone."""
     out_dir = Path(out_dir)
-    table = methods_table(store)
+    table = methods_table(scope)
     best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"] for r in table}
     drawn = {
-        "Continual pre-training": figures.pretrain_curves(store, out_dir / "figures"),
-        "Compatibility matrix": figures.compatibility_heatmaps(store, out_dir / "figures"),
-        "Interpolation paths": figures.interpolation_curves(store, out_dir / "figures"),
-        "Head similarity": figures.head_similarity_heatmaps(store, out_dir / "figures"),
-        "Convergence of the recycling methods": figures.convergence_curves(store, out_dir / "figures", best),
+        "Continual pre-training": figures.pretrain_curves(scope, out_dir / "figures"),
+        "Compatibility matrix": figures.compatibility_heatmaps(scope, out_dir / "figures"),
+        "Interpolation paths": figures.interpolation_curves(scope, out_dir / "figures"),
+        "Head similarity": figures.head_similarity_heatmaps(scope, out_dir / "figures"),
+        "Convergence of the recycling methods": figures.convergence_curves(scope, out_dir / "figures", best),
     }
-    body = [f"# raysys report: study '{study.name}'", "",
-            f"Regenerated from the Parquet tables in `{store.uri('results')}` (schemas: docs/results.md).", "",
+    body = [f"# raysys report: study '{scope.study.name}'", "", *scope.describe(), "",
+            f"Regenerated from the Parquet tables in `{scope.store.uri('results')}` (schemas: docs/results.md).", "",
             "## Findings: the paper's claims against this study's data", "",
-            findings.markdown(findings.findings(store, table)), "", "## Figures"]
+            findings.markdown(findings.findings(scope, table)), "", "## Figures"]
     for title, path in drawn.items():
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
-    for section in table_sections(study, store):
-        title, _, table = section.partition("\n")
-        body += ["", f"## {title}", "", "```", table, "```"]
+    for section in table_sections(scope):
+        title, _, text = section.partition("\n")
+        body += ["", f"## {title}", "", "```", text, "```"]
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path
 
 
-def publish_report(study: StudyConfig, store: Store) -> str:
-    """The report in `<storage>/report/`: written in place for a local store; for a URI written in the local
-    cache, then uploaded (replacing the previous report). Returns where it is."""
-    path = write_report(study, store, store.local / "report")
-    return f"{store.publish_dir(path.parent, 'report')}/{path.name}" if store.remote else str(path)
+def report_folder(scope: StudyRows) -> str:
+    """Where in the storage a report goes: `report/` for the current study; `report-all/` (--all) and
+    `report-v<N>/` (another version) beside it, so that neither replaces the current study's report."""
+    if scope.everything:
+        return "report-all"
+    if scope.version is None or scope.version == current_version(scope.store):
+        return "report"
+    return f"report-v{scope.version.number}"
+
+
+def publish_report(scope: StudyRows) -> str:
+    """The report in `<storage>/<report_folder>/`: written in place for a local store; for a URI written in the
+    local cache, then uploaded (replacing the previous report there). Returns where it is."""
+    store, folder = scope.store, report_folder(scope)
+    path = write_report(scope, store.local / folder)
+    return f"{store.publish_dir(path.parent, folder)}/{path.name}" if store.remote else str(path)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from raysys.config import RECYCLING_METHODS, StudyConfig
-from raysys.storage import results
-from raysys.storage.store import Store
+from raysys.config import RECYCLING_METHODS
+from raysys.report.scope import StudyRows
 
 
 def _mean_std(values: list[float]) -> str:
@@ -33,35 +32,42 @@ def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "—" if value is None else f"{scale * value:.{digits}f}"
 
 
-def _pretrain_summary(store: Store) -> str:
-    runs = sorted(results.ok_rows(store, "pretrain_runs"), key=lambda r: (r["chain"] != "main", r["link"]))
+def _pretrain_summary(scope: StudyRows) -> str:
+    runs = sorted(scope.ok_rows("pretrain_runs"), key=lambda r: (r["chain"] != "main", r["link"]))
     return "Pre-training chains (M = main, C = control: another origin, the same continual data)\n" + _table(
         ["PLM", "domain", "init", "steps", "final MLM loss", "tokens/s"],
         [[f"{'M' if r['chain'] == 'main' else 'C'}{r['link']}", r["domain"], r["init"], r["steps"],
           fmt(r["final_loss"], digits=3), fmt(r["tokens_per_second"], digits=0)] for r in runs])
 
 
-def _tuning_summary(study: StudyConfig, store: Store) -> str:
+def _tuning_summary(scope: StudyRows) -> str:
     tuned = defaultdict(list)
-    for r in results.ok_rows(store, "tuning_runs"):
+    for r in scope.ok_rows("tuning_runs"):
         tuned[(r["chain"], r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
     columns = sorted({(c, p) for c, _, _, p in tuned}, key=lambda x: (x[0] != "main", x[1]))
-    rows = [[task.name, t] + [_mean_std(tuned[(c, task.name, t, p)]) for c, p in columns]
-            for task in study.tasks for t in study.tuning.types]
+    study = scope.study
+    tasks = _in_order([t.name for t in study.tasks], [k[1] for k in tuned])  # --all: other studies' tasks too
+    types = _in_order(list(study.tuning.types), [k[2] for k in tuned])
+    rows = [[task, t] + [_mean_std(tuned[(c, task, t, p)]) for c, p in columns] for task in tasks for t in types]
     return "Tuning: test accuracy % of the best-dev checkpoint (mean±std over seeds)\n" + _table(
         ["task", "type"] + [f"{'M' if c == 'main' else 'C'}{p}" for c, p in columns], rows)
 
 
-def _compatibility_summary(store: Store) -> str:
+def _in_order(planned: list[str], found) -> list[str]:
+    """The study's names in its order, then any other name the rows hold (sorted)."""
+    return planned + sorted(set(found) - set(planned))
+
+
+def _compatibility_summary(scope: StudyRows) -> str:
     tuned = defaultdict(list)
-    for r in results.ok_rows(store, "tuning_runs"):
+    for r in scope.ok_rows("tuning_runs"):
         if r["chain"] == "main":
             tuned[(r["task"], r["tuning_type"], r["plm_index"])].append(r["test_accuracy"])
     base = defaultdict(list)
-    for r in results.ok_rows(store, "baselines"):
+    for r in scope.ok_rows("baselines"):
         base[(r["task"], r["plm_index"], r["kind"])].append(r["test_accuracy"])
     compat = defaultdict(list)
-    for r in results.ok_rows(store, "compatibility"):
+    for r in scope.ok_rows("compatibility"):
         compat[(r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"])].append(r["test_accuracy"])
     rows = [[task, t, f"M{i}->M{j}", _mean_std(v), _mean_std(tuned[(task, t, j)]),
              _mean_std(base[(task, j, "untrained_head")]), _mean_std(base[(task, j, "majority")])]
@@ -70,9 +76,9 @@ def _compatibility_summary(store: Store) -> str:
         ["task", "type", "hop", "Δ_i on M_j", "tuned on M_j", "untrained head", "majority"], rows)
 
 
-def _path_summary(store: Store) -> str:
+def _path_summary(scope: StudyRows) -> str:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "interpolation_paths"):
+    for r in scope.ok_rows("interpolation_paths"):
         if r["split"] == "test":
             groups[(r["tuning_type"], r["plm_index_b"] - r["plm_index_a"], r["pair_kind"])].append(r)
     rows = [[t, f"i->i+{hop}", kind, len(v), fmt(mean(r["loss_barrier"] for r in v), digits=3),
@@ -82,9 +88,9 @@ def _path_summary(store: Store) -> str:
         ["type", "hop", "pair", "paths", "loss barrier", "acc drop %", "min acc %"], rows)
 
 
-def _head_summary(store: Store) -> str:
+def _head_summary(scope: StudyRows) -> str:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "head_similarity"):
+    for r in scope.ok_rows("head_similarity"):
         groups[(r["tuning_type"], r["layer"], r["pair_kind"])].append(r)
     rows = [[t, layer, kind, fmt(mean(r["similarity_corresponding"] for r in v), digits=3),
              fmt(mean(r["similarity_noncorresponding"] for r in v), digits=3)]
@@ -93,9 +99,9 @@ def _head_summary(store: Store) -> str:
         ["type", "layer", "pair", "corresponding heads", "non-corresponding heads"], rows)
 
 
-def _distance_summary(store: Store) -> str:
+def _distance_summary(scope: StudyRows) -> str:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "distances"):
+    for r in scope.ok_rows("distances"):
         groups[(r["tuning_type"], r["what"], r["pair_kind"])].append(r)
     rows = [[t, what, kind, fmt(mean(r["l2"] for r in v), digits=2),
              fmt(mean(r["l2_per_parameter"] for r in v), digits=5), fmt(mean(r["cosine"] for r in v), digits=3)]
@@ -114,12 +120,12 @@ def method_knobs(r: dict) -> tuple:
     return r["temperature"], r["kd_weight"], r["beta"]
 
 
-def methods_table(store: Store) -> list[dict]:
+def methods_table(scope: StudyRows) -> list[dict]:
     """Per setting (task, type, upgrade, regime) and method: test accuracy, steps to target and area under the dev
     curve over seeds; for the distilling methods the (T, a, β) with the best mean dev accuracy (K-shot dev in the
     few-shot regime, as the paper selects) stands for the method."""
     runs = defaultdict(lambda: defaultdict(list))
-    for r in results.ok_rows(store, "methods_runs"):
+    for r in scope.ok_rows("methods_runs"):
         runs[method_setting(r)][(r["method"], method_knobs(r))].append(r)
     table = []
     for setting, by_variant in sorted(runs.items()):
@@ -142,20 +148,20 @@ def _knob_text(knobs: tuple) -> str:
     return "" if knobs[0] is None else f"T={knobs[0]:g} a={knobs[1]:g} β={knobs[2]:g}"
 
 
-def _methods_summary(store: Store) -> str:
+def _methods_summary(scope: StudyRows) -> str:
     rows = [[r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"], _knob_text(r["knobs"]),
              _mean_std(r["test"]), _mean_std(r["test_full_dev_selection"]),
              fmt(mean(r["steps_to_target"]), digits=0) + f" ({r['reached']})", _mean_std(r["auc"]),
-             _mean_std(r["start"])] for r in methods_table(store)]
+             _mean_std(r["start"])] for r in methods_table(scope)]
     return ("Recycling methods: test accuracy % (dev selection / full-dev selection), steps to 95% of vanilla's best "
             "dev (runs that reached it), area under the dev curve %, dev accuracy % at step 0 (mean±std over seeds)\n"
             + _table(["task", "type", "upgrade", "regime", "method", "best T, a, β", "test", "test (full dev)",
                       "steps to target", "dev AUC", "start"], rows))
 
 
-def _grid_summary(store: Store) -> str:
+def _grid_summary(scope: StudyRows) -> str:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "methods_runs"):
+    for r in scope.ok_rows("methods_runs"):
         if r["temperature"] is not None:
             groups[(r["tuning_type"], method_setting(r)[3], r["method"]) + method_knobs(r)].append(r)
     rows = [[t, regime, m, f"{temp:g}", f"{a:g}", f"{beta:g}", len(v), _mean_std([r["best_dev_accuracy"] for r in v]),
@@ -164,11 +170,11 @@ def _grid_summary(store: Store) -> str:
         ["type", "regime", "method", "T", "a", "β", "runs", "best dev", "test"], rows)
 
 
-def _search_summary(store: Store) -> str:
+def _search_summary(scope: StudyRows) -> str:
     """Per setting and method: the best trial of each seed's Optuna search (by dev), averaged over seeds."""
     best = defaultdict(dict)
     counts = defaultdict(int)
-    for r in results.ok_rows(store, "methods_search"):
+    for r in scope.ok_rows("methods_search"):
         key = method_setting(r) + (r["method"],)
         counts[key] += 1
         if r["seed"] not in best[key] or r["best_dev_accuracy"] > best[key][r["seed"]]["best_dev_accuracy"]:
@@ -186,9 +192,9 @@ def _search_summary(store: Store) -> str:
                      rows))
 
 
-def _training_free_summary(store: Store) -> str:
+def _training_free_summary(scope: StudyRows) -> str:
     groups = defaultdict(list)
-    for r in results.ok_rows(store, "training_free"):
+    for r in scope.ok_rows("training_free"):
         kind = "same task" if r["map_task"] == r["task"] else "other task"
         groups[(r["tuning_type"], f"M{r['source_plm_index']}->M{r['target_plm_index']}", kind)].append(r)
     rows = [[t, up, kind, len(v), _mean_std([r["direct_test_accuracy"] for r in v]),
@@ -198,8 +204,8 @@ def _training_free_summary(store: Store) -> str:
             + _table(["type", "upgrade", "map trained on", "rows", "direct", "mapped"], rows))
 
 
-def table_sections(study: StudyConfig, store: Store) -> list[str]:
+def table_sections(scope: StudyRows) -> list[str]:
     """Every summary table, as 'title\ntable'."""
-    return [_pretrain_summary(store), _tuning_summary(study, store), _compatibility_summary(store),
-            _path_summary(store), _head_summary(store), _distance_summary(store), _methods_summary(store),
-            _grid_summary(store), _search_summary(store), _training_free_summary(store)]
+    return [_pretrain_summary(scope), _tuning_summary(scope), _compatibility_summary(scope),
+            _path_summary(scope), _head_summary(scope), _distance_summary(scope), _methods_summary(scope),
+            _grid_summary(scope), _search_summary(scope), _training_free_summary(scope)]

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 
 from raysys.config import ConfigError, StudyConfig, available_presets, load_study, to_dict
 from raysys.core.recycle import WeightMismatchError
+from raysys.report.scope import StudyRows
 from raysys.report.status import missing_cells, plan_text
 from raysys.report.summary import publish_report, summary
 from raysys.stages.base import MissingInputError, Rows, Stage, View, hashes, write_failure
@@ -58,7 +59,9 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
     if not data_checked:
         study = check_data(study, tuple(only))
     chain = plan_chain(study)
-    save_study(study, store)
+    changed = save_study(study, store)
+    if changed:
+        log(changed)
     ran: dict[str, dict] = {}
     for _ in range(MAX_PASSES):
         set_aside = store.quarantined()
@@ -356,8 +359,9 @@ def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str
     except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError, LeaseHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary(study, store))
-    print(f"\nreport: {publish_report(study, store)}")
+    scope = StudyRows(study, store)  # this study's cells, not every row the storage holds
+    print(summary(scope))
+    print(f"\nreport: {publish_report(scope)}")
     print(f"\nresults: {store.uri('results')} (Parquet; schemas in docs/results.md)")
     print(f"total wall time: {time.time() - started:.1f}s")
     incomplete = {k: v for k, v in missing_cells(study, store).items() if v and k in args.only}

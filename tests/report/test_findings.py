@@ -2,9 +2,16 @@
 
 import pytest
 
+from raysys.config import load_study
 from raysys.report import findings, tables
+from raysys.report.scope import StudyRows
 from raysys.storage import results
 from raysys.storage.store import Store
+
+
+def _every_row(store):
+    """The rules on every row written here (their made-up cell hashes are no study's plan)."""
+    return StudyRows(load_study("tiny"), store, everything=True)
 
 
 def _write(store, table, rows):
@@ -31,13 +38,13 @@ def test_compatibility_counts_only_old_models_that_learned_their_task(tmp_path):
     _write(store, "compatibility", [
         {"task": "t", "tuning_type": "finetune", "source_plm_index": 0, "target_plm_index": 1, "test_accuracy": 0.60},
         {"task": "t", "tuning_type": "lora", "source_plm_index": 0, "target_plm_index": 1, "test_accuracy": 0.20}])
-    f = findings.compatibility(store)
+    f = findings.compatibility(_every_row(store))
     assert f.verdict == "holds"
     assert "1 settings" in f.evidence and "60.0%" in f.evidence and "85.0%" in f.evidence
     # The same Δ barely above the untrained head fails the 2-point margin.
     _write(store, "compatibility", [
         {"task": "t", "tuning_type": "finetune", "source_plm_index": 0, "target_plm_index": 1, "test_accuracy": 0.26}])
-    assert findings.compatibility(store).verdict == "does not hold"
+    assert findings.compatibility(_every_row(store)).verdict == "does not hold"
 
 
 def _path(kind, t, drop, ends=(0.8, 0.8)):
@@ -51,7 +58,7 @@ def test_mode_connectivity_per_type_with_weak_control_caveat(tmp_path):
         _path("continual", "finetune", 0.01), _path("control", "finetune", 0.30),
         _path("continual", "lora", 0.20), _path("control", "lora", 0.0, ends=(0.25, 0.25)),
         {**_path("continual", "lora", 0.0), "split": "dev"}])  # dev rows are not the evidence
-    f = findings.mode_connectivity(store)
+    f = findings.mode_connectivity(_every_row(store))
     assert f.verdict == "partly (1/2)"
     assert "finetune: acc drop 1.0% continual vs 30.0% control" in f.evidence
     assert "Caveat (lora)" in f.evidence
@@ -63,7 +70,7 @@ def test_head_similarity_needs_margin_above_control(tmp_path):
                                      "similarity_corresponding": c, "similarity_noncorresponding": n}
     _write(store, "head_similarity", [row("continual", 0, 0.9, 0.5), row("control", 0, 0.5, 0.5),
                                       row("continual", 1, 0.6, 0.5), row("control", 1, 0.7, 0.5)])
-    f = findings.head_similarity(store)
+    f = findings.head_similarity(_every_row(store))
     assert f.verdict == "partly (1/2)"
     assert "finetune L0: 0.400 vs control 0.000" in f.evidence
 
@@ -91,7 +98,7 @@ def test_method_claims_from_a_methods_table():
 
 
 def test_report_carries_the_findings_table(tmp_path):
-    store = Store(tmp_path / "store")
-    table = findings.markdown(findings.findings(store, tables.methods_table(store)))
+    scope = StudyRows(load_study("tiny"), Store(tmp_path / "store"))
+    table = findings.markdown(findings.findings(scope, tables.methods_table(scope)))
     assert table.count("\n") == 7  # header, rule, six claims
     assert table.count("**no data**") == 6

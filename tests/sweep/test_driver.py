@@ -394,3 +394,12 @@ def test_dry_run_names_every_data_problem_before_ray_starts(tmp_path, capsys, mo
     assert re.search(r"tasks/chem/train\.jsonl:49: invalid JSON", err), err
     assert "task help/dev: labels ['maybe'] not in the training labels ['even', 'odd']" in err
     assert not storage.exists()
+
+
+def test_a_start_with_a_changed_study_says_what_changed(tmp_path):
+    """The README's `--set tuning.lr=...` into an existing storage: a new version of its study, announced."""
+    store, lines = Store(tmp_path), []
+    for overrides in ([], ["tuning.lr=5e-4"], ["tuning.lr=5e-4"]):
+        sweep.run_study(load_study("tiny", overrides), store, only=(), log=lines.append)
+    assert len(lines) == 1 and "changed from version 1" in lines[0] and "to new version 2" in lines[0]
+    assert "tuning.lr: 0.001 -> 0.0005" in lines[0] and "--version 1" in lines[0]
