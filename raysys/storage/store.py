@@ -316,7 +316,7 @@ class Store:
     def _temporary_homes(self) -> list[Path]:
         """Where temporaries can be: the root, each results table, each artifact kind, each cell's checkpoints."""
         homes = [self.local]
-        for sub in ("results", "artifacts", "checkpoints", "configs"):
+        for sub in ("results", "artifacts", "checkpoints", "configs", "studies", "report"):
             parent = self.local / sub
             if parent.is_dir():
                 homes += [parent] + [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]

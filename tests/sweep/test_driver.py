@@ -403,3 +403,19 @@ def test_a_start_with_a_changed_study_says_what_changed(tmp_path):
         sweep.run_study(load_study("tiny", overrides), store, only=(), log=lines.append)
     assert len(lines) == 1 and "changed from version 1" in lines[0] and "to new version 2" in lines[0]
     assert "tuning.lr: 0.001 -> 0.0005" in lines[0] and "--version 1" in lines[0]
+
+
+def test_taking_a_storage_removes_what_writers_killed_mid_write_left_and_nothing_else(tmp_path):
+    store = Store(tmp_path / "s")
+    left = ["results/tuning_runs/.tmp-abc.parquet-1234abcd", "artifacts/plm/.tmp-h-1234abcd/model.safetensors",
+            "checkpoints/cell/.tmp-step-000000008-1234abcd/state.json", ".tmp-study.json-1234abcd",
+            "studies/.tmp-1-abc.json-1234abcd"]
+    kept = ["results/tuning_runs/abc.parquet", "artifacts/plm/h/model.safetensors", "ray/tune/.tmp-ray-own",
+            "study.json"]
+    for rel in left + kept:
+        (store.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (store.local / rel).write_text("x")
+    messages = []
+    sweep.take_storage(store, fresh=False, log=messages.append).release()
+    assert messages == ["raysys: removed 5 temporary files and folders an interrupted run left"]
+    assert sorted(str(p.relative_to(store.local)) for p in store.local.rglob("*") if p.is_file()) == sorted(kept)

@@ -176,7 +176,9 @@ def _trial_processes() -> list[psutil.Process]:
     return found
 
 
-LONG, EVERY = 120, 4  # steps of the added cells; the micro study evaluates every 4 steps
+LONG, EVERY = 60, 4  # steps of the added cells; the micro study evaluates every 4 steps
+LONGER = ("--set", "seeds=[21]", "--set", f"tuning.max_steps={LONG}", "--set", "tuning.checkpoint_every_seconds=0",
+          "--set", 'tuning.types=["lora"]')  # new cells: another seed, longer (max_steps is part of their identity)
 
 
 def _checkpointed(store: Store) -> dict[str, int]:
@@ -191,9 +193,11 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, addr
     the sweep ends with every cell done once."""
     store = killed_then_resumed[0]
     tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
-    driver = subprocess.Popen(_command(store.root, address, "--set", "seeds=[21]", "--set", f"tuning.max_steps={LONG}",
-                                       "--set", "tuning.checkpoint_every_seconds=0"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    longer = build(type(micro_study), {**to_dict(micro_study), "seeds": [21],
+                                       "tuning": {**to_dict(micro_study.tuning), "max_steps": LONG, "types": ["lora"]}})
+    new_cells = stage("tuning").plan(longer, plan_chain(longer))
+    driver = subprocess.Popen(_command(store.root, address, *LONGER), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     try:
         _wait_for(lambda: len(_ok_runs(store)) >= len(tuning_cells) + 2 and _checkpointed(store)
                   and _trial_processes(), 300, "a checkpointed trial of the new cells")
@@ -208,7 +212,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, addr
             driver.kill()
     assert driver.returncode == 0, out[-3000:]
     runs = _ok_runs(store)
-    assert len(runs) == 2 * len(tuning_cells)
+    assert len(runs) == len(tuning_cells) + len(new_cells) and set(runs) >= {c.cell_hash for c in new_cells}
     assert not [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["status"] != "ok"]
     assert interrupted, "the kill must land while a cell holds a checkpoint"
     for h, step in interrupted.items():
