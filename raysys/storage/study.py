@@ -25,7 +25,7 @@ def load_saved_study(store: Store) -> StudyConfig:
                                 "started in it)")
     try:
         return build(StudyConfig, _renamed(json.loads(payload)))
-    except (json.JSONDecodeError, ConfigError) as err:
+    except ValueError as err:  # not JSON, not UTF-8, or not a valid study (ConfigError)
         raise ConfigError(f"{store.uri(STUDY_FILE)}: {err}") from err
 
 
@@ -44,5 +44,9 @@ def write_progress(store: Store, state: dict) -> None:
 
 
 def read_progress(store: Store) -> dict | None:
+    """The sweep's last progress, or None: none written yet, or a damaged file (each sweep rewrites it whole)."""
     payload = store.read_bytes(PROGRESS_FILE)
-    return None if payload is None else json.loads(payload)
+    try:
+        return None if payload is None else json.loads(payload)
+    except ValueError:
+        return None
