@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -45,6 +46,29 @@ def _check(condition: bool, field_name: str, message: str) -> None:
 
 def _check_precision(precision: str, field_name: str) -> None:
     _check(precision in PRECISIONS, field_name, f"'{precision}' is not one of {list(PRECISIONS)}")
+
+
+# Seeds are drawn from [0, SEED_LIMIT): the streams derived from them — (seed·7919 + rank)·1000003 + step in
+# pre-training, seed·100003 + trials in an Optuna search — must stay within torch's 64-bit and NumPy's 32-bit seed
+# ranges, and a seed is an int64 column of the result tables.
+SEED_LIMIT = 2**31
+
+
+def _check_seed(seed: int, field_name: str) -> None:
+    _check(0 <= seed < SEED_LIMIT, field_name, f"a seed must be in 0..2**31 - 1, got {seed}")
+
+
+def _check_distinct(values, field_name: str) -> None:
+    """A repeated value of a grid list makes the same cells twice (one hash, two trials writing one file)."""
+    _check(len(set(values)) == len(values), field_name, f"values must be distinct, got {list(values)}")
+
+
+def _check_name(name: str, field_name: str) -> None:
+    """A corpus, task or split name is one component of a path (`<path>/<task>/<split>.jsonl`, cache folders)."""
+    _check(bool(name.strip()), field_name, "must not be empty")
+    _check(name == name.strip() and not name.startswith(".") and "/" not in name and "\\" not in name
+           and name.isprintable(), field_name,
+           f"{name!r} is not a plain name (no '/' or '\\', no leading '.' or spaces, no control characters)")
 
 
 def _check_gpus(gpus: float, field_name: str) -> None:
@@ -99,6 +123,7 @@ class WorldConfig:
     task_test: int = 512
 
     def __post_init__(self):
+        _check_seed(self.seed, "world.seed")
         _check(1 <= self.num_domains <= 9, "world.num_domains", "must be in 1..9")
         _check(self.num_classes >= 2, "world.num_classes", "must be >= 2")
         _check(self.entities_per_class >= 2, "world.entities_per_class", "must be >= 2")
@@ -139,7 +164,8 @@ class CorpusConfig:
     fingerprint: str | None = None
 
     def __post_init__(self):
-        _check(bool(self.name), "corpus.name", "must not be empty")
+        _check_name(self.name, "corpus.name")
+        _check(bool(self.text_field), f"corpus {self.name}.text_field", "must not be empty")
         _check(self.source == "builtin" or bool(self.path), f"corpus {self.name}.path", "required for non-builtin")
         _check(self.max_documents is None or self.max_documents > 0, f"corpus {self.name}.max_documents", "must be > 0")
         _check(self.source == "hf" or (self.config_name is None and self.revision is None and not self.streaming),
@@ -167,9 +193,15 @@ class TaskConfig:
     fingerprint: str | None = None
 
     def __post_init__(self):
-        _check(bool(self.name), "task.name", "must not be empty")
+        _check_name(self.name, "task.name")
+        _check(bool(self.domain), f"task {self.name}.domain", "must not be empty")
         _check(self.source == "builtin" or bool(self.path), f"task {self.name}.path", "required for non-builtin")
         _check(len(self.splits) == 3, f"task {self.name}.splits", "must name train, dev and test splits")
+        for split in self.splits if self.source in ("jsonl", "parquet") else ():  # file names; a hub names its own
+            _check_name(split, f"task {self.name}.splits")
+        _check(len(set(self.splits)) == 3, f"task {self.name}.splits", f"three different splits, got {list(self.splits)}")
+        _check(bool(self.text_field) and bool(self.label_field) and self.text_field != self.label_field,
+               f"task {self.name}.text_field", "text_field and label_field: two different, non-empty field names")
         _check(self.source == "hf" or (self.config_name is None and self.revision is None),
                f"task {self.name}.config_name", "config_name and revision are options of `hf` sources")
 
@@ -210,6 +242,8 @@ class PretrainConfig:
         _check(self.batch_size > 0, "pretrain.batch_size", "must be > 0")
         _check(self.sequence_length >= 8, "pretrain.sequence_length", "must be >= 8")
         _check(self.lr > 0 and self.continual_lr > 0, "pretrain.lr", "learning rates must be > 0")
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0 (a negative decay grows the weights)")
+        _check_seed(self.seed, "pretrain.seed")
         _check(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction", "must be in [0, 1)")
         _check(0.0 < self.mask_prob < 1.0, "pretrain.mask_prob", "must be in (0, 1)")
         _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
@@ -298,6 +332,9 @@ class TuningConfig:
         _check(self.lr > 0, "tuning.lr", "must be > 0")
         _check(self.pet_lr is None or self.pet_lr > 0, "tuning.pet_lr", "must be > 0")
         _check(self.max_length >= 8, "tuning.max_length", "must be >= 8")
+        _check(self.weight_decay >= 0, "tuning.weight_decay", "must be >= 0 (a negative decay grows the weights)")
+        # clip_grad_norm_ scales the gradient to at most this norm: 0 zeroes it, a negative one flips it (ascent)
+        _check(self.max_grad_norm > 0, "tuning.max_grad_norm", "must be > 0")
         _check(0.0 <= self.warmup_fraction < 1.0, "tuning.warmup_fraction", "must be in [0, 1)")
         _check(0 < self.eval_every_steps <= min(self.max_steps, self.pet_max_steps or self.max_steps),
                "tuning.eval_every_steps", "must be in 1..max_steps (and 1..pet_max_steps)")
@@ -359,6 +396,8 @@ class PilotConfig:
         _check(0.0 in self.alphas and 1.0 in self.alphas, "pilot.alphas",
                "must include both ends, 0 and 1 (the barrier is measured against them)")
         _check(len(self.hops) >= 1 and all(h >= 1 for h in self.hops), "pilot.hops", "hops must be >= 1")
+        _check_distinct(self.hops, "pilot.hops")
+        _check_seed(self.control_seed, "pilot.control_seed")
         _check(self.control_length is None or self.control_length >= 0, "pilot.control_length", "must be >= 0")
         _check(self.similarity_examples >= 1, "pilot.similarity_examples", "must be >= 1")
         _check(self.eval_batch_size >= 1, "pilot.eval_batch_size", "must be >= 1")
@@ -438,6 +477,9 @@ class TrainingFreeConfig:
     kd_weight: float = 0.9
 
     def __post_init__(self):
+        _check(self.tasks is None or len(self.tasks) >= 1, "methods.training_free.tasks",
+               "name at least one task (or leave it out: every task)")
+        _check_distinct(self.tasks or (), "methods.training_free.tasks")
         _check(self.rank >= 1, "methods.training_free.rank", "must be >= 1")
         _check(self.steps >= 1, "methods.training_free.steps", "must be >= 1")
         _check(self.lr > 0, "methods.training_free.lr", "must be > 0")
@@ -473,6 +515,7 @@ class SearchConfig:
                f"unknown '{self.algorithm}'; known: {list(SEARCH_ALGORITHMS)}")
         _check(self.trials >= 1, "methods.search.trials", "must be >= 1")
         _check(self.parallel >= 1, "methods.search.parallel", "must be >= 1")
+        _check_seed(self.seed, "methods.search.seed")
         for name, low in (("lr", 0.0), ("temperature", 0.0), ("kd_weight", 0.0), ("beta", 0.0)):
             lo, hi = getattr(self, name)
             _check(lo >= low and lo < hi, f"methods.search.{name}", f"must be a range [low, high) with low >= {low}"
@@ -519,6 +562,12 @@ class MethodsConfig:
             _check(t in TUNING_TYPES, "methods.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
         _check(self.types is None or len(self.types) >= 1, "methods.types", "name at least one tuning type")
         _check(len(self.hops) >= 1 and all(h >= 1 for h in self.hops), "methods.hops", "hops must be >= 1")
+        _check(self.tasks is None or len(self.tasks) >= 1, "methods.tasks", "name at least one task (or leave it out: "
+               "every task)")
+        _check(self.sources is None or len(self.sources) >= 1, "methods.sources",
+               "name at least one PLM index (or leave it out: every tuned PLM)")
+        for name in ("hops", "tasks", "types", "sources", "regimes", "shots", "temperatures", "kd_weights", "betas"):
+            _check_distinct(getattr(self, name) or (), f"methods.{name}")
         _check(len(self.regimes) >= 1, "methods.regimes", f"name at least one of {list(REGIMES)}")
         for r in self.regimes:
             _check(r in REGIMES, "methods.regimes", f"unknown regime '{r}'; known: {list(REGIMES)}")
@@ -564,9 +613,15 @@ class StudyConfig:
         _check(len(set(task_names)) == len(task_names), "tasks", f"task names must be unique, got {task_names}")
         for task in self.tasks:
             _check(task.domain in names, f"task {task.name}.domain", f"'{task.domain}' is not one of {names}")
+        _check(bool(self.name.strip()), "name", "the study needs a name")
         _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", "must be distinct, >= 1")
+        for seed in self.seeds:
+            _check_seed(seed, "seeds")
+        _check(len(self.plms_to_tune) >= 1, "tune_plms", "name at least one PLM index (or leave it out: every PLM)")
+        _check_distinct(self.plms_to_tune, "tune_plms")
         for i in self.plms_to_tune:
             _check(0 <= i < len(self.corpora), "tune_plms", f"PLM index {i} outside 0..{len(self.corpora) - 1}")
+        self._check_lengths()
         builtin = [c.name for c in self.corpora if c.source == "builtin"]
         expected = [f"d{i}" for i in range(self.world.num_domains + 1)]
         for name in builtin:
@@ -576,6 +631,7 @@ class StudyConfig:
                 _check(task.domain in builtin and task.domain != "d0", f"task {task.name}.domain",
                        "a builtin task belongs to a builtin domain d1..dN")
         self._check_methods()
+        self._check_reach()
         control = self.control_length
         _check(control <= len(self.corpora), "pilot.control_length",
                f"the control chain cannot be longer than the main chain ({len(self.corpora)} links)")
@@ -583,6 +639,35 @@ class StudyConfig:
             raise ConfigError("pilot.control_name_or_path: the main chain starts from a pretrained checkpoint, so the "
                               "control chain needs an independently pre-trained one of the same architecture "
                               "(or set pilot.control_length = 0)")
+
+    def _check_lengths(self) -> None:
+        """A model built here holds `max_positions` positions: every sequence it is fed must fit (a checkpoint's
+        own config says its length; these fields are then unused)."""
+        if self.model.name_or_path:
+            return
+        for name, length in (("pretrain.sequence_length", self.pretrain.sequence_length),
+                             ("tuning.max_length", self.tuning.max_length)):
+            _check(length <= self.model.max_positions, "model.max_positions",
+                   f"{self.model.max_positions} is shorter than {name} = {length}")
+
+    def _check_reach(self) -> None:
+        """Hops that reach past the chain, or a tuned set no hop joins, would leave the pilot or methods stages
+        without a cell and say nothing. (A hop past the chain beside one within it is the defaults' (1, 2) on a
+        chain of two: allowed.)"""
+        n = len(self.corpora)
+        _check(bool(self.pilot_pairs), "pilot.hops", f"no hop in {list(self.pilot.hops)} joins two tuned PLMs "
+               f"(tune_plms = {list(self.plms_to_tune)}, a chain of {n}): the interpolation and similarity stages "
+               "would be empty")
+        _check(bool(self.upgrades), "methods.hops", f"no tuned PLM has a successor M_i+h for h in "
+               f"{list(self.methods.hops)} (tune_plms = {list(self.plms_to_tune)}, a chain of {n}): the methods "
+               "stage would be empty")
+        if self.control_length and not self.pilot.control_name_or_path and not self.model.name_or_path:
+            _check(self.pilot.control_seed != self.pretrain.seed, "pilot.control_seed",
+                   f"equals pretrain.seed ({self.pretrain.seed}): the control chain would be the main chain")
+        _check(self.control_length != 1, "pilot.control_length", "1 makes a control chain of C0 alone, which no pair "
+               "uses (a control pair compares tuned M_i with C_j, j >= 1): 0 (none) or >= 2")
+        _check(not self.pilot.control_name_or_path or self.pilot.control_name_or_path != self.model.name_or_path,
+               "pilot.control_name_or_path", "is model.name_or_path: the control chain would share its history")
 
     def _check_methods(self) -> None:
         for name in self.methods.tasks or ():
@@ -608,6 +693,13 @@ class StudyConfig:
         return tuple((i, i + h) for h in self.methods.hops for i in sources if i + h < len(self.corpora))
 
     @property
+    def pilot_pairs(self) -> tuple[tuple[int, int], ...]:
+        """(i, i + h) for every hop h of the pilot studies between two tuned PLMs of the main chain."""
+        tuned = set(self.plms_to_tune)
+        return tuple((i, i + h) for h in self.pilot.hops for i in range(len(self.corpora))
+                     if i in tuned and i + h in tuned)
+
+    @property
     def training_free_tasks(self) -> tuple[TaskConfig, ...]:
         names = self.methods.training_free.tasks
         return self.tasks if names is None else tuple(t for t in self.tasks if t.name in names)
@@ -629,6 +721,15 @@ class StudyConfig:
     @property
     def plms_to_tune(self) -> tuple[int, ...]:
         return tuple(range(len(self.corpora))) if self.tune_plms is None else self.tune_plms
+
+
+def section_name(section: Any) -> str:
+    """The StudyConfig field that holds a section of this type (`tuning` for a TuningConfig), for messages."""
+    return _SECTION_NAMES[type(section)]
+
+
+_SECTION_NAMES = {tp: name for name, tp in typing.get_type_hints(StudyConfig).items()
+                  if isinstance(tp, type) and dataclasses.is_dataclass(tp)}
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -684,7 +785,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a double's range
+            number = math.inf
+        if not math.isfinite(number):  # a nan slips through `x < 0` checks; an inf rate or weight trains to nan
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -730,6 +837,12 @@ def load_preset(name: str) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"--preset {path}: invalid TOML ({err})") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib's message names neither the file nor the line
+        line = err.object[:err.start].count(b"\n") + 1  # tomllib decodes the whole file at once
+        raise ConfigError(f"--preset {path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save "
+                          "the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"--preset {path}: cannot read it ({err.strerror or err})") from None
 
 
 def _parse_value(text: str) -> Any:

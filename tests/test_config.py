@@ -78,11 +78,47 @@ ROOT = Path(__file__).resolve().parent.parent
     (lambda: LoraConfig(rank=0), "tuning.lora.rank"),
     (lambda: LoraConfig(targets=()), "tuning.lora.targets"),
     (lambda: AdapterConfig(bottleneck=0), "tuning.adapter.bottleneck"),
+    (lambda: TuningConfig(max_grad_norm=-1.0), "tuning.max_grad_norm"),
+    (lambda: TuningConfig(weight_decay=-0.01), "tuning.weight_decay"),
+    (lambda: PretrainConfig(weight_decay=-0.01), "pretrain.weight_decay"),
+    (lambda: PretrainConfig(seed=2**63), "pretrain.seed"),
+    (lambda: WorldConfig(seed=-1), "world.seed"),
+    (lambda: SearchConfig(seed=2**31), "methods.search.seed"),
+    (lambda: PilotConfig(hops=(1, 1)), "pilot.hops"),
+    (lambda: PilotConfig(control_seed=-3), "pilot.control_seed"),
+    (lambda: MethodsConfig(sources=()), "methods.sources"),
+    (lambda: MethodsConfig(betas=(1.0, 1.0)), "methods.betas"),
+    (lambda: CorpusConfig("a/b"), "corpus.name"),
+    (lambda: CorpusConfig(" d1"), "corpus.name"),
+    (lambda: TaskConfig("..", "d1"), "task.name"),
+    (lambda: TaskConfig("t\\x", "d1"), "task.name"),
+    (lambda: TaskConfig("t", "d1", source="jsonl", path="x", splits=("train", "dev", "dev")), "task t.splits"),
+    (lambda: TaskConfig("t", "d1", source="jsonl", path="x", splits=("train", "a/dev", "test")), "task t.splits"),
+    (lambda: TaskConfig("t", "d1", text_field="x", label_field="x"), "task t.text_field"),
 ])
 def test_validation_errors_name_the_field(make, field):
     with pytest.raises(ConfigError) as err:
         make()
     assert str(err.value).startswith(f"{field}: "), str(err.value)
+
+
+def test_seeds_reach_the_limit_every_derived_stream_stays_within():
+    import numpy as np
+    import torch
+
+    from raysys.config import SEED_LIMIT
+
+    top = SEED_LIMIT - 1
+    assert PretrainConfig(seed=top).seed == top  # accepted, and the streams derived from it seed torch and NumPy:
+    torch.Generator().manual_seed((top * 7919 + 7) * 1000003 + 10**9)  # pre-training's per-step stream
+    np.random.RandomState((top * 100003 + 10**4) % 2**32)  # an Optuna search's sampler
+    with pytest.raises(ConfigError, match=r"^seeds: a seed must be in 0\.\.2\*\*31 - 1, got 2147483648"):
+        load_study("tiny", [f"seeds=[1,{SEED_LIMIT}]"])
+
+
+def test_hub_split_names_are_the_hubs_and_a_hop_past_a_short_chain_beside_one_within_it_is_allowed():
+    assert TaskConfig("t", "d1", source="hf", path="ag_news", splits=("train", "test[:50%]", "test[50%:]"))
+    assert load_study("tiny", ["pilot.hops=[1,9]"]).pilot.hops == (1, 9)  # the defaults (1, 2) on a chain of two
 
 
 def test_defaults_are_valid_and_error_is_a_value_error():

@@ -3,6 +3,7 @@ batching. Everything returns plain Python/torch objects so the training loops kn
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,17 @@ def load_corpus(spec: CorpusConfig, world_config: WorldConfig) -> list[str]:
 # -------------------------------------------------------------------------------------------------------- tasks
 
 
+def _example(where: str, text, label, text_field: str, label_field: str) -> tuple[str, object]:
+    """One (text, label) row, its types checked: the tokenizer takes text only, and a label is a class name or
+    number (a null, list or object label would be a class of its own, or fail mid-run)."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field '{text_field}' is {json.dumps(text, default=str)[:40]}, not text")
+    if not isinstance(label, (str, int, float)):
+        raise DataError(f"{where}: field '{label_field}' is {json.dumps(label, default=str)[:40]}, not a class name "
+                        "or number")
+    return text, label
+
+
 def _read_jsonl(file: sources.DataFile, text_field: str, label_field: str) -> list[tuple[str, object]]:
     rows = []
     for lineno, record in sources.jsonl_records(file):
@@ -53,7 +65,8 @@ def _read_jsonl(file: sources.DataFile, text_field: str, label_field: str) -> li
         for key in (text_field, label_field):
             if key not in record:
                 raise DataError(f"{file.uri}:{lineno}: missing field '{key}'")
-        rows.append((record[text_field], record[label_field]))
+        rows.append(_example(f"{file.uri}:{lineno}", record[text_field], record[label_field], text_field,
+                             label_field))
     if not rows:
         raise DataError(f"{file.uri}: no examples")
     return rows
@@ -70,7 +83,8 @@ def _read_parquet(file: sources.DataFile, text_field: str, label_field: str) -> 
     for key in (text_field, label_field):
         if key not in table.column_names:
             raise DataError(f"{file.uri}: missing column '{key}' (have {table.column_names})")
-    rows = list(zip(table[text_field].to_pylist(), table[label_field].to_pylist()))
+    rows = [_example(f"{file.uri}: row {i}", text, label, text_field, label_field)
+            for i, (text, label) in enumerate(zip(table[text_field].to_pylist(), table[label_field].to_pylist()), 1)]
     if not rows:
         raise DataError(f"{file.uri}: no examples")
     return rows
@@ -118,6 +132,17 @@ def label_names(train_rows: list[tuple[str, object]]) -> list:
 def unknown_labels(rows: list[tuple[str, object]], known) -> list[str]:
     known = set(known)
     return sorted({str(label) for _, label in rows if label not in known})
+
+
+def first_unknown(rows: list[tuple[str, object]], known, file: sources.DataFile | None, source: str) -> str:
+    """Where the first label outside `known` is: '<file>:<line>' (jsonl), '<file>: row <n>' (parquet), '' (hub)."""
+    index = next(i for i, (_, label) in enumerate(rows) if label not in set(known))
+    if file is None or source not in ("jsonl", "parquet"):
+        return ""
+    if source == "parquet":
+        return f"{file.uri}: row {index + 1}"
+    lineno = [n for n, _ in sources.jsonl_records(file)][index]  # blank lines are no rows
+    return f"{file.uri}:{lineno}"
 
 
 def load_task(spec: TaskConfig, world_config: WorldConfig) -> TaskData:

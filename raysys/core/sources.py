@@ -13,6 +13,7 @@ Digests are cached on this machine by (file, size, modification time), so a reru
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import hashlib
 import io
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raysys.config import CorpusConfig, TaskConfig, is_uri
@@ -138,6 +140,17 @@ class DigestCache:
             self.changed = True
         return self.entries[key]
 
+    def checked(self, file: DataFile, kind: str, check) -> str | None:
+        """`check(file)`'s problem, or None; a file that passed is not read again until it changes."""
+        key = f"{kind}|{file.uri}|{file.size}|{file.mtime_ns}"
+        if key in self.entries:
+            return None
+        problem = check(file)
+        if problem is None:
+            self.entries[key] = "ok"
+            self.changed = True
+        return problem
+
     def save(self) -> None:
         if not self.changed:
             return
@@ -207,8 +220,80 @@ def fingerprint(spec: CorpusConfig | TaskConfig, cache: DigestCache) -> str | No
 
 
 def text_lines(file: DataFile) -> Iterator[str]:
+    """The file's lines. A byte that is not UTF-8 is an error naming the file and line: replacing it would train
+    on text of the wrong encoding without a word."""
     with file.fs.open_input_stream(file.path) as raw:
-        yield from (line.rstrip("\n") for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
+        try:
+            yield from (line.rstrip("\n") for line in io.TextIOWrapper(raw, encoding="utf-8"))
+        except UnicodeDecodeError:
+            pass
+        else:
+            return
+    raise DataError(_scan_utf8(file) or f"{file.uri}: not UTF-8 text")
+
+
+def _not_utf8(uri: str, line: int, byte: int | None) -> str:
+    what = f"byte {byte:#04x}" if byte is not None else "a character cut off at the end"
+    return f"{uri}:{line}: not UTF-8 text ({what}); convert the file to UTF-8"
+
+
+def _scan_utf8(file: DataFile) -> str | None:
+    """The first line of the whole file that is not UTF-8 ('<file>:<line>: ...'), or None."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with file.fs.open_input_stream(file.path) as raw:
+        while chunk := raw.read(8 * BLOCK_BYTES):
+            pending = len(decoder.getstate()[0])  # the cut character the last chunk ended on, after its last newline
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = err.start - pending
+                return _not_utf8(file.uri, line + chunk.count(b"\n", 0, max(0, at)), chunk[at] if at >= 0 else None)
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return _not_utf8(file.uri, line, None)
+    return None
+
+
+def utf8_problem(file: DataFile) -> str | None:
+    """Where a text or jsonl file is not UTF-8, or None. Read whole up to FULL_HASH_BYTES; a larger file by the
+    blocks its digest samples (a bad byte between them is named when training reaches it)."""
+    if file.size <= FULL_HASH_BYTES:
+        return _scan_utf8(file)
+    with file.fs.open_input_file(file.path) as f:
+        for k in range(SAMPLE_BLOCKS):
+            offset = k * (file.size - BLOCK_BYTES) // (SAMPLE_BLOCKS - 1)
+            block = f.read_at(BLOCK_BYTES, offset)
+            # a block starts inside a character (continuation bytes 10xxxxxx) and may end inside one: both are fine
+            start = 0 if offset == 0 else next((i for i, b in enumerate(block[:4]) if b & 0xC0 != 0x80), 0)
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(block[start:])
+            except UnicodeDecodeError as err:
+                return (f"{file.uri}: not UTF-8 text (byte {block[start + err.start]:#04x} at offset "
+                        f"{offset + start + err.start}); convert the file to UTF-8")
+    return None
+
+
+def parquet_problem(file: DataFile, field: str) -> str | None:
+    """Why a Parquet corpus file cannot be read for `field` (its footer, its schema), or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        with file.fs.open_input_file(file.path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        return f"{file.uri}: not a readable Parquet file ({err})"
+    if field not in schema.names:
+        return f"{file.uri}: no column '{field}' (have {schema.names})"
+    kind = schema.field(field).type
+    return None if pa.types.is_string(kind) or pa.types.is_large_string(kind) else \
+        f"{file.uri}: column '{field}' holds {kind}, not text"
+
+
+def file_problem(spec: CorpusConfig, file: DataFile) -> str | None:
+    """What keeps one file of a corpus from being read as its source says, or None."""
+    return parquet_problem(file, spec.text_field) if spec.source == "parquet" else utf8_problem(file)
 
 
 def jsonl_records(file: DataFile) -> Iterator[tuple[int, object]]:
@@ -233,10 +318,11 @@ def _jsonl_texts(file: DataFile, field: str) -> Iterator[str]:
 def _parquet_texts(file: DataFile, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
+    problem = parquet_problem(file, field)  # a damaged file or a missing column, named with its file
+    if problem:
+        raise DataError(problem)
     with file.fs.open_input_file(file.path) as f:
         parquet = pq.ParquetFile(f)
-        if field not in parquet.schema_arrow.names:
-            raise DataError(f"{file.uri}: no column '{field}' (have {parquet.schema_arrow.names})")
         for batch in parquet.iter_batches(columns=[field], batch_size=8192):
             yield from batch.column(0).to_pylist()
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from raysys.config import StudyConfig
+from raysys.config import StudyConfig, section_name
 from raysys.stages.chain import ChainPlan
 from raysys.storage import results
 from raysys.storage.store import Store
@@ -168,11 +168,14 @@ class Resources:
     gpus: float = 0.0
     workers: int = 0
     worker_resource: str = ""  # a custom resource each Train worker asks one unit of (pretrain.worker_resource)
+    settings: str = field(default="", compare=False)  # the config fields that ask this, for messages
 
     @classmethod
     def per_trial(cls, section) -> Resources:
         """What a stage config section with `cpus_per_trial` and `gpus_per_trial` reserves for one trial."""
-        return cls(section.cpus_per_trial, section.gpus_per_trial)
+        name = section_name(section)
+        return cls(section.cpus_per_trial, section.gpus_per_trial,
+                   settings=f"{name}.cpus_per_trial, {name}.gpus_per_trial")
 
     @property
     def threads(self) -> int:

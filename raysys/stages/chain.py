@@ -81,9 +81,7 @@ def plan_chain(study: StudyConfig) -> ChainPlan:
 
 def pilot_hops(study: StudyConfig) -> list[tuple[int, int]]:
     """(i, i + h) for every hop h of the pilot studies between two tuned PLMs of the main chain."""
-    tuned = set(study.plms_to_tune)
-    return [(i, i + h) for h in study.pilot.hops for i in range(len(study.corpora))
-            if i in tuned and i + h in tuned]
+    return list(study.pilot_pairs)
 
 
 def control_indices(study: StudyConfig) -> list[int]:

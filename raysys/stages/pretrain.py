@@ -36,7 +36,9 @@ class PretrainStage(Stage):
     def resources(self, study: StudyConfig) -> Resources:
         p = study.pretrain
         return Resources(cpus=p.cpus_per_worker, gpus=1.0 if p.use_gpu else 0.0, workers=p.num_workers,
-                         worker_resource=p.worker_resource)
+                         worker_resource=p.worker_resource, settings="pretrain.num_workers, "
+                         "pretrain.cpus_per_worker, pretrain.use_gpu" + (", pretrain.worker_resource"
+                                                                        if p.worker_resource else ""))
 
     def train_tokens(self, study: StudyConfig, link: Link) -> int:
         return _steps(study, link)[0] * study.pretrain.batch_size * study.pretrain.sequence_length

@@ -93,8 +93,9 @@ class SearchStage(Stage):
     # --------------------------------------------------------------------- what the search launcher asks
 
     def sampler_seed(self, study: StudyConfig, trials_done: int) -> int:
-        """Seeded by the trials done too: a continued search must not redraw its first random proposals."""
-        return study.methods.search.seed * 100003 + trials_done
+        """Seeded by the trials done too: a continued search must not redraw its first random proposals. Optuna
+        seeds NumPy, whose seeds are 32-bit."""
+        return (study.methods.search.seed * 100003 + trials_done) % 2**32
 
     def space(self, study: StudyConfig, cell: SearchCell) -> dict[str, tuple[float, float, bool]]:
         """knob -> (low, high, log scale): lr for every method, T, a and β for the distilling ones."""

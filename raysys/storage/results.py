@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 import re
 import socket
 import subprocess
@@ -242,15 +243,99 @@ def given_up(store: Store, table: str, after: int) -> set[str]:
     t = read_table(store, table, ["cell_hash", "status", "repeated_failures"])
     return {h for h, status, n in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist(),
                                       t["repeated_failures"].to_pylist()) if status == "failed" and (n or 0) >= after}
+QUARANTINE = "quarantine"  # <storage>/quarantine/<the file's path>: result files that do not parse
 
 
 def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole table (empty, with its schema, when nothing has been written)."""
+    """A whole table (empty, with its schema, when nothing has been written). A file that does not parse (a disk
+    that lost its tail, a copy cut short) is quarantined, its cell counting as not run, and the rest is read."""
     directory = store.results_path(table)
     if store.fs.get_file_info(directory).type != pafs.FileType.Directory:
         return SCHEMAS[table].empty_table() if columns is None else SCHEMAS[table].empty_table().select(columns)
-    return ds.dataset(directory, filesystem=store.fs, format="parquet",
-                      schema=SCHEMAS[table]).to_table(columns=columns)
+    try:
+        return _dataset(store, table, directory, columns)
+    except _UNREADABLE:  # damage reads as ArrowInvalid or OSError (thrift); so does a failing disk
+        sound = _quarantine_damaged(store, table)
+        if sound is None:
+            raise  # every file reads: the error was the storage's, not a file's
+        return _dataset(store, table, [store.path(f"results/{table}/{name}") for name in sound], columns)
+
+
+class ResultFileError(ValueError):
+    """A result file is Parquet, but of a schema this code cannot read; the message names it."""
+
+
+# what pyarrow raises for a file it cannot read (its ArrowInvalid is a ValueError, ArrowIOError an OSError)
+_UNREADABLE = (OSError, ValueError, pa.ArrowException)
+
+
+def _dataset(store: Store, table: str, source: str | list[str], columns: list[str] | None) -> pa.Table:
+    return ds.dataset(source, filesystem=store.fs, format="parquet", schema=SCHEMAS[table]).to_table(columns=columns)
+
+
+def _damage(payload: bytes) -> str | None:
+    """Why these bytes are not a Parquet file, or None (they parse, whatever their schema)."""
+    try:
+        pq.read_table(pa.BufferReader(payload))
+    except _UNREADABLE as err:  # parsed in memory: no I/O error can be among them
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def _parse(store: Store, table: str, rel: str, payload: bytes) -> pa.Table | None:
+    """One result file's rows; None once quarantined for damage; ResultFileError for another schema."""
+    try:
+        return pq.read_table(pa.BufferReader(payload), schema=SCHEMAS[table])
+    except _UNREADABLE as err:
+        why = _damage(payload)
+        if why is None:  # a Parquet file all the same: not to be moved
+            raise ResultFileError(f"{store.uri(rel)}: not of the {table} schema this code reads ({err})") from err
+        quarantine(store, rel, why)
+        return None
+
+
+def _quarantine_damaged(store: Store, table: str) -> list[str] | None:
+    """Quarantine every file of the table that does not parse; the names of the sound ones, or None if every file
+    reads (ResultFileError names one of another schema)."""
+    sound, damaged = [], False
+    for name in store.list_files(f"results/{table}", ".parquet"):
+        rel = f"results/{table}/{name}"
+        payload = store.read_bytes(rel)
+        if payload is None:
+            continue  # moved meanwhile
+        if _parse(store, table, rel, payload) is None:
+            damaged = True
+        else:
+            sound.append(name)
+    return sound if damaged else None
+
+
+def quarantine(store: Store, rel: str, why: str) -> str:
+    """Move a damaged file to `quarantine/<rel>` (a numbered name beside an earlier one), its bytes as they were,
+    saying so on stderr; returns where it went. A reader that finds it gone (another moved it first) moves nothing."""
+    target, n = f"{QUARANTINE}/{rel}", 0
+    while store.is_file(target):
+        n += 1
+        target = f"{QUARANTINE}/{rel}.{n}"
+    try:
+        if store.remote:
+            payload = store.read_bytes(rel)
+            if payload is None:
+                return target
+            store.write_bytes(target, payload)
+            store.delete_file(rel)
+        else:
+            Path(store.path(target)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(store.path(rel), store.path(target))
+    except FileNotFoundError:
+        return target
+    except OSError as err:  # a storage this process may only read (`raysys status`): skipped, not moved
+        print(f"warning: {store.uri(rel)} does not parse ({why}) and could not be moved to quarantine ({err}); "
+              "read as if its cell had not run", file=sys.stderr)
+        return target
+    print(f"warning: {store.uri(rel)} does not parse ({why}); moved to {store.uri(target)}: its cell counts as "
+          "not run and runs again", file=sys.stderr)
+    return target
 
 
 def cell_statuses(store: Store, table: str) -> dict[str, set[str]]:
@@ -281,4 +366,7 @@ def ok_cell(store: Store, table: str, cell_hash: str) -> dict | None:
 def read_cell(store: Store, table: str, cell_hash: str) -> list[dict]:
     """The rows one cell wrote (empty if it has not run): a single file, no dataset scan."""
     payload = store.read_bytes(_cell_file(table, cell_hash))
-    return [] if payload is None else pq.read_table(pa.BufferReader(payload), schema=SCHEMAS[table]).to_pylist()
+    if payload is None:
+        return []
+    rows = _parse(store, table, _cell_file(table, cell_hash), payload)
+    return [] if rows is None else rows.to_pylist()

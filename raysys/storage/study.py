@@ -148,7 +148,7 @@ def load_saved_study(store: Store) -> StudyConfig:
 def _parse(store: Store, rel: str, payload: bytes) -> StudyConfig:
     try:
         return build(StudyConfig, _renamed(json.loads(payload)))
-    except (json.JSONDecodeError, ConfigError) as err:
+    except ValueError as err:  # not JSON, not UTF-8, or not a valid study (ConfigError)
         raise ConfigError(f"{store.uri(rel)}: {err}") from err
 
 
@@ -167,5 +167,9 @@ def write_progress(store: Store, state: dict) -> None:
 
 
 def read_progress(store: Store) -> dict | None:
+    """The sweep's last progress, or None: none written yet, or a damaged file (each sweep rewrites it whole)."""
     payload = store.read_bytes(PROGRESS_FILE)
-    return None if payload is None else json.loads(payload)
+    try:
+        return None if payload is None else json.loads(payload)
+    except ValueError:
+        return None

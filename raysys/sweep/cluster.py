@@ -107,18 +107,30 @@ def init_ray(target: Target, num_cpus: int | None, offline: bool) -> str:
 
 @dataclass(frozen=True)
 class NodeShape:
-    """A node's (or a node type's) CPUs and GPUs, as Ray counts them."""
+    """A node's (or a node type's) CPUs, GPUs and custom resources (name, amount), as Ray counts them."""
 
     cpus: float
     gpus: float
+    custom: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        if self.cpus < 0 or self.gpus < 0:
+        if self.cpus < 0 or self.gpus < 0 or any(amount < 0 for _, amount in self.custom):
             raise ValueError(f"a node has no negative resources: {self}")
 
     def ddp_workers(self, cpus_per_worker: float) -> int:
         """DDP workers it holds: Ray Train gives each one whole GPU and `cpus_per_worker` CPUs."""
         return math.floor(min(self.gpus, self.cpus / cpus_per_worker))
+
+    def amount(self, name: str) -> float:
+        return {"CPU": self.cpus, "GPU": self.gpus, **dict(self.custom)}.get(name, 0.0)
+
+    def holds(self, needs: dict[str, float]) -> int:
+        """How many units asking `needs` each fit on it at once (the small epsilon: 0.1 + 0.2 of a GPU)."""
+        return min((math.floor(self.amount(name) / need + 1e-9) for name, need in needs.items() if need > 0),
+                   default=0)
+
+    def __str__(self) -> str:
+        return ", ".join([f"{self.cpus:g} CPU", f"{self.gpus:g} GPU"] + [f"{n} {a:g}" for n, a in self.custom])
 
 
 @dataclass(frozen=True)
@@ -149,12 +161,16 @@ class Autoscaler:
             raise ValueError(f"{self.source}: max_workers must be >= 0")
 
     def most_ddp_workers(self, cpus_per_worker: float) -> int:
-        """Each worker node costs one of `max_workers` whatever its type, so the richest types first is the most."""
+        return self.most(lambda shape: shape.ddp_workers(cpus_per_worker))
+
+    def most(self, per_node: Callable[[NodeShape], int]) -> int:
+        """The most units (`per_node` of them on a node of a shape) its largest cluster holds at once. Each worker
+        node costs one of `max_workers` whatever its type, so the richest types first is the most."""
         left = math.inf if self.max_workers is None else self.max_workers
-        most = self.head.ddp_workers(cpus_per_worker)
-        for node_type in sorted(self.types, key=lambda t: -t.shape.ddp_workers(cpus_per_worker)):
+        most = per_node(self.head)
+        for node_type in sorted(self.types, key=lambda t: -per_node(t.shape)):
             count = min(node_type.max_workers, left)
-            most += count * node_type.shape.ddp_workers(cpus_per_worker)
+            most += count * per_node(node_type.shape)
             left -= count
         return most
 
@@ -218,7 +234,12 @@ def local_gpus() -> int:
 
 
 def _shape(resources: dict) -> NodeShape:
-    return NodeShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)))
+    """CPUs, GPUs and the custom resources a trial may ask (not memory, nor Ray's own `node:<ip>` and
+    `accelerator_type:<name>` labels)."""
+    custom = tuple(sorted((name, float(amount)) for name, amount in resources.items()
+                          if name not in ("CPU", "GPU", "memory", "object_store_memory") and ":" not in name
+                          and float(amount) > 0))
+    return NodeShape(cpus=float(resources.get("CPU", 0)), gpus=float(resources.get("GPU", 0)), custom=custom)
 
 
 def read_autoscaler(path: str | Path) -> Autoscaler:
@@ -292,6 +313,72 @@ def require_resource(name: str, setting: str) -> None:
                        "type of its autoscaler would. Declare it on the node type meant for it (`resources: {"
                        f"{name}: <GPUs>}}` in the cluster file, or `ray start --resources='{{\"{name}\": 8}}'`), "
                        f"or set {setting} = \"\"")
+
+
+# ------------------------------------------------------------------------------------ what a stage asks
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a stage asks Ray for: `count` units at once (a Train job's workers; 1 for trials, which may queue),
+    each needing `needs` on one node; `what` and `settings` (the config fields asking) name it in a refusal."""
+
+    what: str
+    needs: tuple[tuple[str, float], ...]
+    count: int = 1
+    settings: str = ""
+    unit: str = "a trial"  # what one unit is, in the refusal
+
+
+def _needs_text(needs: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in needs.items() if amount > 0)
+
+
+def _cluster_text(facts: ClusterFacts) -> str:
+    """The cluster's shape: its alive nodes, grouped by shape, and what its autoscaler may add."""
+    shapes: dict[str, int] = {}
+    for node in facts.nodes:
+        shapes[str(node)] = shapes.get(str(node), 0) + 1
+    alive = "; ".join(f"{count} x [{shape}]" for shape, count in shapes.items()) or "none"
+    if facts.autoscaler is None:
+        return f"its nodes alive: {alive} ({facts.no_autoscaler})"
+    types = "; ".join(f"{t.name} [{t.shape}] up to {t.max_workers}" for t in facts.autoscaler.types) or "none"
+    return f"its nodes alive: {alive}; the node types its autoscaler ({facts.autoscaler.source}) may add: {types}"
+
+
+def fit_problem(demand: Demand, facts: ClusterFacts) -> str | None:
+    """Why `demand` would wait forever on this cluster — no node, alive or addable, holds one unit, or not
+    `count` of them at once — or None when it fits."""
+    needs = dict(demand.needs)
+    alive = sum(node.holds(needs) for node in facts.nodes)
+    most = max(alive, facts.autoscaler.most(lambda shape: shape.holds(needs)) if facts.autoscaler else 0)
+    if most >= demand.count:
+        return None
+    return (f"{demand.what}: {demand.unit} needs {_needs_text(needs)} on one node, and {facts.where} holds {most} at "
+            f"once, so Ray would wait forever; {_cluster_text(facts)}. Ask less ({demand.settings}) or add nodes "
+            "that hold it")
+
+
+def running_facts() -> ClusterFacts:
+    """The Ray this process has joined: its alive nodes, and the node types its autoscaler may add when this is
+    the head of a `ray up` cluster (an unreadable config counts as none)."""
+    alive = tuple(_shape(node["Resources"]) for node in ray.nodes() if node["Alive"])
+    config = Path(BOOTSTRAP_CONFIG).expanduser()
+    if not config.is_file():
+        return ClusterFacts("the cluster", alive, no_autoscaler="no autoscaler config on this machine")
+    try:
+        return ClusterFacts("the cluster", alive, autoscaler=read_autoscaler(config))
+    except ClusterError as err:
+        return ClusterFacts("the cluster", alive, no_autoscaler=str(err))
+
+
+def require_fit(demands: list[Demand], facts: ClusterFacts | None = None) -> None:
+    """Refuse, before anything is written or launched, the stages whose trials (or Train workers) no node of the
+    cluster, alive or addable, can hold: Tune and Train would keep them pending without a word."""
+    facts = facts or running_facts()
+    problems = [problem for demand in demands if (problem := fit_problem(demand, facts))]
+    if problems:
+        raise ClusterError("\n".join(problems))
 
 
 def resources_text() -> str:

@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import functools
 import json
+import math
 import shutil
 import sys
 import time
@@ -41,9 +42,10 @@ from raysys.sweep.cluster import (
     choose_target,
     cluster_facts,
     init_ray,
+    require_fit,
     resources_text,
 )
-from raysys.sweep.launchers import launch
+from raysys.sweep.launchers import demand, launch
 from raysys.sweep.progress import Progress
 from raysys.sweep.storage_check import StorageNotShared, check_shared
 from raysys.sweep.trackers import tracking_callbacks
@@ -92,6 +94,21 @@ def _added(before: dict | None, now: dict) -> dict:
         return now
     return {**now, "finished_before": before["finished_before"], "ran": before["ran"] + now["ran"],
             "seconds": before["seconds"] + now["seconds"]}
+
+
+def demands(study: StudyConfig, only: tuple[str, ...]) -> list:
+    """What each stage of `only` that has cells asks of the cluster (a stage without cells launches nothing)."""
+    chain = plan_chain(study)
+    return [demand(stage, study) for stage in STAGES if stage.name in only and stage.plan(study, chain)]
+
+
+def check_stages(study: StudyConfig, store: Store, only: tuple[str, ...]) -> None:
+    """Every stage's own check (checkpoints, outdated weights, label sets), all before anything is written, so a
+    refused run leaves the storage as it was; run_study checks each again before it launches it."""
+    chain = plan_chain(study)
+    for stage in STAGES:
+        if stage.name in only:
+            stage.check(study, store, chain, stage.plan(study, chain), only)
 
 
 def count_done(stage: Stage, cells: list, store: Store) -> int:
@@ -264,6 +281,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, values argparse's types let through: an empty storage would fall back to a
+    default folder, a local Ray of no CPUs fails in Ray's own words."""
+    if args.storage is not None:
+        if not args.storage.strip():
+            raise ValueError("--storage: empty; give a folder or a URI (or leave the flag out: runs/<preset>)")
+        if "://" not in args.storage and Path(args.storage).expanduser().exists() \
+                and not Path(args.storage).expanduser().is_dir():
+            raise ValueError(f"--storage {args.storage}: is a file, not a folder")
+    if args.address is not None and not args.address.strip():
+        raise ValueError("--address: empty; give host:port, ray://host:port, auto or local (or leave it out)")
+    for flag, value, low in (("--num-cpus", args.num_cpus, 1), ("--search-trials", args.search_trials, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag}: must be >= {low}, got {value}")
+    if args.assume_tflops is not None and not 0 < args.assume_tflops < math.inf:
+        raise ValueError(f"--assume-tflops: must be a number > 0, got {args.assume_tflops}")
+
+
 def _search_overrides(args: argparse.Namespace) -> list[str]:
     out = [] if args.search is None else [f"methods.search.algorithm={args.search}"]
     return out + ([] if args.search_trials is None else [f"methods.search.trials={args.search_trials}"])
@@ -307,6 +342,7 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
         return 2
     runs = not (args.print_config or args.dry_run)
     try:
+        check_args(args)
         # the Ray is found before anything else when the run uses it or `auto` asks what it holds
         target = choose_target(args.address) if runs or (args.preset == AUTO and facts is None) else None
         choice = settle_auto(args, target, facts) if args.preset == AUTO else AutoChoice(args.preset, "")
@@ -332,11 +368,22 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
         print(plan_text(study, store, tflops))
         return 0
     try:
+        if not args.fresh:  # --fresh moves aside the storage these checks read; run_study checks the new one
+            check_stages(study, store, tuple(args.only))
+    except (WeightMismatchError, MissingInputError, ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         joined = init_ray(target, args.num_cpus, offline=study.model.name_or_path is None)
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"raysys: running on {joined}: {resources_text()}")
+    try:
+        require_fit(demands(study, tuple(args.only)))  # before anything is written; Ray would wait without a word
+    except ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         check_shared(store)  # before --fresh moves anything: a storage some node cannot see is refused unchanged
         lease = take_storage(store, args.fresh)

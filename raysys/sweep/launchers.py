@@ -31,7 +31,7 @@ from raysys.storage import results
 from raysys.storage.checkpoint import Checkpointer
 from raysys.storage.store import Store
 from raysys.sweep import monitor, searches
-from raysys.sweep.cluster import require_resource
+from raysys.sweep.cluster import Demand, require_resource
 
 # ------------------------------------------------------------------------------------------- in the trial
 
@@ -132,6 +132,17 @@ def root_cause(err: BaseException) -> str:
 def worker_resources(res: Resources) -> dict:
     """What each Train worker asks for besides its GPU (Ray Train adds that for `use_gpu`)."""
     return {"CPU": res.cpus, **({res.worker_resource: 1} if res.worker_resource else {})}
+
+
+def demand(stage: Stage, study: StudyConfig) -> Demand:
+    """What the stage's launcher asks Ray for, as `launch` asks it: each trial's CPUs and GPUs (grid, search), or
+    each Train worker's CPUs, whole GPU and custom resource, for all its workers at once (chain)."""
+    res = stage.resources(study)
+    if stage.launcher == "chain":
+        needs = {**worker_resources(res), "GPU": 1.0 if res.gpus > 0 else 0.0}
+        unit = f"each of its {res.workers} workers, all at once," if res.workers > 1 else "its one worker"
+        return Demand(f"stage {stage.name}", tuple(needs.items()), res.workers, res.settings, unit)
+    return Demand(f"stage {stage.name}", (("CPU", res.cpus), ("GPU", res.gpus)), 1, res.settings)
 
 
 def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:

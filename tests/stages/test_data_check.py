@@ -63,7 +63,8 @@ def test_every_problem_is_named_at_once(tmp_path):
     assert len(problems) == 5, problems
     assert re.search(r"corpus bio: no files match '.*/bio/\*\.txt'", problems[0])
     assert re.search(r"chem/dev\.jsonl:2: invalid JSON", problems[1])
-    assert problems[2] == "task help/dev: labels ['c'] not in the training labels ['a', 'b']"
+    assert problems[2] == (f"task help/dev: labels ['c'] not in the training labels ['a', 'b'] (the first at "
+                           f"{tmp_path / 'tasks' / 'help' / 'dev.jsonl'}:3)")
     assert re.search(r"missing task file .*gone/dev\.jsonl$", problems[3])  # each missing split named
     assert re.search(r"missing task file .*gone/test\.jsonl$", problems[4])
     assert str(err.value).startswith("the study's data has problems:\n  - corpus bio")
@@ -83,6 +84,8 @@ def test_a_missing_field_is_named_with_its_file_and_line(tmp_path):
 
 def test_unused_data_is_not_required(tmp_path):
     """D0 under a checkpoint kept as it is (0 steps, its own tokenizer) is never read; tasks only past pre-training."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
     study = _study(tmp_path, name_or_path=str(tmp_path / "ckpt"))
     study = dataclasses.replace(study, pretrain=dataclasses.replace(study.pretrain, initial_steps=0))
     (tmp_path / "corpora" / "gen" / "part.txt").unlink()
@@ -189,3 +192,51 @@ def test_a_local_checkpoint_is_named_by_its_files_moving_it_keeps_its_plms_editi
     # a hub name has no files here: it is named as given
     assert load_study("tiny", ["model.name_or_path=some/hub-model", "pilot.control_length=0"]
                       ).model.checkpoint_fingerprint == ""
+
+
+def test_a_corpus_file_of_another_encoding_is_named_with_its_line_and_a_sound_one_is_scanned_once(tmp_path,
+                                                                                                monkeypatch):
+    """Past the first document too (the check reads every file whole); training itself refuses it as well,
+    never replacing the bytes."""
+    from raysys.core import sources
+
+    study = _study(tmp_path)
+    part = tmp_path / "corpora" / "bio" / "part.txt"
+    part.write_bytes(b"a b c\n" * 5000 + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataCheckError, match=rf"{re.escape(str(part))}:5001: not UTF-8 text \(byte 0xe9\)"):
+        check_data(study, ALL)
+    with pytest.raises(sources.DataError, match=r"part\.txt:5001: not UTF-8"):
+        list(sources.documents(study.corpora[1]))
+    part.write_bytes(b"a b c\n" * 5000)
+    check_data(study, ALL)
+    monkeypatch.setattr(sources, "utf8_problem", lambda file: pytest.fail(f"{file.uri} scanned again"))
+    check_data(study, ALL)
+
+
+def test_a_large_corpus_file_is_checked_by_the_blocks_its_digest_samples(tmp_path, monkeypatch):
+    """Blocks start and end inside multi-byte characters: that is no error; a bad byte in one is, by offset."""
+    from raysys.core import sources
+
+    monkeypatch.setattr(sources, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 61)
+    path = tmp_path / "big.txt"
+    payload = ("\u00e9t\u00e9 \u20ac\n" * 800).encode()
+    path.write_bytes(payload)
+    file = sources.named_file(str(path), "big.txt", "corpus")
+    assert file.size > 1000 and sources.utf8_problem(file) is None
+    path.write_bytes(payload[:-5] + b"\xff" + payload[-4:])
+    problem = sources.utf8_problem(sources.named_file(str(path), "big.txt", "corpus"))
+    assert problem == f"{path}: not UTF-8 text (byte 0xff at offset {len(payload) - 5}); convert the file to UTF-8"
+
+
+def test_empty_undecodable_and_mistyped_task_files_are_named(tmp_path):
+    study = _study(tmp_path)
+    folder = tmp_path / "tasks" / "chem"
+    (folder / "dev.jsonl").write_text("")
+    (folder / "test.jsonl").write_bytes(b'{"text": "x", "label": "a"}\n{"text": "\xff", "label": "b"}\n')
+    (folder / "train.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": ["x"], "label": "b"}\n')
+    with pytest.raises(DataCheckError) as err:
+        check_data(study, ALL)
+    assert [re.sub(r"^.*/tasks/", "", p) for p in err.value.problems] == [
+        "chem/train.jsonl:2: field 'text' is [\"x\"], not text", "chem/dev.jsonl: no examples",
+        "chem/test.jsonl:2: not UTF-8 text (byte 0xff); convert the file to UTF-8"]

@@ -187,3 +187,35 @@ def test_auto_asks_the_cluster_it_attaches_to_for_its_gpus(tmp_path):
            f"here: {cluster.BOOTSTRAP_CONFIG} is on the head of a `ray up` cluster), enough for the paper preset's 8")
     assert said == [f"raysys: --preset auto -> paper ({why}; its data is there)"], report
     assert "(preset paper)" in report["stdout"]
+
+
+def test_a_stage_fits_only_where_one_node_alive_or_addable_holds_its_trial_or_all_its_workers():
+    """CPUs on one node and GPUs on another do not add up; a share of a GPU packs onto one; a Train job needs all
+    its workers at once; a custom resource counts only where a node (or node type) offers it."""
+    shape = cluster.NodeShape
+    assert shape(8, 1).holds({"CPU": 4, "GPU": 0.25}) == 2 and shape(8, 2).holds({"CPU": 1, "GPU": 0.25}) == 8
+    assert shape(8, 0).holds({"CPU": 1, "GPU": 1}) == 0 and shape(8, 0, (("pretrain_gpu", 8.0),)).holds(
+        {"CPU": 1, "pretrain_gpu": 1}) == 8
+    trial = cluster.Demand("stage tuning", (("CPU", 4.0), ("GPU", 1.0)),
+                           settings="tuning.cpus_per_trial, tuning.gpus_per_trial")
+    split = cluster.ClusterFacts("the cluster", (shape(2, 1), shape(8, 0), shape(8, 0)), no_autoscaler="none here")
+    assert cluster.fit_problem(trial, split) == (
+        "stage tuning: a trial needs 4 CPU, 1 GPU on one node, and the cluster holds 0 at once, so Ray would wait "
+        "forever; its nodes alive: 1 x [2 CPU, 1 GPU]; 2 x [8 CPU, 0 GPU] (none here). Ask less "
+        "(tuning.cpus_per_trial, tuning.gpus_per_trial) or add nodes that hold it")
+    assert cluster.fit_problem(trial, GPU_CLUSTER) is None  # the 8-CPU, 1-GPU node alive
+    ddp = cluster.Demand("stage pretrain", (("CPU", 1.0), ("GPU", 1.0), ("pretrain_gpu", 1.0)), count=8,
+                         settings="pretrain.num_workers", unit="each of its 8 workers, all at once,")
+    problem = cluster.fit_problem(ddp, GPU_CLUSTER)  # GPUs to spare, but no node type offers pretrain_gpu
+    assert problem.startswith("stage pretrain: each of its 8 workers, all at once, needs 1 CPU, 1 GPU, 1 "
+                              "pretrain_gpu on one node, and the cluster at 10.0.0.1:6379 holds 0 at once")
+    assert "the node types its autoscaler (ray_bootstrap_config.yaml) may add: gpu_1x [8 CPU, 1 GPU] up to 8; " \
+           "gpu_8x [96 CPU, 8 GPU] up to 2" in problem
+    offered = cluster.ClusterFacts("c", (shape(8, 0),), cluster.Autoscaler(
+        "a", shape(8, 0), (cluster.NodeType("gpu_8x", shape(96, 8, (("pretrain_gpu", 8.0),)), 1),), max_workers=1))
+    assert cluster.fit_problem(ddp, offered) is None  # none alive: the autoscaler adds the node it asks for
+    nine = cluster.Demand("stage pretrain", ddp.needs, count=9)
+    assert "holds 8 at once" in cluster.fit_problem(nine, offered)
+    with pytest.raises(cluster.ClusterError, match=r"(?s)stage tuning: .*\nstage pretrain: "):
+        cluster.require_fit([trial, nine], split)
+    cluster.require_fit([trial], GPU_CLUSTER)
