@@ -66,7 +66,7 @@ def test_on_s3_a_directory_is_visible_only_once_its_manifest_is_written(s3_uri, 
     fetched = Store(s3_uri("commit")).artifact("plm", "h")
     assert str(fetched).startswith(str(tmp_path / "node2"))
     assert sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()) == [
-        "model.safetensors", "sub/config.json"]
+        MANIFEST, "model.safetensors", "sub/config.json"]  # the manifest too: the node checks its copy by it
     assert (fetched / "model.safetensors").read_bytes() == b"whole"
 
     store.write_bytes("artifacts/plm/h/model.safetensors", b"truncated")  # not what the manifest says
@@ -244,5 +244,5 @@ def test_a_file_and_a_committed_folder_reach_the_disk_before_their_names_do(tmp_
         (temp / "sub" / "config.json").write_text("{}")
     renamed = events.index(("rename", str(tmp_path / "s" / "artifacts" / "plm" / "h")))
     synced = {path.split("/.tmp-h-", 1)[1].partition("/")[2] for kind, path in events[:renamed] if kind == "fsync"}
-    assert synced == {"model.safetensors", "sub/config.json", "sub", ""}  # "": the folder itself
+    assert synced == {"model.safetensors", "sub/config.json", "sub", MANIFEST, ""}  # "": the folder itself
     assert events[renamed + 1] == ("fsync", str(tmp_path / "s" / "artifacts" / "plm"))
