@@ -184,6 +184,7 @@ CASES = [
     Case("num-cpus-negative", flags("--num-cpus", "-2"), r"--num-cpus: must be >= 1, got -2"),
     Case("num-cpus-zero", flags("--num-cpus", "0"), r"--num-cpus: must be >= 1, got 0"),
     Case("search-trials-zero", flags("--search-trials", "0"), r"--search-trials: must be >= 1, got 0"),
+    Case("max-failures-zero", flags("--max-failures", "0"), r"--max-failures: must be >= 1, got 0"),
     Case("assume-tflops-negative", flags("--dry-run", "--assume-tflops", "-1"), r"--assume-tflops: must be a number > 0"),
     Case("assume-tflops-nan", flags("--dry-run", "--assume-tflops", "nan"), r"--assume-tflops: must be a number > 0"),
     Case("address-empty", flags("--address", ""), r"--address: empty"),

@@ -292,7 +292,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--storage {args.storage}: is a file, not a folder")
     if args.address is not None and not args.address.strip():
         raise ValueError("--address: empty; give host:port, ray://host:port, auto or local (or leave it out)")
-    for flag, value, low in (("--num-cpus", args.num_cpus, 1), ("--search-trials", args.search_trials, 1)):
+    for flag, value, low in (("--num-cpus", args.num_cpus, 1), ("--search-trials", args.search_trials, 1),
+                             ("--max-failures", args.max_failures, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag}: must be >= {low}, got {value}")
     if args.assume_tflops is not None and not 0 < args.assume_tflops < math.inf:
@@ -337,9 +338,6 @@ def settle_auto(args: argparse.Namespace, target: Target | None, facts: ClusterF
 def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> int:
     """The driver. `facts` stand in for the cluster's when `--preset auto` is settled (a GPU cluster in a test)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.max_failures < 1:
-        print(f"error: --max-failures: {args.max_failures}; a cell needs at least one try", file=sys.stderr)
-        return 2
     runs = not (args.print_config or args.dry_run)
     try:
         check_args(args)

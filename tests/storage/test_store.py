@@ -246,3 +246,24 @@ def test_a_file_and_a_committed_folder_reach_the_disk_before_their_names_do(tmp_
     synced = {path.split("/.tmp-h-", 1)[1].partition("/")[2] for kind, path in events[:renamed] if kind == "fsync"}
     assert synced == {"model.safetensors", "sub/config.json", "sub", MANIFEST, ""}  # "": the folder itself
     assert events[renamed + 1] == ("fsync", str(tmp_path / "s" / "artifacts" / "plm"))
+
+
+def test_on_s3_a_writer_that_lost_the_race_to_commit_keeps_no_copy_of_its_own_bytes(s3_uri, tmp_path, monkeypatch):
+    """Two nodes upload the same directory at once; the other's manifest lands just after ours. Our node must not
+    keep its own bytes in its cache as if they were the store's: it drops them and fetches what the store holds."""
+    monkeypatch.setenv("RAYSYS_CACHE", str(tmp_path / "ours"))
+    store = Store(s3_uri("lost-race"))
+    theirs = {"files": {"w": 6}, "sha256": {"w": hashlib.sha256(b"theirs").hexdigest()}}
+    real_write = store.write_bytes
+
+    def write_then_lose(rel, payload):
+        real_write(rel, payload)
+        if rel.endswith(MANIFEST):  # the other writer: its file and then its manifest, after ours
+            real_write(rel.replace(MANIFEST, "w"), b"theirs")
+            real_write(rel, json.dumps(theirs).encode())
+
+    monkeypatch.setattr(store, "write_bytes", write_then_lose)
+    with store.writing_artifact("tuned", "h") as tmp:
+        (tmp / "w").write_bytes(b"ours!!")
+    assert not (store.local / "artifacts/tuned/h").exists()  # no copy of ours taken for the store's
+    assert (store.artifact("tuned", "h") / "w").read_bytes() == b"theirs"
