@@ -175,7 +175,9 @@ def record_orphans(stage: Stage, todo: list, study: StudyConfig, store: Store, v
             continue
         if any(r["cell_hash"] == out.key and r["started_at"] >= since for r in view.all_rows(out.table)):
             continue
-        write_failure(store, study, stage, cell, launched_at, errors.get(cell.cell_hash) or DIED)
+        # one first line whatever Tune saw, so that the same death counts as the same failure from try to try
+        error = f"{DIED}\n{errors[cell.cell_hash]}" if cell.cell_hash in errors else DIED
+        write_failure(store, study, stage, cell, launched_at, error)
         orphans += 1
     return orphans
 
