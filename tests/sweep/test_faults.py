@@ -83,7 +83,7 @@ def test_cells_whose_trials_die_get_failed_rows_and_stop_being_retried_after_max
     for cell in cells:  # three cells to run again; the others are done
         (store.local / "results" / "compatibility" / f"{cell.cell_hash}.parquet").unlink()
     runs = []
-    for _ in range(2):
+    for _ in range(2):  # twice: the same death counts as the same failure, whatever ids Tune's error names
         with _Reaper("ImplicitFunc") as reaper:  # a Tune trial's process (only this stage's trials run now)
             runs.append(_driver(store.local, address, "--only", "compatibility", "--max-failures", "2"))
         assert reaper.killed > 0
