@@ -14,7 +14,7 @@ from raysys.stages.base import Context, MissingInputError, View
 from raysys.stages.chain import plan_chain
 from raysys.stages.recipe import encoded_task
 from raysys.stages.registry import stage
-from raysys.storage import artifacts, results
+from raysys.storage import artifacts, manifest, results
 from raysys.sweep import driver as sweep
 from tests.conftest import MICRO_OVERRIDES
 
@@ -195,14 +195,20 @@ def test_a_method_waits_for_its_reference_and_its_old_weights(micro_run, tmp_pat
 def test_a_teacher_with_another_label_set_is_refused_before_any_trial(micro_run):
     study, store, _ = micro_run
     cell = next(c for c in methods.plan_methods(study, plan_chain(study)) if c.method == "distill")
-    meta_path = store.artifact("tuned", cell.old_tuned_hash) / "raysys.json"
-    original = meta_path.read_text()
+    folder = store.artifact("tuned", cell.old_tuned_hash)
+    original = (folder / "raysys.json").read_text()
+
+    def recommit(meta: str) -> None:  # as if made with that label set: its manifest agrees with it
+        (folder / "raysys.json").write_text(meta)
+        (folder / manifest.MANIFEST).write_bytes(manifest.encode(manifest.describe(folder)))
+
     try:
-        meta_path.write_text(original.replace('"labels": [', '"labels": ["extra", '))
+        recommit(original.replace('"labels": [', '"labels": ["extra", '))
         with pytest.raises(WeightMismatchError, match="labels"):
             sweep.run_study(study, store, only=("methods",), log=lambda *_: None)
     finally:
-        meta_path.write_text(original)
+        recommit(original)
+    assert store.quarantined() == 0
 
 
 def test_a_method_without_its_old_weights_is_refused_before_any_trial(micro_run, capsys):

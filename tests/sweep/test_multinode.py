@@ -192,7 +192,8 @@ def test_a_storage_one_node_cannot_see_is_refused_before_any_work(hidden_storage
     (existing / "results" / "keep").write_text("kept")
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(existing),
-                             "--address", address, "--fresh", "--only", "pretrain"],
+                             "--address", address, "--fresh", "--only", "pretrain",
+                             "--set", "pretrain.cpus_per_worker=1"],  # a worker its 1-CPU nodes hold
                             capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=env)
     assert driver.returncode == 2, driver.stdout[-2000:] + driver.stderr[-2000:]
     error = driver.stderr.strip().splitlines()[-1]
