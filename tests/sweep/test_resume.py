@@ -23,10 +23,13 @@ from raysys.sweep import driver as sweep
 from tests.conftest import MICRO_OVERRIDES
 
 SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
+# the killed study: the micro study's main chain (the control chain's links, tuning runs and pairs are cells of the
+# same kinds)
+KILLED_OVERRIDES = [*MICRO_OVERRIDES, "pilot.control_length=0"]
 
 
 def _command(storage: Path, address: str, *extra: str) -> list[str]:
-    sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
+    sets = [x for o in KILLED_OVERRIDES for x in ("--set", o)]
     return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address,
             "--only", "pretrain", "tuning", *sets, *extra]
 
@@ -63,10 +66,6 @@ EVERY_STEP = ("--set", "pretrain.checkpoint_every_seconds=0", "--set", "tuning.c
 KILLED_STAGES = ("pretrain", "tuning", "interpolation", "methods")
 
 
-# the main chain only: the control chain's links, tuning runs and pairs are cells of the same kinds
-KILLED_OVERRIDES = [*MICRO_OVERRIDES, "pilot.control_length=0"]
-
-
 def _full_command(storage: Path, address: str) -> list[str]:
     sets = [x for o in KILLED_OVERRIDES for x in ("--set", o)]
     return [sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(storage), "--address", address, *sets,
@@ -96,7 +95,7 @@ def _artifact_times(store: Store) -> dict[tuple[str, str], int]:
 
 
 @pytest.fixture(scope="module")
-def killed_then_resumed(address, tmp_path_factory, micro_study):
+def killed_then_resumed(address, tmp_path_factory):
     """The whole micro study (two DDP workers), its driver SIGKILLed four times at four stages — the next run
     started at once each time — then run to completion. While the first run holds the storage a second driver is
     refused."""
@@ -125,7 +124,8 @@ def killed_then_resumed(address, tmp_path_factory, micro_study):
     return store, kills, second, rerun, tuning_finished_at_kill, tuned_at_kill
 
 
-def test_a_driver_killed_at_four_stages_ends_exactly_where_an_uninterrupted_run_does(killed_then_resumed, micro_run):
+def test_a_driver_killed_at_four_stages_ends_exactly_where_an_uninterrupted_run_does(killed_then_resumed, micro_run,
+                                                                                    killed_study):
     """Every table equals the uninterrupted micro run's, cell for cell and value for value (timing and
     provenance aside), each cell once; nothing finished before a kill was made again."""
     sys.path.insert(0, str(SCRIPT.parents[1] / "bench"))
@@ -135,7 +135,7 @@ def test_a_driver_killed_at_four_stages_ends_exactly_where_an_uninterrupted_run_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     _, uninterrupted, _ = micro_run
     tables = {t for name in KILLED_STAGES for t in stage(name).tables}
-    planned = planned_keys(load_study("tiny", KILLED_OVERRIDES))
+    planned = planned_keys(killed_study)
     differing, rows = {}, 0
     for table in sorted(tables):
         old, new = (_planned_rows(s, table, planned[table]) for s in (uninterrupted, store))
@@ -177,9 +177,14 @@ def test_a_second_driver_on_a_storage_in_use_is_refused_naming_the_first(killed_
     assert "Traceback" not in second.stderr + second.stdout
 
 
-def test_a_killed_driver_resumes_without_retraining(killed_then_resumed, micro_study):
+@pytest.fixture(scope="module")
+def killed_study():
+    return load_study("tiny", KILLED_OVERRIDES)
+
+
+def test_a_killed_driver_resumes_without_retraining(killed_then_resumed, killed_study):
     store, _, _, _, before, mtimes = killed_then_resumed
-    tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
+    tuning_cells = stage("tuning").plan(killed_study, plan_chain(killed_study))
     assert 5 <= len(before) < len(tuning_cells), "the kill must land in the middle of the stage"
     after = _ok_runs(store)
     assert set(after) == {c.cell_hash for c in tuning_cells}
@@ -213,14 +218,15 @@ def _checkpointed(store: Store) -> dict[str, int]:
     return {h: int(p.name.split("-")[1]) for h, p in found.items() if p is not None}
 
 
-def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address, micro_study):
+def test_a_killed_trial_is_retried_from_its_checkpoint(killed_then_resumed, address, killed_study):
     """Another seed adds tuning cells, longer ones (max_steps is part of their identity), checkpointed at every
     evaluation; the trial processes are SIGKILLed while they run; Tune's FailureConfig retries them, each interrupted cell continues from its newest checkpoint, and
     the sweep ends with every cell done once."""
     store = killed_then_resumed[0]
-    tuning_cells = stage("tuning").plan(micro_study, plan_chain(micro_study))
-    longer = build(type(micro_study), {**to_dict(micro_study), "seeds": [21],
-                                       "tuning": {**to_dict(micro_study.tuning), "max_steps": LONG, "types": ["lora"]}})
+    tuning_cells = stage("tuning").plan(killed_study, plan_chain(killed_study))
+    longer = build(type(killed_study), {**to_dict(killed_study), "seeds": [21],
+                                        "tuning": {**to_dict(killed_study.tuning), "max_steps": LONG,
+                                                   "types": ["lora"]}})
     new_cells = stage("tuning").plan(longer, plan_chain(longer))
     driver = subprocess.Popen(_command(store.root, address, *LONGER), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
