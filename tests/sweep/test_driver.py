@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_every_stage_writes_its_rows(micro_run):
     heads = results.ok_rows(store, "head_similarity")
     assert len(heads) == len(pairs) * study.model.num_layers * study.model.num_heads
     assert len(results.ok_rows(store, "distances")) == 3 * len(pairs)
-    assert list(ran) == list(NAMES) and ran["search"] == {"cells": 0, "finished_before": 0, "ran": 0, "blocked": 0,
+    assert list(ran) == list(NAMES) and ran["search"] == {"cells": 0, "finished_before": 0, "ran": 0, "blocked": 0, "given_up": 0,
                                                           "seconds": 0.0}
     assert ran["interpolation"]["ran"] == len(pairs) * (n_alphas + 1)  # the points and each path's summary
 
@@ -78,27 +79,35 @@ def _write_task(root, name, rows_by_split):
 
 
 def test_failed_cells_are_recorded_and_only_they_rerun(micro_run, tmp_path):
-    """A PLM whose weights file is damaged after the data check fails every tuning cell on it with a recorded
-    error; the sweep goes on (the cells on the sound PLM succeed); once the file is restored, a rerun runs exactly
-    the failed cells."""
+    """A PLM whose weights get a flipped bit after the data check (its sizes still agree) is caught by its checksum
+    when the first tuning cell loads it and set aside: every tuning cell on it fails with a recorded error and the
+    sweep goes on (the cells on the sound PLM succeed); once the PLM is put back whole, a rerun runs exactly the
+    failed cells."""
     study, store, _ = micro_run
     _write_task(tmp_path, "d1_copy", world.task_splits(world.build_world(study.world), "d1"))
     extra = TaskConfig(name="d1_copy", domain="d1", source="jsonl", path=str(tmp_path))
     study2 = check_data(dataclasses.replace(study, tasks=study.tasks + (extra,), tune_plms=(2, 3),
                                             methods=dataclasses.replace(study.methods, sources=(2,))), ("tuning",))
-    weights = store.artifact("plm", plan_chain(study).plm_hashes[3]) / "model.safetensors"
-    sound = weights.read_bytes()
-    weights.write_bytes(sound[:64])
+    plm = plan_chain(study).plm_hashes[3]
+    home = store.artifact("plm", plm)
+    sound = (home / "model.safetensors").read_bytes()
+    (home / "model.safetensors").write_bytes(sound[:100] + bytes([sound[100] ^ 1]) + sound[101:])
     try:
         ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
-    finally:
-        weights.write_bytes(sound)
+    finally:  # put the shared study's PLM back where it was, whole
+        (aside,) = [p for p in (store.local / "quarantine").iterdir() if p.name.startswith(f"artifacts__plm__{plm}-")
+                    and p.is_dir()] or [home]
+        (aside / "model.safetensors").write_bytes(sound)
+        if aside != home:
+            os.replace(aside, home)
+            shutil.rmtree(store.local / "quarantine")
     per_plm = len(study.seeds) * len(study.tuning.types)
     assert ran["tuning"]["ran"] == 2 * per_plm
     rows = [r for r in results.read_table(store, "tuning_runs").to_pylist() if r["task"] == "d1_copy"]
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == per_plm and len(rows) == 2 * per_plm
     assert all(r["plm_index"] == 3 and r["error"] for r in failed), failed[0]
+    assert any("does not match its checksum" in r["error"] for r in failed)
     assert missing_cells(study2, store)["tuning"] == len(failed)
 
     ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
