@@ -177,8 +177,13 @@ def preflight(study: StudyConfig, store: Store, chain: ChainPlan) -> None:
     main chain, and every PLM already in the store shares one architecture (a store reused across studies could mix
     them)."""
     check_checkpoint_types(study)
-    named = {f"plm {link.chain}[{link.index}]": _plm_config_folder(store, link.plm_hash) for link in chain.links
-             if store.has_artifact("plm", link.plm_hash)}
+    named = {}
+    for link in chain.links:
+        if store.has_artifact("plm", link.plm_hash):
+            try:
+                named[f"plm {link.chain}[{link.index}]"] = _plm_config_folder(store, link.plm_hash)
+            except FileNotFoundError:  # spoiled: set aside (CorruptArtifact), so its link is made again
+                continue
     if study.pilot.control_name_or_path and study.control_length:
         main = study.model.name_or_path
         named = {f"model.name_or_path ({main})": main,
