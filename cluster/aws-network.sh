@@ -23,22 +23,13 @@ usage() {
   exit 2
 }
 
-valid_cidr() {
-  [[ $1 =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})/([0-9]{1,2})$ ]] || return 1
-  local i
-  for i in 1 2 3 4; do ((10#${BASH_REMATCH[i]} <= 255)) || return 1; done
-  ((10#${BASH_REMATCH[5]} <= 32))
-}
+source "$(dirname "$0")/ssh-range.sh"
 
 force=0
 if [ "${1:-}" = --force ]; then force=1; shift; fi
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 cidr=$1 region=${2:-us-west-2} name=raysys
-valid_cidr "$cidr" || { echo "$0: '$cidr' is not an IPv4 range like 203.0.113.7/32" >&2; exit 2; }
-if ((10#${cidr#*/} == 0 && !force)); then
-  echo "$0: $cidr would admit SSH from the whole internet; give your own range, or --force first" >&2
-  exit 2
-fi
+check_ssh_range "$cidr" "$force"
 
 ec2() { aws ec2 --region "$region" "$@"; }
 
