@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raysys.storage.store import Store
+from raysys.storage.store import QUARANTINE, Store  # quarantine/<the file's path>: result files that do not parse
 
 SCHEMA_VERSION = 6  # 6: attempts, repeated_failures (files of version 5 read with them null)
 
@@ -243,7 +243,6 @@ def given_up(store: Store, table: str, after: int) -> set[str]:
     t = read_table(store, table, ["cell_hash", "status", "repeated_failures"])
     return {h for h, status, n in zip(t["cell_hash"].to_pylist(), t["status"].to_pylist(),
                                       t["repeated_failures"].to_pylist()) if status == "failed" and (n or 0) >= after}
-QUARANTINE = "quarantine"  # <storage>/quarantine/<the file's path>: result files that do not parse
 
 
 def read_table(store: Store, table: str, columns: list[str] | None = None) -> pa.Table:

@@ -194,8 +194,9 @@ class Store:
                     return  # the store's copy wins; ours (in `finally`) goes, and the cache fetches theirs
             else:
                 sync_tree(temp)  # the cache of a URI store can be fetched again; a local store is the only copy
-                if final.is_dir() and manifest.verify(final, full=False):
-                    self.set_aside(rel, manifest.verify(final, full=False))
+                problem = manifest.verify(final, full=False) if final.is_dir() else None
+                if problem:
+                    self.set_aside(rel, problem)
             try:
                 temp.rename(final)
             except OSError:
