@@ -4,11 +4,13 @@
     raysys results STORAGE TABLE [--where k=v]  print a table, or export it (--output x.csv|x.parquet|x.jsonl)
     raysys report STORAGE [--out DIR]           regenerate the report of the storage's study from the tables
                           [--all | --version N]  every row of the storage; version N of its study
+                          [--set report.KEY=VALUE]  judge the same rows by other margins or confidence
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from raysys.config import ConfigError
+from raysys.config import ConfigError, ReportConfig, apply_override, build, to_dict
 from raysys.report import summary
 from raysys.report.scope import StudyRows
 from raysys.report.status import status_text
@@ -99,7 +101,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="every row of the storage, whatever study made it (default: the current study's cells)")
     p.add_argument("--version", type=int, default=None, metavar="N",
                    help="the cells of version N of the storage's study (see the driver's 'study changed' line)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="report.KEY=VALUE",
+                   help="judge the findings by another margin or confidence (the report section only)")
     return parser.parse_args(argv)
+
+
+def rejudged(study, overrides: list[str]):
+    """The study with its `report` section overridden: the findings' margins and confidence are the only fields
+    a report may change, since every other field changes what the rows are."""
+    data = {"report": to_dict(study.report)}
+    for assignment in overrides:
+        if not assignment.startswith("report."):
+            raise ConfigError(f"--set {assignment}: a report can only re-judge its rows (report.KEY=VALUE); other "
+                              "fields change what the study computes: run the sweep with them")
+        data = apply_override(data, assignment)
+    return dataclasses.replace(study, report=build(ReportConfig, data["report"], "report"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
         else:
             study = load_saved_study(store) if args.version is None else load_version(store, args.version)
+            study = rejudged(study, args.overrides)
             scope = StudyRows(study, store, everything=args.everything)
             path = summary.write_report(scope, args.out) if args.out else summary.publish_report(scope)
             print(f"report: {path}")

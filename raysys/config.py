@@ -375,7 +375,8 @@ class PilotConfig:
     between the tuned M_i and the tuned M_{i+h} for each h in `hops`; and a control chain — a second M0 from
     `control_seed` (or the independent checkpoint `control_name_or_path`), continually pre-trained the same way
     for `control_length` links (None = as long as the main chain, 0 = no control) — whose tuned models share no
-    pre-training history with the main chain's."""
+    pre-training history with the main chain's; with `reference_pairs`, two seeds tuned on each hop's M_i (the
+    same-PLM floor of mode connectivity: how connected two tuned models are with no upgrade between them)."""
 
     alphas: tuple[float, ...] = field(default_factory=_default_alphas)
     hops: tuple[int, ...] = (1, 2)
@@ -383,6 +384,7 @@ class PilotConfig:
     control_name_or_path: str | None = None
     control_checkpoint_fingerprint: str = ""  # as model.checkpoint_fingerprint, for control_name_or_path
     control_length: int | None = None
+    reference_pairs: bool = True  # same-PLM pairs (two seeds on one M_i) beside the continual and control pairs
     similarity_examples: int = 64
     eval_batch_size: int = 256
     cpus_per_trial: float = 1.0
@@ -588,6 +590,33 @@ class MethodsConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """How the findings judge the paper's claims (read by the report only: changing it re-judges the same rows,
+    never reruns a cell). A claim is shown in a setting when its paired effect reaches the margin and the
+    `confidence` interval (`interval`: Student's t, or a percentile bootstrap of `bootstrap_resamples`) excludes
+    zero; every margin is in accuracy (0.02 = 2 points) and printed with its rule."""
+
+    confidence: float = 0.95
+    interval: Literal["t", "bootstrap"] = "t"
+    bootstrap_resamples: int = 10_000
+    learned_margin: float = 0.10  # an end "learned the task": beats max(majority, untrained head) by this much
+    compat_margin: float = 0.02  # Δ_i on M_j over max(majority, untrained head on M_j)
+    lmc_max_drop: float = 0.05  # a connected path falls at most this far below its straight line
+    head_margin: float = 0.05  # corresponding over non-corresponding heads' similarity (not an accuracy)
+    auc_margin: float = 0.02  # init over vanilla: area under the dev curve from the first evaluation on
+    distill_margin: float = 0.01  # distill over vanilla, K-shot test accuracy
+    combined_margin: float = 0.0  # combined over the best other method, test accuracy
+
+    def __post_init__(self):
+        _check(0.5 <= self.confidence < 1.0, "report.confidence", "must be in [0.5, 1), e.g. 0.95")
+        _check(self.interval in ("t", "bootstrap"), "report.interval", "'t' or 'bootstrap'")
+        _check(self.bootstrap_resamples >= 100, "report.bootstrap_resamples", "must be >= 100")
+        for name in ("learned_margin", "compat_margin", "lmc_max_drop", "head_margin", "auc_margin",
+                     "distill_margin", "combined_margin"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"report.{name}", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """The sweep spec: the PLM chain (corpora[0] is D0 for M0, corpora[i] the data that makes M_i), the tasks,
     which PLM versions to tune each task on, seeds, and the stage configs."""
@@ -601,6 +630,7 @@ class StudyConfig:
     tuning: TuningConfig = TuningConfig()
     pilot: PilotConfig = PilotConfig()
     methods: MethodsConfig = MethodsConfig()
+    report: ReportConfig = ReportConfig()
     seeds: tuple[int, ...] = (20, 30)
     tune_plms: tuple[int, ...] | None = None
 

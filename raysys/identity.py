@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from raysys.config import CorpusConfig, StudyConfig, TaskConfig, TuningConfig, pet_sections, to_dict
+from raysys.config import CorpusConfig, MethodsConfig, StudyConfig, TaskConfig, TuningConfig, pet_sections, to_dict
 
 # How the work is spread and paced, not what it computes: never part of an artifact's identity.
 RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps", "cpus_per_trial", "gpus_per_trial",
@@ -89,17 +89,30 @@ def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type:
                        tuning_identity(study.tuning, tuning_type), seed)
 
 
+def reference_identity(study: StudyConfig) -> tuple:
+    """What the reference (vanilla) methods run records beyond its tuning: its steps to `methods.target_fraction`
+    of its own best dev. Left out at the default, so that the runs made before it counted keep their hashes."""
+    fraction = study.methods.target_fraction
+    return () if fraction == MethodsConfig.target_fraction else (fraction,)
+
+
 # How a search is paced (trials run at once): beside the resource fields, not part of what a study computes.
 _PACING_FIELDS = {"parallel"}
 
 
+# How the findings judge the rows: read by the report only, so a study judged otherwise is the same study.
+_JUDGING_SECTIONS = {"report"}
+
+
 def study_fields(study: StudyConfig) -> dict:
-    """The config of a study as its identity sees it: every field but resources and pacing, at any depth."""
+    """The config of a study as its identity sees it: every field but resources, pacing and the report's
+    judging rules, at any depth."""
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in RESOURCE_FIELDS | _PACING_FIELDS}
         return [strip(v) for v in value] if isinstance(value, list) else value
-    return strip(to_dict(study))
+    fields = strip(to_dict(study))
+    return {k: v for k, v in fields.items() if k not in _JUDGING_SECTIONS}
 
 
 def study_identity(study: StudyConfig) -> str:

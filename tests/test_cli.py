@@ -55,18 +55,32 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
                   "Attention-head similarity", "Recycling methods", "Training-free recycling"):
         assert f"## {title}" in text
     assert str(tmp_path / "report.md") in capsys.readouterr().out
-    # Every claim gets a verdict from the micro study's data; compatibility may lack a qualifying setting (the
-    # micro models barely learn), and then the evidence says so.
+    # Every claim gets a verdict from the micro study's data; compatibility and connectivity may lack a qualifying
+    # setting (the micro models barely learn): then the claim is not shown, and the evidence says why.
     claims = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(claims) == 6 and not any("**no data**" in line for line in claims[1:])
-    assert "**no data**" not in claims[0] or "no compatibility cell whose old model learned" in claims[0]
+    assert len(claims) == 6 and not any("**no data**" in line for line in claims)
+    assert "**not shown**" not in claims[0] or "old models learned the task" in claims[0]
+    assert "**not shown**" not in claims[1] or "an end did not beat its floor" in claims[1]
+    assert all("95% Student's t interval" in line for line in claims)  # every rule names its statistics
     for name in ("pretrain_curves", "compatibility", "interpolation", "head_similarity", "convergence"):
         png = tmp_path / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"](figures/{name}.png)" in text
 
 
+def test_report_rejudges_the_same_rows_by_other_margins(micro_run, tmp_path):
+    _, store, _ = micro_run
+    assert cli.main(["report", str(store.root), "--out", str(tmp_path), "--set", "report.confidence=0.8",
+                     "--set", "report.compat_margin=0.25"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    claims = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+    assert all("80% Student's t interval" in line for line in claims)
+    assert "by ≥ 25 points, paired by seed" in claims[0]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["report", "{root}", "--out", "{tmp}", "--set", "tuning.lr=0.1"], "can only re-judge its rows"),
+    (["report", "{root}", "--out", "{tmp}", "--set", "report.confidence=2"], "report.confidence"),
     (["results", "{root}", "nope"], "unknown table 'nope'"),
     (["results", "{root}", "tuning_runs", "--where", "colour=red"], "no column 'colour'"),
     (["results", "{root}", "tuning_runs", "--where", "seed"], "expected COLUMN=VALUE"),

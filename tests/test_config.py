@@ -347,6 +347,7 @@ def test_paper_preset_builds():
     assert study.pretrain.initial_steps == 0 and study.pretrain.use_gpu is True
     assert study.tuning.max_steps_for("finetune") == 2610 and study.tuning.max_steps_for("adapter") == 6525
     assert study.tuning.lr_for("lora") == 2e-5
+    assert study.tuning.weight_decay == 0.0  # the official scripts keep HF's default
     assert study.control_length == 0
 
 

@@ -18,20 +18,24 @@ from tests.conftest import MICRO_OVERRIDES, with_stand_in_fingerprints
 TINY_PLM_HASHES = ["3c16893ec9c3e5dd", "8b6fb13612ad205c", "cd2eb1992439d88b", "5f2e8a049f39be6a", "ae51f319c8d416b9",
                    "293349c4f38c08a7"]
 # Per study and stage: (cells planned, sha256 of their sorted hashes), measured at commit 8da6cb2 (the paper's: below).
+# Issue 20 added the same-PLM reference pairs (tiny: +729 path points, +27 similarity cells; every earlier cell keeps
+# its hash, as test_the_reference_pairs_only_add_cells checks) and set the paper preset's tuning weight decay to the
+# official code's 0.0 (every paper cell downstream of tuning moved).
 PLANNED = {
     "tiny": {"pretrain": (6, "b300510af5a3a499"), "tuning": (90, "99f41721de71dfeb"),
-             "compatibility": (132, "f8045cb46e2a3377"), "interpolation": (1944, "d3ea8c991a6de60c"),
-             "similarity": (72, "2899254b896d305a"), "methods": (120, "58bb110b344e1ba8"),
+             "compatibility": (132, "f8045cb46e2a3377"), "interpolation": (2673, "a1a8403f49591467"),
+             "similarity": (99, "c14e2272774c73fe"), "methods": (120, "58bb110b344e1ba8"),
              "search": (0, "e3b0c44298fc1c14"), "training_free": (12, "1ad9b13c93c3bf69")},
     "micro": {"pretrain": (7, "03e1c82fd732e579"), "tuning": (54, "42709e9cce465fe3"),
               "compatibility": (66, "9dd38fd3e862c17a"), "interpolation": (288, "7b7307c6331596e0"),
               "similarity": (72, "90f21e203ea3ab46"), "methods": (48, "8103df3173b8da47"),
               "search": (0, "e3b0c44298fc1c14"), "training_free": (4, "e1fcebaab8186e4a")},
-    # re-pinned with data identity (issue 17): the paper's files enter by fingerprint (stand-ins here), not path
-    "paper": {"pretrain": (3, "adcf5502c2ed0913"), "tuning": (54, "46981cbd190ae447"),
-              "compatibility": (72, "c5b299d6a09490b5"), "interpolation": (1458, "e51d8611125cbee2"),
-              "similarity": (54, "f2d8ebc030ac9235"), "methods": (4464, "c625d873b67d07c5"),
-              "search": (0, "e3b0c44298fc1c14"), "training_free": (24, "264f7667b1c8e30f")},
+    # re-pinned with data identity (issue 17): the paper's files enter by fingerprint (stand-ins here), not path;
+    # and with issue 20 (above)
+    "paper": {"pretrain": (3, "adcf5502c2ed0913"), "tuning": (54, "336d61a8c691e686"),
+              "compatibility": (72, "83b299ab29883add"), "interpolation": (2430, "175b881e6832dab7"),
+              "similarity": (90, "0d85c14e8842b335"), "methods": (4464, "156b90de6e900b74"),
+              "search": (0, "e3b0c44298fc1c14"), "training_free": (24, "6cfb584890acabdb")},
     "optuna": {"methods": (24, "59da43efbb16aa1e"), "search": (48, "5d7fdd9b28bab80c")},
 }
 STUDIES = {"tiny": [], "micro": MICRO_OVERRIDES, "paper": None, "optuna": ["methods.search.algorithm=optuna"]}
@@ -56,6 +60,15 @@ def test_every_planned_cell_keeps_its_hash(name):
         if each.name in PLANNED[name]:
             cells = each.plan(study, chain)
             assert (len(cells), _digest(c.cell_hash for c in cells)) == PLANNED[name][each.name], each.name
+
+
+def test_the_reference_pairs_only_add_cells():
+    with_pairs, without = load_study("tiny"), load_study("tiny", ["pilot.reference_pairs=false"])
+    for name in ("interpolation", "similarity"):
+        old = {c.cell_hash for c in stage(name).plan(without, plan_chain(without))}
+        new = {c.cell_hash for c in stage(name).plan(with_pairs, plan_chain(with_pairs))}
+        assert old < new and len(old) == {"interpolation": 1944, "similarity": 72}[name]
+        assert _digest(old) == {"interpolation": "d3ea8c991a6de60c", "similarity": "2899254b896d305a"}[name]
 
 
 def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketing_change_identity():
@@ -126,3 +139,14 @@ def test_a_new_pet_sections_settings_stay_out_of_the_other_types_hashes():
     assert tuning_identity(extended, "lora") == tuning_identity(longer, "lora") == tuning_identity(plain, "lora")
     assert tuning_identity(plain, "lora")["pet"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0,
                                                      "targets": ["query", "value"]}
+
+
+def test_the_vanilla_run_is_a_new_cell_when_its_target_fraction_changes():
+    """Its row records its own steps to `target_fraction` of its best dev, so the fraction is part of it (left out
+    at the default 0.95, whose hashes are pinned above)."""
+    def vanilla(*overrides):
+        study = load_study("tiny", list(overrides))
+        return {c.cell_hash for c in stage("methods").plan(study, plan_chain(study)) if c.method == "vanilla"}
+
+    assert vanilla() == vanilla("methods.target_fraction=0.95")
+    assert vanilla().isdisjoint(vanilla("methods.target_fraction=0.9"))

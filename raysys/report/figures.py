@@ -90,14 +90,15 @@ def compatibility_heatmaps(scope: StudyRows, out: Path) -> Path | None:
 
 
 def interpolation_curves(scope: StudyRows, out: Path) -> Path | None:
-    """Accuracy and loss along θ(α), mean over tasks, seeds and pairs: continual pair vs control, per type."""
+    """Accuracy and loss along θ(α), mean over tasks, seeds and pairs: continual pair vs control and the same-PLM
+    reference (two seeds on M_i), per type."""
     rows = scope.ok_rows("interpolation")
     if not rows:
         return None
     types = sorted({r["tuning_type"] for r in rows})
     fig, axes = plt.subplots(2, len(types), figsize=(3.6 * len(types), 6), squeeze=False, sharex=True, layout="constrained")
     for b, tuning_type in enumerate(types):
-        for kind, style in (("continual", "-"), ("control", "--")):
+        for kind, style in (("continual", "-"), ("control", "--"), ("same_plm", ":")):
             selected = [r for r in rows if r["tuning_type"] == tuning_type and r["pair_kind"] == kind]
             if not selected:
                 continue

@@ -1,25 +1,22 @@
 """The findings table: each claim of the paper, the evidence this study's tables hold for it, and a verdict.
 
-Every verdict comes from a stated rule applied per *setting* (a task × tuning type × upgrade, or a tuning type ×
-layer): "holds" when every setting passes, "mostly holds (k/n)" for a majority, "partly (k/n)" for some,
-"does not hold" for none, "no data" when the stage has not produced rows. The rules are deliberately simple and
-printed beside the verdict, so a reader can disagree with the threshold rather than with hidden arithmetic.
+Every claim is judged on paired differences (raysys.report.stats): per *setting* (a task × tuning type × upgrade,
+or a tuning type × layer) over seeds, and pooled over the settings (paired by task, type and seed). A setting
+passes when its effect reaches the rule's margin and the confidence interval excludes zero; the verdict counts
+the settings that pass and falls back on the pooled effect (raysys.report.stats.verdict). The margins and the
+confidence level are the study's `report` section, printed with each rule, so a reader can disagree with a
+threshold rather than with hidden arithmetic; n, the effect and its interval are printed with each verdict.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
+from raysys.report.evidence import Baselines, Curves, describe_spread, tuned_accuracy
 from raysys.report.scope import StudyRows
+from raysys.report.stats import Effect, Statistics, judge, paired, verdict
 from raysys.report.tables import fmt, mean
-
-LEARNED_MARGIN = 0.10  # an old model "learned the task" when it beats the majority baseline by this much
-COMPAT_MARGIN = 0.02  # Δ_i on M_j must beat the untrained head on M_j by this much
-LMC_MAX_DROP = 0.05  # a path is "connected" when its accuracy never falls more than this below the line
-HEAD_MARGIN = 0.05  # corresponding heads must be this much more similar than non-corresponding ones
-AUC_MARGIN = 0.02  # init must raise the area under the dev curve by this much
 
 
 @dataclass(frozen=True)
@@ -28,108 +25,176 @@ class Finding:
     evidence: str
     rule: str
     verdict: str
+    effect: str = "—"  # the pooled effect the verdict rests on: mean [interval], n, p
 
 
-def verdict(passed: int, total: int) -> str:
-    if total == 0:
-        return "no data"
-    if passed == total:
-        return "holds"
-    if passed == 0:
-        return "does not hold"
-    return f"mostly holds ({passed}/{total})" if 2 * passed > total else f"partly ({passed}/{total})"
+def statistics_of(scope: StudyRows) -> Statistics:
+    cfg = scope.study.report
+    return Statistics(cfg.confidence, cfg.interval, cfg.bootstrap_resamples)
 
 
 def _pct(value: float | None) -> str:
     return fmt(value, 100) + ("" if value is None else "%")
 
 
-def _by(rows, key, value) -> dict:
-    out = defaultdict(list)
-    for r in rows:
-        out[key(r)].append(r[value])
-    return {k: mean(v) for k, v in out.items()}
+def _points(value: float) -> str:
+    return f"{100 * value:g} points"
+
+
+def _unless_unusable(result: str, had_rows: bool) -> str:
+    """'no data' only when the stage wrote nothing: rows that exist but none of which qualify (no old model
+    learned its task) leave the claim not shown."""
+    return "not shown" if result == "no data" and had_rows else result
+
+
+# ------------------------------------------------------------------------------------------- compatibility
 
 
 def compatibility(scope: StudyRows) -> Finding:
-    """One hop (Δ_i on M_{i+1}), over the settings whose old model learned its task."""
-    tuned = _by((r for r in scope.ok_rows("tuning_runs") if r["chain"] == "main"),
-                lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
-    base = _by(scope.ok_rows("baselines"), lambda r: (r["task"], r["plm_index"], r["kind"]),
-               "test_accuracy")
-    compat = _by(scope.ok_rows("compatibility"),
-                 lambda r: (r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"]),
-                 "test_accuracy")
-    by_hop = defaultdict(list)
-    for (task, kind, i, j), acc in compat.items():
-        old, majority = tuned.get((task, kind, i)), base.get((task, i, "majority"))
-        untrained = base.get((task, j, "untrained_head"))
-        if None in (old, majority, untrained) or old < majority + LEARNED_MARGIN:
+    """Δ_i on M_j against the floor max(majority, untrained head on M_j), per (task, type, upgrade) whose old
+    model learned its task, paired by seed; with the fraction of re-tuning's gain over the floor it recovers."""
+    cfg, stats = scope.study.report, statistics_of(scope)
+    tuned, floor = tuned_accuracy(scope), Baselines(scope)
+    settings = defaultdict(dict)  # (hop, task, type, i, j) → seed → (Δ_i on M_j, floor on M_j, re-tuned, learned)
+    for r in scope.ok_rows("compatibility"):
+        task, kind, i, j, seed = r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"], r["seed"]
+        old, base_i, base_j = tuned.get((task, kind, i, seed)), floor.of(task, i, seed), floor.of(task, j, seed)
+        if None in (old, base_i, base_j):
             continue
-        by_hop[j - i].append((acc, untrained, tuned.get((task, kind, j))))
-    parts = []
-    for hop, cells in sorted(by_hop.items()):
-        passed = sum(acc >= untrained + COMPAT_MARGIN for acc, untrained, _ in cells)
-        parts.append(f"{hop} hop{'s' if hop > 1 else ''}, {len(cells)} settings: Δ_i on M_i+{hop} "
-                     f"{_pct(mean(c[0] for c in cells))} vs untrained head {_pct(mean(c[1] for c in cells))} vs "
-                     f"re-tuned {_pct(mean(c[2] for c in cells))} ({passed}/{len(cells)} above the untrained head)")
-    one = by_hop.get(1, [])
+        settings[(j - i, task, kind, i, j)][seed] = (r["test_accuracy"], base_j, tuned.get((task, kind, j, seed)),
+                                                   old - base_i)
+    learned = {k: v for k, v in settings.items() if mean(c[3] for c in v.values()) >= cfg.learned_margin}
+    parts, one_hop = [], ([], Effect(0, None, None, None, None))
+    for hop in sorted({k[0] for k in settings}):
+        keys = [k for k in learned if k[0] == hop]
+        cells = [c for k in keys for c in learned[k].values()]
+        effects = [stats.effect(c[0] - c[1] for c in learned[k].values()) for k in keys]
+        pooled = stats.effect(c[0] - c[1] for c in cells)
+        gain = [c for c in cells if c[2] is not None]
+        recovered = (sum(c[0] - c[1] for c in gain) / sum(c[2] - c[1] for c in gain)
+                     if gain and sum(c[2] - c[1] for c in gain) > 0 else None)
+        total = sum(k[0] == hop for k in settings)
+        if not keys:
+            parts.append(f"{hop} hop{'s' if hop > 1 else ''}: none of {total} settings' old models learned the task")
+            continue
+        parts.append(
+            f"{hop} hop{'s' if hop > 1 else ''}, {len(keys)} of {total} settings whose old model learned its task: "
+            f"Δ_i on M_i+{hop} {_pct(mean(c[0] for c in cells))} vs floor {_pct(mean(c[1] for c in cells))} vs "
+            f"re-tuned {_pct(mean(c[2] for c in gain))}; over the floor {pooled.text()}; "
+            f"{sum(e.shown(cfg.compat_margin) for e in effects)}/{len(effects)} settings shown alone; recovers "
+            f"{fmt(recovered, 100, 0)}% of re-tuning's gain over the floor")
+        if hop == 1:
+            one_hop = (effects, pooled)
     return Finding(
         "Outdated adapted weights remain compatible with the upgraded PLM to some extent",
-        "; ".join(parts) or "no compatibility cell whose old model learned its task",
-        f"per (task, type) upgrade M_i→M_i+1 whose old model beat majority by ≥{100 * LEARNED_MARGIN:g} points: "
-        f"Δ_i on M_i+1 beats the untrained head by ≥{100 * COMPAT_MARGIN:g} points",
-        verdict(sum(acc >= u + COMPAT_MARGIN for acc, u, _ in one), len(one)))
+        "; ".join(parts) or "no compatibility cell",
+        f"per (task, type) upgrade M_i→M_i+1 whose old model beat its floor by ≥ {_points(cfg.learned_margin)} "
+        f"(floor = max(majority class, untrained head)): Δ_i on M_i+1 beats the floor on M_i+1 by ≥ "
+        f"{_points(cfg.compat_margin)}, paired by seed; {stats.describe()}",
+        _unless_unusable(judge(*one_hop, cfg.compat_margin), any(k[0] == 1 for k in settings)), one_hop[1].text())
+
+
+# ------------------------------------------------------------------------------------------ mode connectivity
+
+
+def _path_keys(r: dict) -> list[tuple]:
+    """The (task, seed) a path is paired under: a same-PLM path under both its seeds (it is each one's floor)."""
+    seeds = {r["seed"], r.get("seed_b") if r.get("seed_b") is not None else r["seed"]}
+    return [(r["task"], seed) for seed in sorted(seeds)]
+
+
+def _usable(r: dict, floor: Baselines, margin: float) -> bool:
+    """Both ends learned the task: a path between two models at chance is flat and says nothing."""
+    end_b = r["plm_index_b"] if r["chain_b"] in (None, "main") else None
+    base_a, base_b = floor.of(r["task"], r["plm_index_a"], r["seed"]), floor.of(r["task"], end_b, r["seed"])
+    return None not in (base_a, base_b) and r["accuracy_a"] >= base_a + margin and r["accuracy_b"] >= base_b + margin
 
 
 def mode_connectivity(scope: StudyRows) -> Finding:
-    """Per tuning type, one-hop continual paths: the accuracy drop below the straight line, against the control."""
-    groups = defaultdict(list)
+    """Per tuning type, one-hop continual paths whose ends learned the task: their drop below the straight line,
+    against the control pairs (an independent origin) and the same-PLM reference (two seeds on one M_i)."""
+    cfg, stats, floor = scope.study.report, statistics_of(scope), Baselines(scope)
+    groups, dropped = defaultdict(dict), 0
     for r in scope.ok_rows("interpolation_paths"):
-        if r["split"] == "test" and r["plm_index_b"] - r["plm_index_a"] == 1:
-            groups[(r["tuning_type"], r["pair_kind"])].append(r)
-    types = sorted({t for t, _ in groups})
-    parts, passed, caveats = [], 0, []
+        hop = r["plm_index_b"] - r["plm_index_a"]
+        if r["split"] != "test" or (hop != 1 and r["pair_kind"] != "same_plm"):
+            continue
+        if not _usable(r, floor, cfg.learned_margin):
+            dropped += r["pair_kind"] == "continual"
+            continue
+        for key in _path_keys(r):
+            groups[(r["tuning_type"], r["pair_kind"])].setdefault(key, []).append(r["accuracy_drop"])
+    drops = {k: {path: mean(v) for path, v in paths.items()} for k, paths in groups.items()}
+    types = sorted({t for t, kind in drops if kind == "continual"})
+    parts, passes, pooled = [], [], {"connected": [], "vs_control": [], "over_floor": []}
     for t in types:
-        cont, ctrl = groups.get((t, "continual"), []), groups.get((t, "control"), [])
-        drop, ctrl_drop = mean(r["accuracy_drop"] for r in cont), mean(r["accuracy_drop"] for r in ctrl)
-        passed += drop is not None and drop <= LMC_MAX_DROP
-        barrier = {kind: fmt(mean(r["loss_barrier"] for r in rows), digits=3)
-                   for kind, rows in (("continual", cont), ("control", ctrl))}
-        parts.append(f"{t}: acc drop {_pct(drop)} continual vs {_pct(ctrl_drop)} control, loss barrier "
-                     f"{barrier['continual']} vs {barrier['control']}")
-        ends = mean(r[k] for r in cont for k in ("accuracy_a", "accuracy_b"))
-        ctrl_ends = mean(r[k] for r in ctrl for k in ("accuracy_a", "accuracy_b"))
-        if ends is not None and ctrl_ends is not None and ends - ctrl_ends > LEARNED_MARGIN:
-            caveats.append(t)
-    evidence = "; ".join(parts) or "no interpolation path"
-    if caveats:
-        evidence += (f". Caveat ({', '.join(caveats)}): the control paths' ends are >{100 * LEARNED_MARGIN:g} points "
-                     "less accurate than the continual ones, so a flat control path says little")
-    return Finding("Linear mode connectivity between the adapted old and new PLM (one hop)", evidence,
-                   f"per tuning type: mean test accuracy drop below the line α·acc_b + (1−α)·acc_a "
-                   f"≤ {100 * LMC_MAX_DROP:g} points on continual paths", verdict(passed, len(types)))
+        cont, ctrl, same = (drops.get((t, kind), {}) for kind in ("continual", "control", "same_plm"))
+        diffs = {"connected": [cfg.lmc_max_drop - d for d in cont.values()],
+                 "vs_control": paired(ctrl, cont),  # > 0: better connected than from an independent origin
+                 "over_floor": paired(cont, same)}  # the continual drop above the same-PLM reference's
+        for name, values in diffs.items():
+            pooled[name] += values
+        connected, vs_control, over_floor = (stats.effect(v) for v in diffs.values())
+        passes.append(_connected(connected, vs_control if ctrl else None, over_floor if same else None,
+                                 cfg.lmc_max_drop))
+        parts.append(f"{t}: {len(cont)} continual paths, drop {describe_spread(list(cont.values()))}; control − "
+                     f"continual {vs_control.text() if ctrl else 'no control paths'}; continual − same-PLM "
+                     f"{over_floor.text() if same else 'no same-PLM reference paths'}")
+    effects = {name: stats.effect(values) for name, values in pooled.items()}
+    pooled_ok = _connected(effects["connected"], effects["vs_control"] if pooled["vs_control"] else None,
+                           effects["over_floor"] if pooled["over_floor"] else None, cfg.lmc_max_drop)
+    evidence = "; ".join(parts) or "no interpolation path whose ends learned the task"
+    if dropped:
+        evidence += f". {dropped} continual paths left out: an end did not beat its floor by the learned margin"
+    return Finding(
+        "Linear mode connectivity between the adapted old and new PLM (one hop)", evidence,
+        f"per tuning type, over one-hop paths whose ends beat their floor by ≥ {_points(cfg.learned_margin)}: the "
+        f"test accuracy drop below the line α·acc_b + (1−α)·acc_a is below {_points(cfg.lmc_max_drop)} (effect: "
+        f"{_points(cfg.lmc_max_drop)} − drop), below the control pairs' drop (paired by task and seed), and within "
+        f"{_points(cfg.lmc_max_drop)} of the same-PLM reference's; {stats.describe()}",
+        _unless_unusable(verdict(passes, pooled_ok, effects["connected"].ruled_out(0.0)), bool(dropped)),
+        effects["connected"].text())
+
+
+def _connected(connected: Effect, vs_control: Effect | None, over_floor: Effect | None, max_drop: float) -> bool:
+    """Connected: the drop is below the limit, below the control pairs' (when there are any) and within the
+    limit of the same-PLM reference's (when there is one)."""
+    return connected.shown(0.0) and (vs_control is None or vs_control.shown(0.0)) and (
+        over_floor is None or (over_floor.high is not None and over_floor.high < max_drop))
+
+
+# ------------------------------------------------------------------------------------------ head similarity
 
 
 def head_similarity(scope: StudyRows) -> Finding:
-    groups = defaultdict(list)
+    """Per (type, layer): corresponding minus non-corresponding heads' similarity, averaged over heads per
+    (task, seed) pair (heads of one model are not independent samples), against the control pairs'."""
+    cfg, stats = scope.study.report, statistics_of(scope)
+    groups = defaultdict(lambda: defaultdict(list))
     for r in scope.ok_rows("head_similarity"):
-        groups[(r["tuning_type"], r["layer"], r["pair_kind"])].append(r)
-    settings = sorted({(t, layer) for t, layer, _ in groups})
-    parts, passed = [], 0
+        groups[(r["tuning_type"], r["layer"], r["pair_kind"])][(r["task"], r["seed"], r["plm_index_a"])].append(
+            r["similarity_corresponding"] - r["similarity_noncorresponding"])
+    margins = {k: {pair: mean(v) for pair, v in pairs.items()} for k, pairs in groups.items()}
+    settings = sorted({(t, layer) for t, layer, kind in margins if kind == "continual"})
+    parts, passes, pooled = [], [], []
     for t, layer in settings:
-        margin = {kind: mean(r["similarity_corresponding"] - r["similarity_noncorresponding"]
-                              for r in groups.get((t, layer, kind), [])) for kind in ("continual", "control")}
-        ok = margin["continual"] is not None and margin["continual"] >= HEAD_MARGIN and (
-            margin["control"] is None or margin["continual"] > margin["control"])
-        passed += ok
-        parts.append(f"{t} L{layer}: {fmt(margin['continual'], digits=3)} vs control "
-                     f"{fmt(margin['control'], digits=3)}")
+        cont, ctrl = margins.get((t, layer, "continual"), {}), margins.get((t, layer, "control"), {})
+        effect, vs_control = stats.effect(cont.values()), stats.effect(paired(cont, ctrl))
+        passes.append(effect.shown(cfg.head_margin) and (not ctrl or vs_control.shown(0.0)))
+        pooled += list(cont.values())
+        parts.append(f"{t} L{layer}: {effect.text(1.0, '', 3)}; over control "
+                     f"{vs_control.text(1.0, '', 3) if ctrl else 'no control pairs'}")
+    pooled_effect = stats.effect(pooled)
     return Finding("Corresponding attention heads of the two adapted models behave alike",
                    "similarity margin, corresponding − non-corresponding heads: " + "; ".join(parts)
                    if parts else "no head-similarity rows",
-                   f"per (type, layer): continual margin ≥ {HEAD_MARGIN:g} and above the control pairs' margin",
-                   verdict(passed, len(settings)))
+                   f"per (type, layer): the continual pairs' margin ≥ {cfg.head_margin:g} and above the control "
+                   f"pairs' (paired by task and seed); {stats.describe()}",
+                   verdict(passes, pooled_effect.shown(cfg.head_margin), pooled_effect.ruled_out(cfg.head_margin)),
+                   pooled_effect.text(1.0, "", 3))
+
+
+# ------------------------------------------------------------------------------------------ recycling methods
 
 
 def _settings(table: list[dict]) -> dict:
@@ -144,74 +209,97 @@ def _label(setting: tuple) -> str:
     return f"{kind} {regime} {upgrade} {task}"
 
 
-def init_convergence(methods_table: list[dict]) -> Finding:
-    parts, passed, total = [], 0, 0
+def _per_seed(entry: dict, value) -> dict:
+    return {seed: value(run) for seed, run in entry["by_seed"].items()}
+
+
+def _test(entry: dict) -> dict:
+    return _per_seed(entry, lambda run: run["test_accuracy"])
+
+
+def init_convergence(scope: StudyRows, methods_table: list[dict]) -> Finding:
+    """Init against vanilla on the area under the dev curve from the first evaluation after step 0 (the step-0
+    head start alone, compatibility, cannot pass), paired by seed; steps to the target beside it, a run that
+    never reached it counted as its whole budget."""
+    cfg, stats, curves = scope.study.report, statistics_of(scope), Curves(scope)
+    parts, effects, pooled = [], [], []
     for setting, m in sorted(_settings(methods_table).items()):
         if "init" not in m or "vanilla" not in m:
             continue
-        auc, auc_v = mean(m["init"]["auc"]), mean(m["vanilla"]["auc"])
-        total += 1
-        passed += auc >= auc_v + AUC_MARGIN
-        parts.append(f"{_label(setting)}: AUC {_pct(auc)} vs {_pct(auc_v)}, steps to target "
-                     f"{_steps(m['init'])} vs {_steps(m['vanilla'])}")
-    return Finding("Initialization-based recycling speeds up convergence", "; ".join(parts) or "no init runs",
-                   f"per setting: mean area under the dev-accuracy curve of init ≥ vanilla's + {100 * AUC_MARGIN:g} "
-                   "points (steps to 95% of vanilla's best dev shown beside it)", verdict(passed, total))
+        conv = {name: _per_seed(m[name], curves.convergence) for name in ("init", "vanilla")}
+        auc = paired(*({s: c["auc"] for s, c in conv[name].items()} for name in ("init", "vanilla")))
+        steps = paired(*({s: c["steps"] for s, c in conv[name].items()} for name in ("vanilla", "init")))
+        effects.append(stats.effect(auc))
+        pooled += auc
+        reached = {name: sum(bool(c["reached"]) for c in conv[name].values()) for name in conv}
+        parts.append(f"{_label(setting)}: late AUC init − vanilla {effects[-1].text()}; steps to target vanilla − "
+                     f"init {stats.effect(steps).text(1.0, ' steps')} (reached {reached['init']}/"
+                     f"{len(conv['init'])} vs {reached['vanilla']}/{len(conv['vanilla'])})")
+    pooled_effect = stats.effect(pooled)
+    return Finding(
+        "Initialization-based recycling speeds up convergence", "; ".join(parts) or "no init runs",
+        f"per setting: the area under the dev-accuracy curve from the first evaluation after step 0 of init "
+        f"exceeds vanilla's by ≥ {_points(cfg.auc_margin)}, paired by seed; steps to "
+        f"{100 * scope.study.methods.target_fraction:g}% of vanilla's best dev beside it (never reached = the "
+        f"budget); {stats.describe()}",
+        judge(effects, pooled_effect, cfg.auc_margin), pooled_effect.text())
 
 
-def _steps(row: dict) -> str:
-    steps = mean(row["steps_to_target"])
-    return ("never" if steps is None else f"{steps:.0f}") + f" ({row['reached']})"
-
-
-def distillation_kshot(methods_table: list[dict]) -> Finding:
-    parts, passed, total = [], 0, 0
+def distillation_kshot(scope: StudyRows, methods_table: list[dict]) -> Finding:
+    cfg, stats = scope.study.report, statistics_of(scope)
+    parts, effects, pooled = [], [], []
     for setting, m in sorted(_settings(methods_table).items()):
         if setting[3] == "full" or "distill" not in m or "vanilla" not in m:
             continue
-        test, test_v = mean(m["distill"]["test"]), mean(m["vanilla"]["test"])
-        total += 1
-        passed += test > test_v
-        parts.append(f"{_label(setting)}: {_pct(test)} vs {_pct(test_v)} "
-                     f"(seed std {_pct(_std(m['distill']['test']))} / {_pct(_std(m['vanilla']['test']))})")
-    return Finding("Distillation-based recycling helps in the K-shot regime", "; ".join(parts) or "no K-shot runs",
-                   "per K-shot setting: mean test accuracy of distill (best T, a, β on K-shot dev) > vanilla's",
-                   verdict(passed, total))
+        diffs = paired(_test(m["distill"]), _test(m["vanilla"]))
+        effects.append(stats.effect(diffs))
+        pooled += diffs
+        parts.append(f"{_label(setting)}: {_pct(mean(m['distill']['test']))} vs {_pct(mean(m['vanilla']['test']))}, "
+                     f"distill − vanilla {effects[-1].text()}")
+    pooled_effect = stats.effect(pooled)
+    return Finding(
+        "Distillation-based recycling helps in the K-shot regime", "; ".join(parts) or "no K-shot runs",
+        f"per K-shot setting: test accuracy of distill (best T, a, β on K-shot dev) exceeds vanilla's by ≥ "
+        f"{_points(cfg.distill_margin)}, paired by seed; {stats.describe()}",
+        judge(effects, pooled_effect, cfg.distill_margin), pooled_effect.text())
 
 
-def _std(values: list[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None
-
-
-def combined_best(methods_table: list[dict]) -> Finding:
-    parts, passed, total = [], 0, 0
+def combined_best(scope: StudyRows, methods_table: list[dict]) -> Finding:
+    cfg, stats = scope.study.report, statistics_of(scope)
+    parts, effects, pooled = [], [], []
     for setting, m in sorted(_settings(methods_table).items()):
         if "combined" not in m or len(m) < 2:
             continue
-        means = {method: mean(r["test"]) for method, r in m.items()}
-        best = max(means, key=means.get)
-        total += 1
-        passed += means["combined"] >= means[best]
-        parts.append(f"{_label(setting)}: combined {_pct(means['combined'])}, best other "
-                     f"{max((v, k) for k, v in means.items() if k != 'combined')[1]} "
-                     f"{_pct(max(v for k, v in means.items() if k != 'combined'))}")
-    return Finding("Combining initialization and distillation is the best method", "; ".join(parts) or
-                   "no combined runs", "per setting: combined has the highest mean test accuracy of the methods run",
-                   verdict(passed, total))
+        others = {name: mean(e["test"]) for name, e in m.items() if name != "combined"}
+        rival = max(others, key=others.get)  # the strongest other method by its mean: the hardest comparison
+        diffs = paired(_test(m["combined"]), _test(m[rival]))
+        effects.append(stats.effect(diffs))
+        pooled += diffs
+        parts.append(f"{_label(setting)}: combined {_pct(mean(m['combined']['test']))}, best other {rival} "
+                     f"{_pct(others[rival])}, combined − {rival} {effects[-1].text()}")
+    pooled_effect = stats.effect(pooled)
+    return Finding(
+        "Combining initialization and distillation is the best method", "; ".join(parts) or "no combined runs",
+        f"per setting: combined's test accuracy exceeds the best other method's (by mean) by ≥ "
+        f"{_points(cfg.combined_margin)} with the interval above zero, paired by seed; {stats.describe()}",
+        judge(effects, pooled_effect, cfg.combined_margin), pooled_effect.text())
 
 
 def findings(scope: StudyRows, methods_table: list[dict]) -> list[Finding]:
     return [compatibility(scope), mode_connectivity(scope), head_similarity(scope),
-            init_convergence(methods_table), distillation_kshot(methods_table), combined_best(methods_table)]
+            init_convergence(scope, methods_table), distillation_kshot(scope, methods_table),
+            combined_best(scope, methods_table)]
 
 
 def markdown(rows: list[Finding]) -> str:
     cell = lambda text: text.replace("|", "\\|")
-    lines = ["| claim of the paper | verdict here | evidence | rule |", "|---|---|---|---|"]
-    lines += [f"| {cell(f.claim)} | **{f.verdict}** | {cell(f.evidence)} | {cell(f.rule)} |" for f in rows]
+    lines = ["| claim of the paper | verdict here | pooled effect [interval], n | evidence | rule |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {cell(f.claim)} | **{f.verdict}** | {cell(f.effect)} | {cell(f.evidence)} | {cell(f.rule)} |"
+              for f in rows]
     return "\n".join(lines)
 
 
 def text(rows: list[Finding]) -> str:
-    return "\n".join(f"- {f.claim}: {f.verdict.upper()}\n    evidence: {f.evidence}\n    rule: {f.rule}"
-                     for f in rows)
+    return "\n".join(f"- {f.claim}: {f.verdict.upper()}\n    pooled effect: {f.effect}\n    evidence: {f.evidence}"
+                     f"\n    rule: {f.rule}" for f in rows)

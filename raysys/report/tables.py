@@ -81,8 +81,8 @@ def _path_summary(scope: StudyRows) -> str:
     for r in scope.ok_rows("interpolation_paths"):
         if r["split"] == "test":
             groups[(r["tuning_type"], r["plm_index_b"] - r["plm_index_a"], r["pair_kind"])].append(r)
-    rows = [[t, f"i->i+{hop}", kind, len(v), fmt(mean(r["loss_barrier"] for r in v), digits=3),
-             fmt(mean(r["accuracy_drop"] for r in v), 100), fmt(mean(r["min_accuracy"] for r in v), 100)]
+    rows = [[t, f"i->i+{hop}" if hop else "i (2 seeds)", kind, len(v),
+             fmt(mean(r["loss_barrier"] for r in v), digits=3), fmt(mean(r["accuracy_drop"] for r in v), 100), fmt(mean(r["min_accuracy"] for r in v), 100)]
             for (t, hop, kind), v in sorted(groups.items())]
     return "Linear mode connectivity (test; means over tasks, seeds and pairs)\n" + _table(
         ["type", "hop", "pair", "paths", "loss barrier", "acc drop %", "min acc %"], rows)
@@ -137,6 +137,7 @@ def methods_table(scope: StudyRows) -> list[dict]:
             reached = [r["steps_to_target"] for r in rows if r["steps_to_target"] is not None]
             table.append({"task": setting[0], "tuning_type": setting[1], "upgrade": setting[2], "regime": setting[3],
                           "method": method, "knobs": knobs[1], "seeds": len(rows),
+                          "by_seed": {r["seed"]: r for r in rows},
                           "test": [r["test_accuracy"] for r in rows],
                           "test_full_dev_selection": [r["full_dev_test_accuracy"] for r in rows],
                           "steps_to_target": reached, "reached": f"{len(reached)}/{len(rows)}",

@@ -4,6 +4,7 @@ models the pilot studies compare, and the checks that the chain's checkpoints ca
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def task_grid(study: StudyConfig):
 @dataclass(frozen=True)
 class Pair:
     """Two tuned models the interpolation and similarity stages compare: tuned M_i and tuned M_j of the main chain
-    ("continual"), or tuned M_i and the control chain's tuned C_j ("control": no shared pre-training history)."""
+    ("continual"), tuned M_i and the control chain's tuned C_j ("control": no shared pre-training history), or two
+    seeds tuned on one M_i ("same_plm": the classic mode-connectivity floor; `seed` is end a's, `seed_b` end
+    b's — equal in the other kinds)."""
 
     pair_hash: str
     pair_kind: str
@@ -112,10 +115,12 @@ class Pair:
     chain_b: str
     tuned_hash_a: str
     tuned_hash_b: str
+    seed_b: int
 
 
 def plan_pairs(study: StudyConfig, chain: ChainPlan) -> list[Pair]:
-    """The continual pair of each hop and, where the control chain reaches j, the control pair."""
+    """The continual pair of each hop, the control pair where the control chain reaches j, and the same-PLM
+    reference pairs on each hop's M_i (`pilot.reference_pairs`)."""
     pairs = []
     for i, j in pilot_hops(study):
         ends = [("continual", "main")] + ([("control", "control")] if j < study.control_length else [])
@@ -124,7 +129,30 @@ def plan_pairs(study: StudyConfig, chain: ChainPlan) -> list[Pair]:
             for task, tuning_type, seed in task_grid(study):
                 a = tuned_hash(study, plm_a, task, tuning_type, seed)
                 b = tuned_hash(study, plm_b, task, tuning_type, seed)
-                pairs.append(Pair(config_hash("pair", a, b), kind, task.name, tuning_type, seed, i, j, chain_b, a, b))
+                pairs.append(Pair(config_hash("pair", a, b), kind, task.name, tuning_type, seed, i, j, chain_b, a, b,
+                                  seed))
+    return pairs + (same_plm_pairs(study, chain) if study.pilot.reference_pairs else [])
+
+
+def seed_couples(seeds: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Which seeds pair up on one PLM: each with the next, and the last with the first from three seeds on, so
+    that every seed has a reference (two seeds make one pair: a path and its reverse are one path)."""
+    couples = list(itertools.pairwise(seeds))
+    return couples + [(seeds[-1], seeds[0])] if len(seeds) > 2 else couples
+
+
+def same_plm_pairs(study: StudyConfig, chain: ChainPlan) -> list[Pair]:
+    """Two seeds tuned on the M_i of every hop: how connected two tuned models are with no upgrade between them."""
+    pairs = []
+    for i in sorted({i for i, _ in pilot_hops(study)}):
+        plm = chain.plm_hashes[i]
+        for task in study.tasks:
+            for tuning_type in study.tuning.types:
+                for seed, seed_b in seed_couples(study.seeds):
+                    a = tuned_hash(study, plm, task, tuning_type, seed)
+                    b = tuned_hash(study, plm, task, tuning_type, seed_b)
+                    pairs.append(Pair(config_hash("pair", a, b), "same_plm", task.name, tuning_type, seed, i, i,
+                                      "main", a, b, seed_b))
     return pairs
 
 

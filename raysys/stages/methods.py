@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, StudyConfig, TuningConfig
-from raysys.identity import config_hash, data_spec, tuned_hash, tuning_identity, world_if_builtin
+from raysys.identity import config_hash, data_spec, reference_identity, tuned_hash, tuning_identity, world_if_builtin
 from raysys.stages.base import Artifact, Context, MissingInputError, Resources, Rows, Stage
 from raysys.stages.chain import ChainPlan
 from raysys.storage import results
@@ -98,7 +98,7 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                     for regime, shots in regimes(study):
                         identity = tuning_identity(method_tuning_config(study, tuning_type, regime), tuning_type)
                         vanilla = config_hash("method", REFERENCE_METHOD, target_plm, data_spec(task), world, identity, seed,
-                                              regime, shots)
+                                              regime, shots, *reference_identity(study))
                         for method, knobs in _variants(study):
                             reference = method == REFERENCE_METHOD
                             cell_hash = vanilla if reference else config_hash(

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from raysys.storage.store import QUARANTINE, Store  # quarantine/<the file's path>: result files that do not parse
 
-SCHEMA_VERSION = 6  # 6: attempts, repeated_failures (files of version 5 read with them null)
+SCHEMA_VERSION = 7  # 6: attempts, repeated_failures; 7: the pair tables' seed_b (older files read them null)
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -38,10 +38,12 @@ _COMMON = [
 _CURVE_COMMON = [("cell_hash", pa.string())]
 
 _PAIR = [
-    ("pair_kind", pa.string()),  # "continual": tuned M_i vs tuned M_j of one chain; "control": vs the control chain
+    # "continual": tuned M_i vs tuned M_j of one chain; "control": vs the control chain; "same_plm": two seeds on M_i
+    ("pair_kind", pa.string()),
     ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("plm_index_a", pa.int32()),
     ("plm_index_b", pa.int32()), ("chain_b", pa.string()), ("tuned_hash_a", pa.string()),
     ("tuned_hash_b", pa.string()),
+    ("seed_b", pa.int64()),  # end b's seed: `seed` but in same_plm pairs (null in files before schema 7)
 ]
 _METRICS = [("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
             ("test_loss", pa.float64())]

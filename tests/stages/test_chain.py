@@ -27,7 +27,24 @@ def test_cell_counts_of_the_tiny_plan():
     grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
     assert len(_cells("tuning", study, chain)) == (4 + 1) * grid  # M0..M3 and the control C1
     kinds = {(p.pair_kind, p.plm_index_a, p.plm_index_b) for p in chain_module.plan_pairs(study, chain)}
-    assert kinds == {("continual", 0, 1), ("continual", 1, 2), ("continual", 2, 3), ("control", 0, 1)}
+    assert kinds == {("continual", 0, 1), ("continual", 1, 2), ("continual", 2, 3), ("control", 0, 1),
+                     ("same_plm", 0, 0), ("same_plm", 1, 1), ("same_plm", 2, 2)}  # the M_i of every hop
+
+
+def test_same_plm_pairs_couple_every_seed_with_a_reference_and_can_be_left_out():
+    assert chain_module.seed_couples((20, 30)) == [(20, 30)]  # a path and its reverse are one path
+    assert chain_module.seed_couples((20, 30, 40)) == [(20, 30), (30, 40), (40, 20)]
+    assert chain_module.seed_couples((20,)) == []
+    study, chain = _plan("seeds=[20,30,40]")
+    tuned = {c.cell_hash: c for c in _cells("tuning", study, chain)}
+    same = [p for p in chain_module.plan_pairs(study, chain) if p.pair_kind == "same_plm"]
+    assert len(same) == 3 * len(study.tasks) * len(study.tuning.types) * 3  # M0, M1, M2 x 3 couples
+    for pair in same:
+        a, b = tuned[pair.tuned_hash_a], tuned[pair.tuned_hash_b]
+        assert a.plm_hash == b.plm_hash and (a.seed, b.seed) == (pair.seed, pair.seed_b) and a.seed != b.seed
+        assert (a.task, a.tuning_type) == (b.task, b.tuning_type) == (pair.task, pair.tuning_type)
+    study, chain = _plan("pilot.reference_pairs=false")
+    assert not any(p.pair_kind == "same_plm" for p in chain_module.plan_pairs(study, chain))
 
 
 def test_cell_counts_of_the_multi_hop_plan():
@@ -39,8 +56,10 @@ def test_cell_counts_of_the_multi_hop_plan():
     pairs = chain_module.plan_pairs(study, chain)
     continual = {(p.plm_index_a, p.plm_index_b) for p in pairs if p.pair_kind == "continual"}
     control = {(p.plm_index_a, p.plm_index_b) for p in pairs if p.pair_kind == "control"}
+    same = {(p.plm_index_a, p.plm_index_b) for p in pairs if p.pair_kind == "same_plm"}
     assert continual == {(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)}
     assert control == {(0, 1), (1, 2), (0, 2)}
+    assert same == {(0, 0), (1, 1), (2, 2)}
     assert len(_cells("interpolation", study, chain, "PathPoint")) == len(pairs) * 26
     assert len(_cells("interpolation", study, chain, "PathSummary")) == len(pairs)
     assert len(_cells("similarity", study, chain)) == len(pairs)
@@ -53,7 +72,7 @@ def test_control_pairs_compare_against_the_control_chain():
     for pair in chain_module.plan_pairs(study, chain):
         a, b = tuned[pair.tuned_hash_a], tuned[pair.tuned_hash_b]
         assert a.chain == "main" and b.chain == pair.chain_b
-        assert (a.task, a.tuning_type, a.seed) == (b.task, b.tuning_type, b.seed)
+        assert (a.task, a.tuning_type, a.seed, b.seed) == (b.task, b.tuning_type, pair.seed, pair.seed_b)
         assert b.chain == ("control" if pair.pair_kind == "control" else "main")
 
 
