@@ -219,6 +219,9 @@ class PretrainConfig:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     mask_prob: float = 0.15
+    # the share of a continual link's sequences replayed from the corpora before it (0: none): with it M_i+1 keeps
+    # what M_i knew, the regime of the paper's PLMs; without it a small model forgets the earlier domains
+    replay: float = 0.0
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # each worker runs this many torch threads
     use_gpu: bool = False
@@ -246,6 +249,7 @@ class PretrainConfig:
         _check_seed(self.seed, "pretrain.seed")
         _check(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction", "must be in [0, 1)")
         _check(0.0 < self.mask_prob < 1.0, "pretrain.mask_prob", "must be in (0, 1)")
+        _check(0.0 <= self.replay < 1.0, "pretrain.replay", "must be in [0, 1): the share of replayed sequences")
         _check(self.num_workers >= 1, "pretrain.num_workers", "must be >= 1")
         _check(self.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be > 0")
         _check(self.log_every_steps >= 1, "pretrain.log_every_steps", "must be >= 1")

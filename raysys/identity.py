@@ -21,7 +21,7 @@ RESOURCE_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "log_every_steps
 FINGERPRINT_FIELDS = {"checkpoint_fingerprint", "control_checkpoint_fingerprint"}
 # Fields added after artifacts were made: part of the identity only when set away from their default, so that the
 # artifacts made before they existed keep their hashes (RoBERTa was the only architecture then).
-IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta"}
+IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta", "replay": 0.0}
 # What the tuning type decides itself (its learning rate and step budget; its PET section): replaced per type below.
 _PER_TYPE_FIELDS = {"types", "lr", "max_steps", "pet_lr", "pet_max_steps"}
 

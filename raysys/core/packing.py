@@ -121,3 +121,32 @@ class PackedCorpus:
         for fd in (getattr(self, "_tokens", None), getattr(self, "_ends", None)):
             if fd is not None:
                 os.close(fd)
+
+
+class ReplayMix:
+    """A continual link's training sequences: its own corpus, plus replayed sequences of the earlier corpora so
+    that they make `fraction` of the whole (in expectation, of every batch). Replayed sequences are drawn once,
+    seeded, spread evenly over the earlier corpora; indices below `len(new)` are the new corpus's own, in order.
+    Replay is what keeps M_{i+1} knowing what M_i knew (continual pre-training at scale forgets little; a small
+    model on a small world forgets nearly everything without it)."""
+
+    def __init__(self, new, earlier: list, fraction: float, seed: int):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"pretrain.replay must be in [0, 1), got {fraction}")
+        self.new, self.earlier = new, earlier
+        total = round(len(new) * fraction / (1.0 - fraction)) if earlier else 0
+        rng = np.random.default_rng(seed)
+        self.source = np.arange(total) % max(1, len(earlier))  # which earlier corpus each replayed sequence is from
+        self.index = np.zeros(total, dtype=np.int64)
+        for s, corpus in enumerate(earlier):
+            drawn = self.source == s
+            self.index[drawn] = rng.integers(len(corpus), size=int(drawn.sum()))
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.source)
+
+    def __getitem__(self, index: int) -> list[int]:
+        if index < len(self.new):
+            return self.new[index]
+        k = index - len(self.new)
+        return self.earlier[int(self.source[k])][int(self.index[k])]

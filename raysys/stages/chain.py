@@ -51,7 +51,7 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
            checkpoint: str | None, fingerprint: str) -> list[Link]:
     first_corpus = study.corpora[0]
     recipe = identity(dataclasses.replace(study.pretrain, seed=seed))
-    initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr")}
+    initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr", "replay")}
     continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
     # identity(): the architecture enters only when it is not RoBERTa, so the RoBERTa chains keep their hashes
     model = identity(dataclasses.replace(study.model, name_or_path=checkpoint_identity(checkpoint, fingerprint)))

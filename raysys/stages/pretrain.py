@@ -52,7 +52,8 @@ class PretrainStage(Stage):
         ensure_tokenizer(ctx)
         for link in links:
             if not self.done(link, View(ctx.store, scan=False)) and _steps(ctx.study, link)[0] > 0:
-                ensure_packed(ctx, link.index)
+                for index in [link.index, *replay_sources(ctx.study, link.index)]:
+                    ensure_packed(ctx, index)
 
     def run_group(self, ctx: Context, links: list[Link]) -> int:
         """Every worker runs this with the same links; returns how many are done."""
@@ -81,6 +82,26 @@ def _steps(study: StudyConfig, link: Link) -> tuple[int, float]:
     keeps the checkpoint as it is), each later link `continual_steps`."""
     p = study.pretrain
     return (p.initial_steps, p.lr) if link.index == 0 else (p.continual_steps, p.continual_lr)
+
+
+def replay_sources(study: StudyConfig, index: int) -> list[int]:
+    """The corpora link `index` replays with `pretrain.replay`: those the chain was trained on before it (D0 only
+    when M0 trained on it: a checkpoint kept as it is never saw D0)."""
+    if not study.pretrain.replay or index == 0:
+        return []
+    return [i for i in range(index) if i or study.pretrain.initial_steps > 0]
+
+
+def _training_sequences(ctx: Context, link: Link):
+    """The link's packed corpus, mixed with replayed sequences of the earlier ones under `pretrain.replay`."""
+    from raysys.core import packing
+
+    def packed(index: int):
+        return packing.PackedCorpus(ctx.store.artifact("corpus", packed_key(ctx.study, ctx.chain.tokenizer_hash,
+                                                                            index)))
+    own, earlier = packed(link.index), [packed(i) for i in replay_sources(ctx.study, link.index)]
+    return packing.ReplayMix(own, earlier, ctx.study.pretrain.replay, link.seed * 1009 + link.index) if earlier \
+        else own
 
 
 def link_config(study: StudyConfig, link: Link):
@@ -150,16 +171,16 @@ def _initial_model(ctx: Context, link: Link, tokenizer):
 
 def train_link(ctx: Context, link: Link, tokenizer) -> dict:
     """Train one PLM on this worker; rank 0 saves it and its rows. Returns the curve's last row."""
-    from raysys.core import masked_lm_loop, packing
+    from raysys.core import masked_lm_loop
 
     study, workers = ctx.study, ctx.workers
     started = results.now()
     model, init = _initial_model(ctx, link, tokenizer)
     model.to(ctx.device)
     steps, lr = _steps(study, link)
-    # a link kept as it is (0 steps) reads no corpus; the others map their own packed corpus, nothing else
-    packed = packed_key(study, ctx.chain.tokenizer_hash, link.index)  # packed by `prepare`, before any worker
-    sequences = packing.PackedCorpus(ctx.store.artifact("corpus", packed)) if steps else []
+    # a link kept as it is (0 steps) reads no corpus; the others read their own packed corpus (and, replaying, the
+    # earlier ones), packed by `prepare` before any worker starts
+    sequences = _training_sequences(ctx, link) if steps else []
     checkpointer = ctx.checkpointer(link.plm_hash, study.pretrain.checkpoint_every_seconds)
     curve = masked_lm_loop.train_masked_lm(model, sequences, tokenizer, link_config(study, link),
                                            masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,

@@ -46,3 +46,19 @@ def test_large_vocabularies_take_four_bytes_and_empty_corpora_are_empty(corpus, 
     _, tokenizer = corpus
     meta = packing.write_packed([], tokenizer, 16, tmp_path / "empty")
     assert meta["sequences"] == 0 and len(packing.PackedCorpus(tmp_path / "empty")) == 0
+
+
+def test_a_replay_mix_holds_its_own_corpus_and_the_replayed_share_of_the_earlier_ones():
+    new = [[1, i] for i in range(300)]
+    earlier = [[[0, i] for i in range(50)], [[2, i] for i in range(1000)]]
+    mix = packing.ReplayMix(new, earlier, 0.25, seed=3)
+    assert len(mix) == 400  # 100 replayed: a quarter of the whole
+    assert [mix[i] for i in range(300)] == new
+    replayed = [mix[i] for i in range(300, 400)]
+    assert sum(s[0] == 0 for s in replayed) == 50 and sum(s[0] == 2 for s in replayed) == 50  # spread evenly
+    assert all(s in earlier[0] or s in earlier[1] for s in replayed)
+    assert [mix[i] for i in range(300, 400)] == [packing.ReplayMix(new, earlier, 0.25, seed=3)[i]
+                                                  for i in range(300, 400)]  # seeded
+    assert len(packing.ReplayMix(new, [], 0.25, seed=3)) == 300  # nothing earlier to replay
+    with pytest.raises(ValueError, match="pretrain.replay"):
+        packing.ReplayMix(new, earlier, 1.0, seed=3)
