@@ -7,7 +7,7 @@ import itertools
 from collections import defaultdict
 
 from raysys.report.scope import StudyRows
-from raysys.report.tables import mean
+from raysys.report.stats import mean
 
 
 def tuned_accuracy(scope: StudyRows) -> dict[tuple, float]:
@@ -96,3 +96,26 @@ def describe_spread(values: list[float], scale: float = 100.0) -> str:
     ordered = sorted(values)
     median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
     return f"mean {scale * mean(values):.1f}, median {scale * median:.1f}, worst {scale * ordered[-1]:.1f}"
+
+
+def retention(scope: StudyRows) -> list[dict]:
+    """How much an upgrade forgets: per task and type, the test accuracy tuned on the task's own PLM M_k (the
+    link that learned its domain) and on M_k+1, and the share of M_k's gain over the floor that M_k+1 keeps."""
+    study, tuned, floor = scope.study, tuned_accuracy(scope), Baselines(scope)
+    own = {c.name: k for k, c in enumerate(study.corpora)}
+    out = []
+    for task in study.tasks:
+        k = own.get(task.domain)
+        if k is None or k + 1 >= len(study.corpora):
+            continue
+        for kind in study.tuning.types:
+            acc = {j: mean(v for (t, ty, p, _), v in tuned.items() if (t, ty, p) == (task.name, kind, j))
+                   for j in (k, k + 1)}
+            base = mean(floor.of(task.name, k + 1, s) for s in study.seeds)
+            if None in (acc[k], acc[k + 1], base):
+                continue
+            gain = acc[k] - base
+            out.append({"task": task.name, "tuning_type": kind, "own": k, "own_accuracy": acc[k],
+                        "next_accuracy": acc[k + 1], "floor": base,
+                        "kept": (acc[k + 1] - base) / gain if gain > 0 else None})
+    return out

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from raysys.report.evidence import Baselines, Curves, describe_spread, tuned_accuracy
 from raysys.report.scope import StudyRows
-from raysys.report.stats import Effect, Statistics, judge, paired, verdict
-from raysys.report.tables import fmt, mean
+from raysys.report.stats import Effect, Statistics, judge, mean, paired, verdict
+from raysys.report.tables import fmt
 
 
 @dataclass(frozen=True)

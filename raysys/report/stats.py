@@ -116,6 +116,13 @@ def sign_flip_p(diffs: list[float], seed: int = 0) -> float:
 # ------------------------------------------------------------------------------------------------ effects
 
 
+def mean(values) -> float | None:
+    """The mean of the values that are not None; None when none is."""
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+
 @dataclass(frozen=True)
 class Effect:
     """The mean of n paired differences (positive = in the claim's direction), its interval and p-value."""

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysys.report import figures, findings
+from raysys.report import figures, findings, regimes
 from raysys.report.scope import StudyRows
 from raysys.report.tables import methods_table, table_sections
 from raysys.storage.store import atomic_write_bytes
 from raysys.storage.study import current_version
 
+REGIMES_TITLE = "The findings under each regime of forgetting (this study's versions that differ in pretrain.replay)"
+
 
 def summary(scope: StudyRows) -> str:
-    """The console summary: which rows, the findings, then every table."""
+    """The console summary: which rows, the findings (beside the other regime's, when the storage holds it), then
+    every table."""
     claims = findings.findings(scope, methods_table(scope))
     title = "Findings: the paper's claims against this study's data"
-    return "\n\n".join(["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"] + table_sections(scope))
+    parts = ["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"]
+    scopes = regimes.regime_scopes(scope)
+    if len(scopes) > 1:
+        parts.append(f"{REGIMES_TITLE}\n{regimes.text(scopes)}")
+    return "\n\n".join(parts + table_sections(scope))
 
 
 def write_report(scope: StudyRows, out_dir) -> Path:
@@ -36,7 +43,11 @@ def write_report(scope: StudyRows, out_dir) -> Path:
     body = [f"# raysys report: study '{scope.study.name}'", "", *scope.describe(), "",
             f"Regenerated from the Parquet tables in `{scope.store.uri('results')}` (schemas: docs/results.md).", "",
             "## Findings: the paper's claims against this study's data", "",
-            findings.markdown(findings.findings(scope, table)), "", "## Figures"]
+            findings.markdown(findings.findings(scope, table))]
+    scopes = regimes.regime_scopes(scope)
+    if len(scopes) > 1:
+        body += ["", f"## {REGIMES_TITLE}", "", regimes.markdown(scopes)]
+    body += ["", "## Figures"]
     for title, path in drawn.items():
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]

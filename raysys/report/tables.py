@@ -7,7 +7,9 @@ import statistics
 from collections import defaultdict
 
 from raysys.config import RECYCLING_METHODS
+from raysys.report.evidence import retention
 from raysys.report.scope import StudyRows
+from raysys.report.stats import mean
 
 
 def _mean_std(values: list[float]) -> str:
@@ -21,11 +23,6 @@ def _table(header: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
 
 
 def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -74,6 +71,14 @@ def _compatibility_summary(scope: StudyRows) -> str:
             for (task, t, i, j), v in sorted(compat.items())]
     return "Compatibility: Δ_i tuned on M_i applied to M_j without training (test accuracy %)\n" + _table(
         ["task", "type", "hop", "Δ_i on M_j", "tuned on M_j", "untrained head", "majority"], rows)
+
+
+def _retention_summary(scope: StudyRows) -> str:
+    rows = [[r["task"], r["tuning_type"], f"M{r['own']}->M{r['own'] + 1}", fmt(r["own_accuracy"], 100),
+             fmt(r["next_accuracy"], 100), fmt(r["floor"], 100), fmt(r["kept"], 100, 0)] for r in retention(scope)]
+    return ("Retention: what an upgrade keeps of a task's domain (test accuracy % tuned on the task's own PLM M_k and "
+            "on M_k+1; kept = share of M_k's gain over the floor max(majority, untrained head))\n" + _table(
+                ["task", "type", "upgrade", "on M_k", "on M_k+1", "floor", "kept %"], rows))
 
 
 def _path_summary(scope: StudyRows) -> str:
@@ -207,6 +212,6 @@ def _training_free_summary(scope: StudyRows) -> str:
 
 def table_sections(scope: StudyRows) -> list[str]:
     """Every summary table, as 'title\ntable'."""
-    return [_pretrain_summary(scope), _tuning_summary(scope), _compatibility_summary(scope),
+    return [_pretrain_summary(scope), _tuning_summary(scope), _retention_summary(scope), _compatibility_summary(scope),
             _path_summary(scope), _head_summary(scope), _distance_summary(scope), _methods_summary(scope),
             _grid_summary(scope), _search_summary(scope), _training_free_summary(scope)]
