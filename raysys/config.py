@@ -219,8 +219,8 @@ class PretrainConfig:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     mask_prob: float = 0.15
-    # the share of a continual link's sequences replayed from the corpora before it (0: none): with it M_i+1 keeps
-    # what M_i knew, the regime of the paper's PLMs; without it a small model forgets the earlier domains
+    # the share of a continual link's sequences replayed from the earlier links' domains D1…D_i−1 (0: none): with it
+    # M_i+1 keeps what M_i knew, the regime of the paper's PLMs; without it a small model forgets earlier domains
     replay: float = 0.0
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # each worker runs this many torch threads

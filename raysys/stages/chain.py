@@ -61,10 +61,19 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
                         world_if_builtin(study, first_corpus.source) if trained else None, initial)
     links = [Link(name, 0, first, None, seed, checkpoint, first_corpus.name)]
     for index, corpus in enumerate(study.corpora[1:length], start=1):
+        # a link with nothing to replay trains as without replay: the same PLM, so the same hash
+        recipe = continual if replay_sources(study, index) else {k: v for k, v in continual.items() if k != "replay"}
         plm_hash = config_hash("plm", links[-1].plm_hash, data_spec(corpus), world_if_builtin(study, corpus.source),
-                               continual)
+                               recipe)
         links.append(Link(name, index, plm_hash, links[-1].plm_hash, seed, None, corpus.name))
     return links
+
+
+def replay_sources(study: StudyConfig, index: int) -> list[int]:
+    """The corpora link `index` replays under `pretrain.replay`: the earlier links' domains D1…D_index−1 (not D0,
+    the general corpus every link's vocabulary comes from: the domains are what an upgrade forgets). M1 replays
+    nothing, so it is the same PLM in both regimes."""
+    return list(range(1, index)) if study.pretrain.replay else []
 
 
 def plan_chain(study: StudyConfig) -> ChainPlan:

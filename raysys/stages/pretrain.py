@@ -12,7 +12,7 @@ import json
 from raysys.config import StudyConfig
 from raysys.identity import config_hash, data_spec, world_if_builtin
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View
-from raysys.stages.chain import ChainPlan, Link
+from raysys.stages.chain import ChainPlan, Link, replay_sources
 from raysys.storage import results
 
 
@@ -82,14 +82,6 @@ def _steps(study: StudyConfig, link: Link) -> tuple[int, float]:
     keeps the checkpoint as it is), each later link `continual_steps`."""
     p = study.pretrain
     return (p.initial_steps, p.lr) if link.index == 0 else (p.continual_steps, p.continual_lr)
-
-
-def replay_sources(study: StudyConfig, index: int) -> list[int]:
-    """The corpora link `index` replays with `pretrain.replay`: those the chain was trained on before it (D0 only
-    when M0 trained on it: a checkpoint kept as it is never saw D0)."""
-    if not study.pretrain.replay or index == 0:
-        return []
-    return [i for i in range(index) if i or study.pretrain.initial_steps > 0]
 
 
 def _training_sequences(ctx: Context, link: Link):
