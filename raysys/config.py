@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 try:
     import tomllib  # novm: Python 3.11's TOML reader; 3.10 (Ubuntu 22.04's python3) has it as tomli
@@ -262,13 +262,22 @@ class PretrainConfig:
 
 
 FULL_FINETUNING = "finetune"
+# How a PET type's trained LayerNorms move onto another PLM (TuningConfig.pet_norms).
+PET_NORM_POLICIES = ("delta", "absolute")
+# How a LoRA pair's interpolation path is built (PilotConfig.lora_path).
+LORA_PATHS = ("merged", "factors")
 
 
 @dataclass(frozen=True)
 class PetConfig:
     """The hyper-parameters of one parameter-efficient tuning type. A PET type is a `TuningConfig` field of a
     `PetConfig` type, named after the type: that section is what the type's identity adds to a tuned model's hash
-    (and what its injection in `raysys.core.pet` receives); other types' sections never enter it."""
+    (and what its injection in `raysys.core.pet` receives); other types' sections never enter it. `trains_norms`
+    (a class constant, not a setting): whether the type also trains every LayerNorm of the backbone — then moving
+    its weights onto another PLM must say how those move (`TuningConfig.pet_norms`); `raysys.core.pet` checks that
+    its registry agrees."""
+
+    trains_norms: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -290,8 +299,10 @@ class LoraConfig(PetConfig):
 
 @dataclass(frozen=True)
 class AdapterConfig(PetConfig):
-    """The paper's bottleneck adapter after the attention and the feed-forward sub-layer of every layer."""
+    """The paper's bottleneck adapter after the attention and the feed-forward sub-layer of every layer; the
+    official runs also train every LayerNorm."""
 
+    trains_norms: ClassVar[bool] = True
     bottleneck: int = 24
 
     def __post_init__(self):
@@ -302,7 +313,15 @@ class AdapterConfig(PetConfig):
 class TuningConfig:
     """Task tuning of a PLM, for each tuning type in `types`. Evaluation on dev every `eval_every_steps`; the
     best-dev checkpoint is kept and tested. PET types may use their own learning rate and step budget
-    (`pet_lr`, `pet_max_steps`; unset = the fine-tuning values), as the paper trains adapters longer."""
+    (`pet_lr`, `pet_max_steps`; unset = the fine-tuning values), as the paper trains adapters longer.
+
+    `pet_norms`: how the LayerNorms a PET type trains (adapters: every one, the embeddings' included) move when
+    its weights are recycled onto another PLM M_j without training — compatibility, the `init` and `combined`
+    starts, training-free recycling. "delta" (default): LN_j + (LN_i^τ − LN_i), the new PLM's own LayerNorm plus
+    what tuning changed, as fine-tuning's Δ moves every weight; "absolute": the old tuned LN_i^τ as is (the
+    paper-faithful variant, and raysys before this field: it restores part of the old backbone, so adapter
+    "recycling" is then partly undoing the upgrade). It decides nothing about tuning itself: tuned models keep one
+    identity under both (raysys.identity.recycling_identity)."""
 
     types: tuple[str, ...] = ("finetune",)
     max_steps: int = 300
@@ -323,9 +342,12 @@ class TuningConfig:
     checkpoint_every_seconds: float = 600.0  # mid-run checkpoints of tuning and method cells (0: every evaluation)
     precision: str = "fp32"  # "bf16": autocast on the trial's device
     length_bucketing: bool = False  # training batches of similar lengths (less padding; a different data order)
+    pet_norms: Literal["delta", "absolute"] = "delta"
 
     def __post_init__(self):
         _check_precision(self.precision, "tuning.precision")
+        _check(self.pet_norms in PET_NORM_POLICIES, "tuning.pet_norms",
+               f"'{self.pet_norms}' is not one of {list(PET_NORM_POLICIES)}")
         _check(len(self.types) >= 1, "tuning.types", f"name at least one of {list(TUNING_TYPES)}")
         for t in self.types:
             _check(t in TUNING_TYPES, "tuning.types", f"unknown tuning type '{t}'; known: {list(TUNING_TYPES)}")
@@ -358,6 +380,10 @@ class TuningConfig:
             raise ConfigError(f"tuning type: unknown '{tuning_type}'; known: {list(TUNING_TYPES)}")
         return to_dict(getattr(self, tuning_type)) if tuning_type in PET_TYPES else None
 
+    def trains_norms(self, tuning_type: str) -> bool:
+        """Does `tuning_type` train the backbone's LayerNorms (so that `pet_norms` decides how they are recycled)?"""
+        return tuning_type in PET_TYPES and type(getattr(self, tuning_type)).trains_norms
+
 
 def pet_sections(cls: type) -> tuple[str, ...]:
     """The fields of a tuning config class that are PET sections (named after their type), in field order."""
@@ -380,7 +406,12 @@ class PilotConfig:
     `control_seed` (or the independent checkpoint `control_name_or_path`), continually pre-trained the same way
     for `control_length` links (None = as long as the main chain, 0 = no control) — whose tuned models share no
     pre-training history with the main chain's; with `reference_pairs`, two seeds tuned on each hop's M_i (the
-    same-PLM floor of mode connectivity: how connected two tuned models are with no upgrade between them)."""
+    same-PLM floor of mode connectivity: how connected two tuned models are with no upgrade between them).
+
+    `lora_path`: what a LoRA pair's path interpolates. "merged" (default): each end's effective weight
+    W + s·B·A (s = lora alpha / rank, as peft scales it), so the update along the path is linear in α as for the
+    other types; "factors": A and B factor by factor (raysys before this field), which makes B(α)·A(α) quadratic
+    in α — part of a midpoint dip is then the parametrisation, not the loss surface."""
 
     alphas: tuple[float, ...] = field(default_factory=_default_alphas)
     hops: tuple[int, ...] = (1, 2)
@@ -393,9 +424,11 @@ class PilotConfig:
     eval_batch_size: int = 256
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # evaluation-only cells: a fraction lets several share one GPU
+    lora_path: Literal["merged", "factors"] = "merged"
 
     def __post_init__(self):
         _check_gpus(self.gpus_per_trial, "pilot.gpus_per_trial")
+        _check(self.lora_path in LORA_PATHS, "pilot.lora_path", f"'{self.lora_path}' is not one of {list(LORA_PATHS)}")
         _check(len(self.alphas) >= 2, "pilot.alphas", "needs at least two values")
         _check(all(0.0 <= a <= 1.0 for a in self.alphas), "pilot.alphas", "every alpha must be in [0, 1]")
         _check(len(set(self.alphas)) == len(self.alphas), "pilot.alphas", "values must be distinct")
@@ -414,8 +447,9 @@ class PilotConfig:
 class RecyclingMethod:
     """What a method of the methods stage is made of. `start`: where tuning M_j begins — "fresh" (a new seeded
     head, and PET module, on M_j) or "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
-    PET: the old module and head on M_j). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE +
-    a·T²·KL + β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search)."""
+    PET: the old module and head on M_j, LayerNorms by `tuning.pet_norms`). `objective`: "cross_entropy", or
+    "distillation" — (1 − a)·CE + a·T²·KL + β·½·MSE against the old model on the old PLM, over the T × a × β grid
+    (or an Optuna search)."""
 
     start: Literal["fresh", "old_weights"]
     objective: Literal["cross_entropy", "distillation"]

@@ -24,6 +24,9 @@ FINGERPRINT_FIELDS = {"checkpoint_fingerprint", "control_checkpoint_fingerprint"
 IDENTITY_ONLY_WHEN_SET = {"precision": "fp32", "length_bucketing": False, "architecture": "roberta", "replay": 0.0}
 # What the tuning type decides itself (its learning rate and step budget; its PET section): replaced per type below.
 _PER_TYPE_FIELDS = {"types", "lr", "max_steps", "pet_lr", "pet_max_steps"}
+# How tuned weights are moved onto another PLM, not how they are tuned: never part of a tuned model's identity;
+# `recycling_identity` adds it to the cells it decides.
+_RECYCLING_FIELDS = {"pet_norms"}
 
 
 def config_hash(*parts: Any) -> str:
@@ -77,10 +80,20 @@ def world_if_builtin(study: StudyConfig, source: str) -> dict | None:
 def tuning_identity(tuning: TuningConfig, tuning_type: str) -> dict:
     """What determines a tuned model besides PLM, task and seed: the shared tuning fields, the learning rate and
     step budget of this type, and its own PET section only (changing LoRA's rank leaves adapters alone)."""
-    own = _PER_TYPE_FIELDS | set(pet_sections(type(tuning)))  # every PET section, whatever types exist
+    own = _PER_TYPE_FIELDS | _RECYCLING_FIELDS | set(pet_sections(type(tuning)))  # every PET section
     shared = {k: v for k, v in identity(tuning).items() if k not in own}
     return {**shared, "tuning_type": tuning_type, "lr": tuning.lr_for(tuning_type),
             "max_steps": tuning.max_steps_for(tuning_type), "pet": tuning.pet_spec(tuning_type)}
+
+
+def recycling_identity(tuning: TuningConfig, tuning_type: str) -> tuple:
+    """What a cell that loads a tuned model of `tuning_type` onto another PLM adds to its hash: how the trained
+    LayerNorms move (`tuning.pet_norms`), for the types that train them. Nothing under "absolute" — the only
+    behaviour before the field existed — so the cells made then keep their hashes as that variant; nothing for
+    fine-tuning (its Δ moves every weight) or LoRA (it trains no LayerNorm)."""
+    if tuning.pet_norms == "absolute" or not tuning.trains_norms(tuning_type):
+        return ()
+    return ({"pet_norms": tuning.pet_norms},)
 
 
 def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type: str, seed: int) -> str:

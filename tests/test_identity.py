@@ -8,10 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from raysys.config import PetConfig, TuningConfig, load_study
-from raysys.identity import tuning_identity
+from raysys.config import RECYCLING_METHODS, PetConfig, TuningConfig, load_study
+from raysys.identity import recycling_identity, tuning_identity
 from raysys.stages.chain import plan_chain
+from raysys.stages.compatibility import CompatibilityCell
+from raysys.stages.interpolation import PathPoint, PathSummary
+from raysys.stages.methods import MethodSetting
 from raysys.stages.registry import STAGES, stage
+from raysys.stages.training_free import TrainingFreeCell
 from tests.conftest import MICRO_OVERRIDES, with_stand_in_fingerprints
 
 # The tiny preset's hashes before the speed fields existed (commit 2eba0ae): artifacts made then stay addressable.
@@ -39,6 +43,20 @@ PLANNED = {
     "optuna": {"methods": (24, "59da43efbb16aa1e"), "search": (48, "5d7fdd9b28bab80c")},
 }
 STUDIES = {"tiny": [], "micro": MICRO_OVERRIDES, "paper": None, "optuna": ["methods.search.algorithm=optuna"]}
+# The recycling policies as they were before they had fields: under these the pins above hold, every cell's hash.
+BEFORE_POLICIES = ["tuning.pet_norms=absolute", "pilot.lora_path=factors"]
+# The defaults moved the stages whose cells the policies decide (issue 20): adapters' LayerNorms recycled as
+# LN_j + (LN_i^τ − LN_i) (compatibility; init and combined, grid and searches; training-free), LoRA paths on the
+# merged update (interpolation). Pre-training, tuning and similarity stay as pinned above.
+DEFAULTS_MOVED = {
+    "tiny": {"compatibility": (132, "24c1daa7b4f1c485"), "interpolation": (2673, "f980269148f6a32c"),
+             "methods": (120, "e48918e79bd32c2f"), "training_free": (12, "ebcd9a5e3241205e")},
+    "micro": {"compatibility": (66, "23a3ffddb17e6c14"), "interpolation": (288, "d55d696c7a3c6b52"),
+              "methods": (48, "06ca214aec82bbd1"), "training_free": (4, "545018fe1c51aff8")},
+    "paper": {"compatibility": (72, "34bacb42b3ad4454"), "interpolation": (2430, "b1ae5c333f9af0c7"),
+              "methods": (4464, "e40d563b4d7ffd46"), "training_free": (24, "16c50e582683365d")},
+    "optuna": {"methods": (24, "1e39d0e0ca195696"), "search": (48, "2ee3ece9a00f1e0e")},
+}
 
 
 def paper_with_fixed_data(*overrides):
@@ -52,18 +70,58 @@ def _digest(hashes) -> str:
     return hashlib.sha256(",".join(sorted(hashes)).encode()).hexdigest()[:16]
 
 
+def _study(name, *overrides):
+    return paper_with_fixed_data(*overrides) if STUDIES[name] is None else load_study("tiny", STUDIES[name] +
+                                                                                       list(overrides))
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["before-policies", "defaults"])
 @pytest.mark.parametrize("name", list(PLANNED))
-def test_every_planned_cell_keeps_its_hash(name):
-    study = paper_with_fixed_data() if STUDIES[name] is None else load_study("tiny", STUDIES[name])
+def test_every_planned_cell_keeps_its_hash(name, before):
+    study = _study(name, *BEFORE_POLICIES) if before else _study(name)
+    expected = PLANNED[name] if before else {**PLANNED[name], **DEFAULTS_MOVED[name]}
     chain = plan_chain(study)
     for each in STAGES:
-        if each.name in PLANNED[name]:
+        if each.name in expected:
             cells = each.plan(study, chain)
-            assert (len(cells), _digest(c.cell_hash for c in cells)) == PLANNED[name][each.name], each.name
+            assert (len(cells), _digest(c.cell_hash for c in cells)) == expected[each.name], each.name
+
+
+def _moved(cell) -> bool:
+    """Does a cell's result depend on the recycling policies: an adapter moved onto another PLM (compatibility,
+    the init and combined starts, training-free), or a LoRA path interpolated on the merged update?"""
+    tuning_type = getattr(cell, "tuning_type", None)  # PLMs have none
+    if tuning_type == "adapter":
+        return isinstance(cell, (CompatibilityCell, TrainingFreeCell)) or (
+            isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start == "old_weights")
+    return tuning_type == "lora" and isinstance(cell, (PathPoint, PathSummary))
+
+
+@pytest.mark.parametrize("overrides", [[], ["methods.search.algorithm=optuna"]])
+def test_the_recycling_policies_give_new_hashes_exactly_to_the_cells_they_decide(overrides):
+    """Under the defaults, adapters' compatibility, init/combined and training-free cells and LoRA's paths are new
+    cells; distillation (its teacher stays on the old PLM), fine-tuning, LoRA's recycling and every tuned model
+    keep their hashes; "delta" and "absolute" name different cells."""
+    def planned(*policies):
+        study = load_study("tiny", [*overrides, *policies])
+        chain = plan_chain(study)
+        return [c for each in STAGES for c in each.plan(study, chain)]
+
+    before, now = planned(*BEFORE_POLICIES), planned()
+    assert len(before) == len(now)
+    moved = [b.cell_hash != n.cell_hash for b, n in zip(before, now)]
+    assert moved == [_moved(n) for n in now] and any(moved)
+    assert {type(n).__name__ for n, m in zip(now, moved) if m} == {
+        "CompatibilityCell", "MethodCell", "TrainingFreeCell", "PathPoint", "PathSummary"} | (
+        {"SearchCell"} if overrides else set())
+    one_policy = planned("tuning.pet_norms=absolute")  # LayerNorms alone: the LoRA paths stay merged
+    assert [b.cell_hash != o.cell_hash for b, o in zip(before, one_policy)] == [
+        _moved(n) and getattr(n, "tuning_type", None) == "lora" for n in now]
 
 
 def test_the_reference_pairs_only_add_cells():
-    with_pairs, without = load_study("tiny"), load_study("tiny", ["pilot.reference_pairs=false"])
+    with_pairs = load_study("tiny", BEFORE_POLICIES)
+    without = load_study("tiny", [*BEFORE_POLICIES, "pilot.reference_pairs=false"])
     for name in ("interpolation", "similarity"):
         old = {c.cell_hash for c in stage(name).plan(without, plan_chain(without))}
         new = {c.cell_hash for c in stage(name).plan(with_pairs, plan_chain(with_pairs))}
@@ -77,7 +135,10 @@ def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketi
     assert [link.plm_hash for link in chain.links] == TINY_PLM_HASHES
     tuning = stage("tuning").plan(study, chain)
     assert (tuning[0].cell_hash, tuning[-1].cell_hash) == ("19d186c9d2203189", "8958a4aeb63c5e92")
-    cells = stage("methods").plan(study, chain)
+    cells = stage("methods").plan(study, chain)  # the last: an adapter's combined cell, new under "delta"
+    assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "9b5e6a3e2a534cb9")
+    before = load_study("tiny", BEFORE_POLICIES)
+    cells = stage("methods").plan(before, plan_chain(before))
     assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
 
     def hashes(*overrides):
@@ -158,3 +219,14 @@ def test_replay_makes_new_links_from_m2_on_and_leaves_m0_m1_and_the_default_alon
     assert list(plain) == TINY_PLM_HASHES[:4]
     assert replayed[:2] == plain[:2] and set(replayed[2:]).isdisjoint(plain)  # M1 has no earlier domain to replay
     assert plan_chain(load_study("tiny", ["pretrain.replay=0.0"])).plm_hashes == plain
+
+
+def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
+    """How tuned weights are recycled decides nothing about tuning them: one tuned model serves both policies."""
+    delta, absolute = TuningConfig(types=("adapter",)), TuningConfig(types=("adapter",), pet_norms="absolute")
+    for t in ("finetune", "lora", "adapter"):
+        assert tuning_identity(delta, t) == tuning_identity(absolute, t)
+        assert "pet_norms" not in tuning_identity(delta, t)
+    assert recycling_identity(delta, "adapter") == ({"pet_norms": "delta"},)
+    assert recycling_identity(absolute, "adapter") == recycling_identity(delta, "lora") == ()
+    assert recycling_identity(delta, "finetune") == ()

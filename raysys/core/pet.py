@@ -10,7 +10,8 @@ names stay those of the HF model plus the module's own entries (RoBERTa's, for e
     lora     roberta.encoder.layer.0.attention.self.query.base_layer.{weight,bias}  (peft renames the PLM's)
              roberta.encoder.layer.0.attention.self.query.lora_{A,B}.default.weight
 
-peft moves a targeted projection's own weights under `base_layer`. Each type is one entry of `TUNING_TYPES`.
+peft moves a targeted projection's own weights under `base_layer`; LoRA computes base_layer(x) + s·B(A(x)) with
+s = alpha / rank, so its effective weight is W + s·B·A (`merge_lora`). Each type is one entry of `TUNING_TYPES`.
 """
 
 from __future__ import annotations
@@ -106,12 +107,25 @@ TUNING_TYPES: dict[str, TuningType] = {
 }
 if set(TUNING_TYPES) != set(CONFIG_TUNING_TYPES):  # a registry entry without its config section, or the reverse
     raise RuntimeError(f"tuning types registered {sorted(TUNING_TYPES)} != configured {sorted(CONFIG_TUNING_TYPES)}")
+# identities read which types train norms from the config (no torch there): the two must agree
+_NORMS_CONFIGURED = {t for t in TUNING_TYPES if TuningConfig().trains_norms(t)}
+if {t for t, k in TUNING_TYPES.items() if k.trains_norms} != _NORMS_CONFIGURED:
+    raise RuntimeError("tuning types: `trains_norms` of the registry and of the config sections differ")
 
 
 def layer_norm_parameters(model) -> set[str]:
     """Names of the LayerNorm weights (by module type: ModernBERT calls its norms `attn_norm`, `mlp_norm`, ...)."""
     return {f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, nn.LayerNorm)
             for name, _ in module.named_parameters(recurse=False)}
+
+
+def trained_norms(model) -> set[str]:
+    """The backbone's LayerNorm weights the model trains (adapters: all of them; none for LoRA), head excluded: what
+    `tuning.pet_norms` decides when the trainable weights move onto another PLM (a head's LayerNorm is fresh, not
+    the PLM's, and moves with the head)."""
+    head = architectures.of(model).head_prefixes
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n for n in layer_norm_parameters(model) & trainable if not n.startswith(head)}
 
 
 def _freeze_all_but_trained(model, kind: TuningType) -> None:
@@ -169,6 +183,30 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
 def is_module_weight(name: str) -> bool:
     """A PET module's own weight (LoRA A/B, adapter down/up), as opposed to the backbone or head."""
     return any(kind.is_module(name) for kind in TUNING_TYPES.values())
+
+
+def lora_scaling(spec: dict) -> float:
+    """s in W + s·B·A: peft's `lora_alpha / r` (raysys does not turn on rsLoRA's alpha / sqrt(r))."""
+    return spec["alpha"] / spec["rank"]
+
+
+def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """`state` (a LoRA model's state dict) with every adapted projection's update folded into its weight:
+    `base_layer.weight` ← W + s·(B @ A), as peft's own merge computes it, and `lora_B` ← 0, so the model computes
+    the same function from one weight (A is kept; with B = 0 it adds nothing). Entries of no LoRA layer are kept."""
+    out = dict(state)
+    for name in (n for n in state if ".lora_A." in n):
+        prefix, adapter = name.split(".lora_A.")
+        base, b_name = f"{prefix}.base_layer.weight", f"{prefix}.lora_B.{adapter}"
+        if base not in state or b_name not in state:
+            raise WeightMismatchError(f"LoRA layer '{prefix}': {name} without {base} and {b_name}")
+        a, b = state[name], state[b_name]
+        if state[base].shape != (b.shape[0], a.shape[1]) or b.shape[1] != a.shape[0]:
+            raise WeightMismatchError(f"LoRA layer '{prefix}': W {tuple(state[base].shape)}, B {tuple(b.shape)} and "
+                                      f"A {tuple(a.shape)} do not make W + B·A")
+        out[base] = state[base] + (b @ a) * scaling
+        out[b_name] = torch.zeros_like(b)
+    return out
 
 
 def save_trainable(model, directory: str | Path) -> None:

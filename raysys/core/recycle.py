@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from raysys.config import PET_NORM_POLICIES
+
 StateDict = Mapping[str, torch.Tensor]
 
 
@@ -115,3 +117,18 @@ def transplant_delta(tuned_old: StateDict, plm_old: StateDict, plm_new: StateDic
     if not head:
         raise WeightMismatchError(f"tuned model has no {list(head_prefixes)} entries")
     return {**backbone, **head}
+
+
+def transplant_norms(pet_state: StateDict, norms: Iterable[str], plm_old: StateDict, plm_new: StateDict,
+                     policy: str) -> dict[str, torch.Tensor]:
+    """A PET model's trainable weights tuned on the old PLM, for the new one: the entries named in `norms` (the
+    backbone LayerNorms it trained) become LN_new + (LN_old^τ − LN_old) under policy "delta" — the new PLM's own
+    LayerNorm plus what tuning changed, as `transplant_delta` moves fine-tuning's weights — and stay LN_old^τ under
+    "absolute"; the module and head are kept as they are either way (`tuning.pet_norms`)."""
+    if policy not in PET_NORM_POLICIES:
+        raise ValueError(f"tuning.pet_norms: unknown policy '{policy}'; known: {list(PET_NORM_POLICIES)}")
+    if policy == "absolute":
+        return dict(pet_state)
+    tuned = restrict(pet_state, norms, "the PET weights")
+    moved = apply_delta(restrict(plm_new, tuned, "the new PLM"), delta(tuned, restrict(plm_old, tuned, "the old PLM")))
+    return {**pet_state, **moved}

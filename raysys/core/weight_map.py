@@ -13,7 +13,8 @@ from raysys.core.recycle import WeightMismatchError
 
 
 def mapped_names(state: dict) -> list[str]:
-    """The PET module's matrices (LoRA A/B, adapter down/up weights); biases, LayerNorms and head carry over."""
+    """The PET module's matrices (LoRA A/B, adapter down/up weights); biases, LayerNorms and head carry over as
+    `load_tuned` put them on the new PLM (adapter LayerNorms by `tuning.pet_norms`)."""
     return sorted(n for n, v in state.items() if v.dim() == 2 and pet.is_module_weight(n))
 
 

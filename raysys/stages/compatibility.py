@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raysys.config import StudyConfig
-from raysys.identity import config_hash, data_spec, tuned_hash, world_if_builtin
+from raysys.identity import config_hash, data_spec, recycling_identity, tuned_hash, world_if_builtin
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, cell_columns
 from raysys.stages.chain import ChainPlan, task_grid
 from raysys.storage import results
@@ -47,8 +47,9 @@ class CompatibilityStage(Stage):
         for task, tuning_type, seed in task_grid(study):
             for i in tuned:
                 source = tuned_hash(study, plms[i], task, tuning_type, seed)
-                cells += [CompatibilityCell(config_hash("compat", source, plms[i], plms[j]), task.name, tuning_type,
-                                            seed, i, j, source, plms[i], plms[j]) for j in tuned if j > i]
+                moved = recycling_identity(study.tuning, tuning_type)  # how its LayerNorms move, where it counts
+                cells += [CompatibilityCell(config_hash("compat", source, plms[i], plms[j], *moved), task.name,
+                                            tuning_type, seed, i, j, source, plms[i], plms[j]) for j in tuned if j > i]
         cells += [BaselineCell(config_hash("baseline", plms[i], data_spec(task), world_if_builtin(study, task.source), seed,
                                            study.tuning.max_length), task.name, seed, i, plms[i])
                   for i in tuned for task in study.tasks for seed in study.seeds]
@@ -75,7 +76,8 @@ class CompatibilityStage(Stage):
         if isinstance(cell, BaselineCell):
             self._run_baseline(ctx, cell, evaluator, started)
             return
-        model, _ = artifacts.load_tuned(ctx.store, cell.source_tuned_hash, on_plm=cell.target_plm_hash)
+        model, _ = artifacts.load_tuned(ctx.store, cell.source_tuned_hash, on_plm=cell.target_plm_hash,
+                                        pet_norms=ctx.study.tuning.pet_norms)
         results.write_rows(ctx.store, "compatibility", cell.cell_hash, [{
             **results.provenance(started), **cell_columns(cell, "compatibility"), **evaluator.metrics(model)}])
 

@@ -1,6 +1,7 @@
 """Stage `interpolation`: linear mode connectivity. For every pair (tuned M_i, tuned M_j), the model
 θ(α) = (1 − α)·θ_a + α·θ_b at each α of `pilot.alphas` — each end keeping its own backbone, so for PET the
-backbone and the module are interpolated together — then the path's loss barrier and accuracy drop.
+backbone and the module are interpolated together — then the path's loss barrier and accuracy drop. A LoRA path
+interpolates each end's effective weights W + s·B·A (`pilot.lora_path = "merged"`) or its factors ("factors").
 
 A path's points share one file (keyed by the pair): one write per path instead of one per α, and the summary
 reads back one file, not the table. A trial runs one path.
@@ -8,6 +9,7 @@ reads back one file, not the table. A trial runs one path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from raysys.config import StudyConfig
@@ -15,6 +17,15 @@ from raysys.identity import config_hash
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, cell_columns, error_text
 from raysys.stages.chain import ChainPlan, Pair, plan_pairs
 from raysys.storage import results
+
+
+def path_of(study: StudyConfig, pair: Pair) -> Pair:
+    """The pair as its path's cells see it: `pair_hash` is the path's hash (its file, its summary's hash). The
+    pair's own, except a LoRA path on the merged update (`pilot.lora_path = "merged"`): another path than the
+    factor-wise one, which was the only one before the field existed and keeps the pair's hash."""
+    if pair.tuning_type != "lora" or study.pilot.lora_path == "factors":
+        return pair
+    return dataclasses.replace(pair, pair_hash=config_hash("path", pair.pair_hash, study.pilot.lora_path))
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class InterpolationStage(Stage):
     cell_types = (PathPoint, PathSummary)
 
     def plan(self, study: StudyConfig, chain: ChainPlan) -> list:
-        pairs = plan_pairs(study, chain)
+        pairs = [path_of(study, pair) for pair in plan_pairs(study, chain)]
         alphas = study.pilot.alphas
         points = [PathPoint(**vars(pair), cell_hash=config_hash("interp", pair.pair_hash, alpha), alpha=alpha)
                   for pair in pairs for alpha in alphas]
@@ -92,19 +103,26 @@ class InterpolationStage(Stage):
 
 
 def _point_rows(ctx: Context, pair: Pair, points: list[PathPoint]) -> list[dict]:
-    from raysys.core import recycle
+    from raysys.core import pet, recycle
     from raysys.stages.recipe import Evaluator, clone_state
     from raysys.storage import artifacts
 
     evaluator = Evaluator(ctx, pair.task)
-    model_a, _ = artifacts.load_tuned(ctx.store, pair.tuned_hash_a)
-    model_b, _ = artifacts.load_tuned(ctx.store, pair.tuned_hash_b)
+    model_a, meta_a = artifacts.load_tuned(ctx.store, pair.tuned_hash_a)
+    model_b, meta_b = artifacts.load_tuned(ctx.store, pair.tuned_hash_b)
     state_a, state_b = clone_state(model_a.to(evaluator.device)), clone_state(model_b.to(evaluator.device))
     del model_b
+    inner_a, inner_b = state_a, state_b  # what the points strictly between the ends interpolate
+    if pair.tuning_type == "lora" and ctx.study.pilot.lora_path == "merged":
+        inner_a, inner_b = (pet.merge_lora(s, pet.lora_scaling(m["pet"])) for s, m in ((state_a, meta_a),
+                                                                                       (state_b, meta_b)))
     rows = []
     for point in points:
         started = results.now()
-        metrics = evaluator.state_metrics(model_a, recycle.interpolate(state_a, state_b, point.alpha))
+        # the ends are the tuned models exactly (merged, they would compute the same function up to rounding)
+        ends = {0.0: state_a, 1.0: state_b}
+        state = ends[point.alpha] if point.alpha in ends else recycle.interpolate(inner_a, inner_b, point.alpha)
+        metrics = evaluator.state_metrics(model_a, state)
         rows.append({"cell_hash": point.cell_hash, **results.provenance(started),
                      **cell_columns(point, "interpolation"), **metrics})
     return rows

@@ -14,7 +14,15 @@ import json
 from dataclasses import dataclass
 
 from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, StudyConfig, TuningConfig
-from raysys.identity import config_hash, data_spec, reference_identity, tuned_hash, tuning_identity, world_if_builtin
+from raysys.identity import (
+    config_hash,
+    data_spec,
+    recycling_identity,
+    reference_identity,
+    tuned_hash,
+    tuning_identity,
+    world_if_builtin,
+)
 from raysys.stages.base import Artifact, Context, MissingInputError, Resources, Rows, Stage
 from raysys.stages.chain import ChainPlan
 from raysys.storage import results
@@ -103,11 +111,18 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                             reference = method == REFERENCE_METHOD
                             cell_hash = vanilla if reference else config_hash(
                                 "method", method, vanilla, old, knobs, study.methods.teacher_dropout,
-                                study.methods.target_fraction)
+                                study.methods.target_fraction, *start_identity(study, method, tuning_type))
                             cells.append(MethodCell(cell_hash, method, task.name, tuning_type, seed, i, j, regime,
                                                     shots, old, target_plm, vanilla, not reference and has_reference,
                                                     **knobs))
     return cells
+
+
+def start_identity(study: StudyConfig, method: str, tuning_type: str) -> tuple:
+    """What a method's start adds to its hash: a start from the old weights moves them onto M_j, so how their
+    LayerNorms move counts (`recycling_identity`); a fresh start, and the teacher on the old PLM, move nothing."""
+    recycles = RECYCLING_METHODS[method].start == "old_weights"
+    return recycling_identity(study.tuning, tuning_type) if recycles else ()
 
 
 class MethodsStage(Stage):
@@ -186,7 +201,8 @@ def recycled_start(ctx: Context, cell: MethodCell, num_labels: int):
     """Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head; PET: the old module and head on M_j."""
     from raysys.storage import artifacts
 
-    model, _ = artifacts.load_tuned(ctx.store, cell.old_tuned_hash, on_plm=cell.target_plm_hash)
+    model, _ = artifacts.load_tuned(ctx.store, cell.old_tuned_hash, on_plm=cell.target_plm_hash,
+                                    pet_norms=ctx.study.tuning.pet_norms)
     return model.train()
 
 
@@ -272,6 +288,8 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
     fraction = study.methods.target_fraction
     conv = {name: convergence(result.curve, name, reference[name], fraction) for name in {"dev", full_dev}}
     key = {k: getattr(cell, k) for k in KEY_COLUMNS}
+    recycles_norms = recipe.start == "old_weights" and study.tuning.trains_norms(cell.tuning_type)
+    moved = {"pet_norms": study.tuning.pet_norms} if recycles_norms else {}  # in the row's config, either policy
     if table == "methods_runs":
         curve = [{**key, **row, "full_dev_accuracy": row.get(f"{full_dev}_accuracy"),
                   "full_dev_loss": row.get(f"{full_dev}_loss")} for row in result.curve]
@@ -290,7 +308,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
         "full_dev_target_accuracy": conv[full_dev]["target"], "full_dev_steps_to_target": conv[full_dev]["steps"],
         "full_dev_seconds_to_target": conv[full_dev]["seconds"], "teacher": teacher,
         "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
-        "config": json.dumps({**tuning_identity(cfg, cell.tuning_type),
+        "config": json.dumps({**tuning_identity(cfg, cell.tuning_type), **moved,
                               "teacher_dropout": study.methods.teacher_dropout, "target_fraction": fraction}),
     }
     results.write_rows(store, table, cell.cell_hash, [row])

@@ -18,7 +18,14 @@ from raysys.config import RECYCLING_METHODS, StudyConfig
 from raysys.identity import config_hash
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, run_guarded
 from raysys.stages.chain import ChainPlan
-from raysys.stages.methods import MethodCell, MethodSetting, method_tuning_config, plan_methods, run_method_cell
+from raysys.stages.methods import (
+    MethodCell,
+    MethodSetting,
+    method_tuning_config,
+    plan_methods,
+    run_method_cell,
+    start_identity,
+)
 from raysys.storage import results
 
 
@@ -55,7 +62,8 @@ class SearchStage(Stage):
         for ref in (c for c in plan_methods(study, chain) if c.cell_hash == c.vanilla_hash):
             for method in study.methods.names:
                 search_hash = config_hash("search", method, ref.vanilla_hash, ref.old_tuned_hash, space,
-                                          study.methods.teacher_dropout, study.methods.target_fraction)
+                                          study.methods.teacher_dropout, study.methods.target_fraction,
+                                          *start_identity(study, method, ref.tuning_type))
                 cells.append(SearchCell(search_hash, method, ref.task, ref.tuning_type, ref.seed, ref.source_plm_index,
                                         ref.target_plm_index, ref.regime, ref.shots, ref.old_tuned_hash,
                                         ref.target_plm_hash, ref.vanilla_hash, search.trials))

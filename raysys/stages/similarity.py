@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from raysys.config import FULL_FINETUNING, StudyConfig
 from raysys.identity import config_hash
-from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, cell_columns
+from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, cell_columns
 from raysys.stages.chain import ChainPlan, Pair, plan_pairs
 from raysys.storage import results
 
@@ -16,6 +16,11 @@ from raysys.storage import results
 @dataclass(frozen=True)
 class SimilarityCell(Pair):
     cell_hash: str
+
+
+def distance_kinds(tuning_type: str) -> tuple[str, ...]:
+    """The `what` of a pair's distance rows: a PET pair's also what tuning learned from where it started."""
+    return ("plm", "tuned", "update") + (() if tuning_type == FULL_FINETUNING else ("update_from_start",))
 
 
 class SimilarityStage(Stage):
@@ -34,6 +39,12 @@ class SimilarityStage(Stage):
 
     def inputs(self, cell: SimilarityCell):
         return Artifact("tuned", cell.tuned_hash_a), Artifact("tuned", cell.tuned_hash_b)
+
+    def done(self, cell: SimilarityCell, view: View) -> bool:
+        """Done once its distances hold every kind this code writes: a PET cell written before `update_from_start`
+        existed runs again (evaluation only), in place, its rows keyed by the same hash."""
+        kinds = {r["what"] for r in view.rows_of("distances", cell.cell_hash)}
+        return super().done(cell, view) and kinds >= set(distance_kinds(cell.tuning_type))
 
     def resources(self, study: StudyConfig) -> Resources:
         return Resources.per_trial(study.pilot)
@@ -78,7 +89,10 @@ class SimilarityStage(Stage):
 def pair_distances(store, model_a, meta_a: dict, model_b, meta_b: dict):
     """(what, {num_parameters, l2, l2_per_parameter, cosine}) for the two PLMs' encoders (the base model), the two
     tuned models (classifier head excluded, as the paper does), and the two updates: Δ = θ^τ − θ of the encoder for
-    fine-tuning, the trained module for PET."""
+    fine-tuning, the trained weights for PET — and, for PET, `update_from_start`: what tuning learned, each trained
+    weight minus where its run started (the module's seeded init, the PLM's own LayerNorms). The raw `update`
+    compares absolute weights, so LayerNorm γ ≈ 1 and the init the two ends share make its cosine high whatever
+    was learned."""
     from raysys.core import architectures, pet, recycle
     from raysys.stages.recipe import clone_state
     from raysys.storage import artifacts
@@ -86,14 +100,27 @@ def pair_distances(store, model_a, meta_a: dict, model_b, meta_b: dict):
     encoder, head = model_a.base_model_prefix + ".", architectures.of(model_a).head_prefixes
     plm_a, plm_b = (recycle.select(artifacts.plm_state(store, m["plm_hash"]), encoder) for m in (meta_a, meta_b))
     tuned_a, tuned_b = (recycle.drop(clone_state(m), head) for m in (model_a, model_b))
+    pairs = [("plm", plm_a, plm_b), ("tuned", tuned_a, tuned_b)]
     if meta_a["tuning_type"] == FULL_FINETUNING:
-        update_a = recycle.delta(recycle.select(tuned_a, encoder), plm_a)
-        update_b = recycle.delta(recycle.select(tuned_b, encoder), plm_b)
+        pairs.append(("update", recycle.delta(recycle.select(tuned_a, encoder), plm_a),
+                      recycle.delta(recycle.select(tuned_b, encoder), plm_b)))
     else:
-        update_a, update_b = (recycle.drop(pet.trainable_state_dict(m), head) for m in (model_a, model_b))
-    for what, a, b in (("plm", plm_a, plm_b), ("tuned", tuned_a, tuned_b), ("update", update_a, update_b)):
+        trained_a, trained_b = (recycle.drop(pet.trainable_state_dict(m), head) for m in (model_a, model_b))
+        pairs += [("update", trained_a, trained_b),
+                  ("update_from_start", learned(store, trained_a, meta_a), learned(store, trained_b, meta_b))]
+    for what, a, b in pairs:
         n = sum(v.numel() for v in a.values() if v.is_floating_point())
         yield what, {"num_parameters": n, **recycle.distance(a, b)}
+
+
+def learned(store, trained: dict, meta: dict) -> dict:
+    """A PET run's trained weights (head dropped) minus those its run started from, re-created from its record:
+    the module's seeded initialisation, the PLM's LayerNorms."""
+    from raysys.core import pet, recycle
+    from raysys.storage import artifacts
+
+    start = pet.trainable_state_dict(artifacts.tuning_start(store, meta))
+    return recycle.delta(trained, recycle.restrict(start, trained, "the run's start"))
 
 
 STAGE = SimilarityStage()

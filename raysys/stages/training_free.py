@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raysys.config import FULL_FINETUNING, StudyConfig
-from raysys.identity import config_hash, tuned_hash
+from raysys.identity import config_hash, recycling_identity, tuned_hash
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage
 from raysys.stages.chain import ChainPlan
 from raysys.stages.methods import check_old_weights
@@ -43,8 +43,9 @@ class TrainingFreeStage(Stage):
             for tuning_type in (t for t in study.method_types if t != FULL_FINETUNING):
                 for seed in study.seeds:
                     old = {t.name: tuned_hash(study, source_plm, t, tuning_type, seed) for t in tasks}
+                    moved = recycling_identity(study.tuning, tuning_type)  # the map's inputs and the direct baseline
                     cells += [TrainingFreeCell(config_hash("training_free", old, map_task.name, target_plm, config,
-                                                           study.tuning.max_length, seed),
+                                                           study.tuning.max_length, seed, *moved),
                                                tuning_type, seed, i, j, map_task.name, target_plm, old)
                               for map_task in tasks]
         return cells
@@ -91,7 +92,8 @@ class TrainingFreeStage(Stage):
         teacher, _ = artifacts.teacher_cache(store).get(
             old_hash, map_data.data_key, False, lambda: artifacts.load_tuned(store, old_hash)[0].to(device),
             map_data.encoded["train"][0], study.pilot.eval_batch_size, map_data.pad_id)
-        student, _ = artifacts.load_tuned(store, old_hash, on_plm=cell.target_plm_hash)
+        pet_norms = study.tuning.pet_norms  # the student, the map's inputs and the direct baseline all follow it
+        student, _ = artifacts.load_tuned(store, old_hash, on_plm=cell.target_plm_hash, pet_norms=pet_norms)
         student.to(device)
         old_state = pet.trainable_state_dict(student)
         weight_map, final_loss = train_weight_map(student, old_state, map_data.encoded["train"], map_data.pad_id,
@@ -101,7 +103,7 @@ class TrainingFreeStage(Stage):
         rows = []
         for task_name, tuned in cell.old_tuned.items():
             target = map_data if task_name == cell.map_task else encoded_task(ctx, task_name, "full", None, cell.seed)
-            model, _ = artifacts.load_tuned(store, tuned, on_plm=cell.target_plm_hash)
+            model, _ = artifacts.load_tuned(store, tuned, on_plm=cell.target_plm_hash, pet_norms=pet_norms)
             model.to(device)
             direct = {s: evaluate(model, *target.encoded[s], batch, target.pad_id, device)[0] for s in ("dev", "test")}
             with torch.no_grad():

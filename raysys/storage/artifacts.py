@@ -81,10 +81,14 @@ def tuned_meta(store: Store, tuned_hash: str) -> dict:
     return json.loads(store.artifact_file("tuned", tuned_hash, META))
 
 
-def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None):
+def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None, pet_norms: str | None = None):
     """(model in eval mode, meta): the tuned model, or — with `on_plm` — its weights recycled onto another PLM
     without training: θ_new + (θ_old^τ − θ_old) with the old head for fine-tuning, the old module and head plugged
-    into the new backbone for PET (the paper's compatibility test and initialization-based start)."""
+    into the new backbone for PET (the paper's compatibility test and initialization-based start), the LayerNorms a
+    PET type trained moved by `pet_norms` (`tuning.pet_norms`, which recycling must name: `recycle.transplant_norms`).
+    The one place tuned weights move onto another PLM, so every recycling cell follows one policy."""
+    if on_plm is not None and pet_norms is None:
+        raise ValueError("load_tuned(on_plm=...): name how trained LayerNorms move (pet_norms = tuning.pet_norms)")
     path = store.artifact("tuned", tuned_hash)
     meta = json.loads((path / META).read_text())
     target = on_plm or meta["plm_hash"]
@@ -97,8 +101,20 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None):
                                              architectures.of(model).head_prefixes)
         model.load_state_dict(state, strict=True)
     else:
-        pet.load_trainable_state(model, load_file(str(path / pet.WEIGHTS_FILE)))
+        state = load_file(str(path / pet.WEIGHTS_FILE))
+        norms = pet.trained_norms(model)
+        if target != meta["plm_hash"] and norms:
+            state = recycle.transplant_norms(state, norms, plm_state(store, meta["plm_hash"]),
+                                             plm_state(store, target), pet_norms)
+        pet.load_trainable_state(model, state)
     return model.eval(), meta
+
+
+def tuning_start(store: Store, meta: dict):
+    """The model a tuned model's run started from (`meta`: its raysys.json): its PLM with the seeded head and,
+    for PET, the seeded module — what the run learned is its weights minus these."""
+    return adapted_classifier(store, meta["plm_hash"], len(meta["labels"]), meta["tuning_type"], meta.get("pet"),
+                              meta["seed"])
 
 
 # --------------------------------------------------------------------------------------------- teacher cache

@@ -1,6 +1,7 @@
 """PET modules on a tiny RoBERTa: identity at start, only trainable weights stored, exact round trips through
 files, a frozen backbone, the registry of tuning types, and clear errors for weights that do not fit."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -155,6 +156,17 @@ def test_every_configured_tuning_type_is_registered_and_only_its_module_is_its_o
         assert module and all(pet.is_module_weight(n) for n in module)
         assert not any(kind.is_module(n) for t, other in names.items() if t != tuning_type for n in other)
         assert not any(pet.is_module_weight(n) for n in trainable - module)  # LayerNorms and the head
+    # the config (which identities read, without torch) and the registry agree on which types train norms
+    assert {t for t, k in pet.TUNING_TYPES.items() if k.trains_norms} == {"adapter"} == {
+        t for t in config.TUNING_TYPES if TuningConfig().trains_norms(t)}
+
+
+def test_trained_norms_are_the_backbones_layer_norms_an_adapter_trains():
+    adapter = pet.apply_pet(_model(), "adapter")
+    norms = pet.trained_norms(adapter)
+    assert norms == {k for k in pet.trainable_state_dict(adapter) if "LayerNorm" in k}
+    assert len(norms) == 2 * (1 + 2 * LAYERS) and "roberta.embeddings.LayerNorm.weight" in norms
+    assert pet.trained_norms(pet.apply_pet(_model(), "lora")) == set()
 
 
 @pytest.mark.parametrize("tuning_type, key, shapes", [
@@ -181,3 +193,54 @@ def test_unknown_tuning_type_bad_targets_and_double_application_are_refused():
         pet.apply_pet(_model(), "lora", spec=_spec("lora", targets=("no_such_module",)))
     with pytest.raises(ValueError, match="already prepared for 'adapter'"):
         pet.apply_pet(pet.apply_pet(_model(), "adapter"), "lora")
+
+
+def _lora_layer(w, a, b, prefix="enc.q"):
+    return {f"{prefix}.base_layer.weight": torch.tensor(w), f"{prefix}.base_layer.bias": torch.tensor([0.5, -0.5]),
+            f"{prefix}.lora_A.default.weight": torch.tensor(a), f"{prefix}.lora_B.default.weight": torch.tensor(b)}
+
+
+def test_merge_lora_folds_the_scaled_update_into_the_weight():
+    state = {**_lora_layer([[1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0]], [[1.0], [0.0]]), "head.w": torch.ones(3)}
+    merged = pet.merge_lora(state, scaling=2.0)
+    assert torch.equal(merged["enc.q.base_layer.weight"], torch.tensor([[3.0, 4.0], [0.0, 1.0]]))  # W + 2·B·A
+    assert torch.equal(merged["enc.q.lora_B.default.weight"], torch.zeros(2, 1))
+    for kept in ("enc.q.lora_A.default.weight", "enc.q.base_layer.bias", "head.w"):
+        assert torch.equal(merged[kept], state[kept])
+    assert pet.lora_scaling({"rank": 8, "alpha": 16.0}) == 2.0
+    bad = dict(state, **{"enc.q.lora_B.default.weight": torch.zeros(3, 1)})
+    with pytest.raises(WeightMismatchError, match="LoRA layer 'enc.q'"):
+        pet.merge_lora(bad, 2.0)
+
+
+def test_merged_interpolation_is_linear_in_alpha_and_factor_wise_is_not():
+    """The effective weight at α = 0.5: the mean of the ends' effective weights when the path interpolates merged
+    weights; W(α) + B(α)·A(α) — quadratic in α — when it interpolates the factors."""
+    from raysys.core import recycle
+
+    a = _lora_layer([[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0]], [[1.0], [0.0]])  # effective [[1, 0], [0, 0]]
+    b = _lora_layer([[0.0, 0.0], [0.0, 0.0]], [[0.0, 1.0]], [[0.0], [1.0]])  # effective [[0, 0], [0, 1]]
+    effective = lambda state: pet.merge_lora(state, 1.0)["enc.q.base_layer.weight"]
+    merged = recycle.interpolate(pet.merge_lora(a, 1.0), pet.merge_lora(b, 1.0), 0.5)
+    assert torch.equal(effective(merged), torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    assert torch.equal(effective(merged), (effective(a) + effective(b)) / 2)
+    factors = recycle.interpolate(a, b, 0.5)
+    assert torch.equal(effective(factors), torch.tensor([[0.25, 0.25], [0.25, 0.25]]))  # B(½)·A(½)
+
+
+def test_a_merged_lora_model_computes_what_peft_computes():
+    """Loaded into the LoRA model, the merged state gives its logits; its weights are bitwise peft's own merge."""
+    spec = _spec("lora", rank=4, alpha=8.0)
+    model = _train(pet.apply_pet(_model(), "lora", spec=spec, seed=1))
+    merged = pet.merge_lora(model.state_dict(), pet.lora_scaling(spec))
+    by_peft = copy.deepcopy(model)
+    layers = [m for m in by_peft.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
+    assert len(layers) == 2 * LAYERS
+    for layer in layers:
+        layer.merge()
+    peft_state = by_peft.state_dict()
+    assert all(torch.equal(merged[k], peft_state[k]) for k in merged if k.endswith("base_layer.weight"))
+    before = _logits(model)
+    model.load_state_dict(merged)
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(_logits(model), _logits(by_peft))

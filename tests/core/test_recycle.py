@@ -98,3 +98,33 @@ def test_transplant_delta_moves_the_backbone_delta_and_keeps_the_old_head():
     # the target PLM itself as the source: the transplant gives back the tuned model
     same = recycle.transplant_delta(tuned_old, plm_old, plm_old)
     torch.testing.assert_close(same["roberta.w"], tuned_old["roberta.w"], rtol=0, atol=1e-6)
+
+
+def test_transplant_norms_moves_a_trained_layer_norm_by_what_tuning_changed():
+    """LN_j + (LN_i^τ − LN_i) under "delta", LN_i^τ under "absolute"; module and head untouched either way."""
+    ln = "roberta.encoder.LayerNorm.weight"
+    pet_state = {ln: torch.tensor([1.5, 0.5]), "roberta.encoder.adapter.up.weight": torch.tensor([[0.25, -1.0]]),
+                 "classifier.w": torch.tensor([3.0, 4.0])}
+    plm_old = {ln: torch.tensor([1.0, 1.0]), "roberta.encoder.dense.weight": torch.ones(2, 2)}
+    plm_new = {ln: torch.tensor([2.0, 0.75]), "roberta.encoder.dense.weight": torch.zeros(2, 2)}
+    delta = recycle.transplant_norms(pet_state, {ln}, plm_old, plm_new, "delta")
+    assert torch.equal(delta[ln], torch.tensor([2.5, 0.25]))  # [2 + 0.5, 0.75 − 0.5]
+    absolute = recycle.transplant_norms(pet_state, {ln}, plm_old, plm_new, "absolute")
+    assert torch.equal(absolute[ln], torch.tensor([1.5, 0.5]))
+    for out in (delta, absolute):
+        assert list(out) == list(pet_state)
+        assert all(torch.equal(out[k], pet_state[k]) for k in pet_state if k != ln)
+    # recycled onto its own PLM, "delta" gives the tuned LayerNorm back
+    assert torch.equal(recycle.transplant_norms(pet_state, {ln}, plm_old, plm_old, "delta")[ln], pet_state[ln])
+    assert recycle.transplant_norms(pet_state, set(), plm_old, plm_new, "delta") == pet_state
+
+
+def test_transplant_norms_refuses_an_unknown_policy_and_a_norm_the_plm_lacks():
+    ln = "roberta.LayerNorm.weight"
+    state = {ln: torch.ones(2)}
+    with pytest.raises(ValueError, match="tuning.pet_norms: unknown policy 'raw'"):
+        recycle.transplant_norms(state, {ln}, state, state, "raw")
+    with pytest.raises(WeightMismatchError, match="the new PLM lacks 1 entries"):
+        recycle.transplant_norms(state, {ln}, state, {"other": torch.ones(2)}, "delta")
+    with pytest.raises(WeightMismatchError, match="the PET weights lacks"):
+        recycle.transplant_norms(state, {"roberta.missing.weight"}, state, state, "delta")

@@ -3,11 +3,12 @@ rows, and a summary over fewer α than the study now asks for is not done."""
 
 import dataclasses
 
-from raysys.stages.base import View
-from raysys.stages.chain import plan_chain
-from raysys.stages.interpolation import PathSummary
+from raysys.stages.base import Context, View
+from raysys.stages.chain import plan_chain, plan_pairs
+from raysys.stages.interpolation import PathPoint, PathSummary
+from raysys.stages.recipe import Evaluator
 from raysys.stages.registry import stage
-from raysys.storage import results
+from raysys.storage import artifacts, results
 
 
 def test_interpolation_ends_reproduce_the_tuned_models(micro_run):
@@ -46,3 +47,30 @@ def test_a_summary_over_other_alphas_is_not_done(micro_run):
     groups = interpolation.groups(interpolation.plan(study, plan_chain(study)))
     assert len(groups) == len(summaries) and all(len(g) == len(study.pilot.alphas) + 1 for g in groups)
     assert all(len({c.pair_hash for c in g}) == 1 and isinstance(g[-1], PathSummary) for g in groups)
+
+
+def test_a_merged_lora_midpoint_is_the_model_with_the_averaged_effective_weights(micro_run):
+    """pilot.lora_path = "merged" (the default): the α = 0.5 point of a LoRA path is each end merged by peft itself
+    (W + s·B·A) and averaged — a path of its own, hashed apart from the factor-wise one."""
+    study, store, _ = micro_run
+    chain = plan_chain(study)
+    interpolation = stage("interpolation")
+    point = next(c for c in interpolation.plan(study, chain)
+                 if isinstance(c, PathPoint) and c.tuning_type == "lora" and c.alpha == 0.5)
+    pair = next(p for p in plan_pairs(study, chain) if p.tuned_hash_a == point.tuned_hash_a
+                and p.tuned_hash_b == point.tuned_hash_b)
+    assert point.pair_hash != pair.pair_hash  # factor-wise, the path keeps the pair's hash
+    row = next(r for r in results.ok_rows(store, "interpolation") if r["cell_hash"] == point.cell_hash)
+    ends = []
+    for tuned_hash in (point.tuned_hash_a, point.tuned_hash_b):
+        model, _ = artifacts.load_tuned(store, tuned_hash)
+        for layer in [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]:
+            layer.merge()  # peft's own merge: the base weight becomes W + s·B·A, the factors are then unused
+        ends.append(model)
+    averaged = {k: (v + ends[1].state_dict()[k]) / 2 if v.is_floating_point() else v
+                for k, v in ends[0].state_dict().items()}
+    ends[0].load_state_dict(averaged)
+    expected = Evaluator(Context(study, store, chain), point.task).metrics(ends[0])
+    for split in ("dev", "test"):
+        assert row[f"{split}_accuracy"] == expected[f"{split}_accuracy"]
+        assert abs(row[f"{split}_loss"] - expected[f"{split}_loss"]) < 1e-6

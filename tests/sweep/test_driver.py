@@ -54,7 +54,7 @@ def test_every_stage_writes_its_rows(micro_run):
     assert len(results.ok_rows(store, "interpolation_paths")) == 2 * len(pairs)
     heads = results.ok_rows(store, "head_similarity")
     assert len(heads) == len(pairs) * study.model.num_layers * study.model.num_heads
-    assert len(results.ok_rows(store, "distances")) == 3 * len(pairs)
+    assert len(results.ok_rows(store, "distances")) == sum(3 if p.tuning_type == "finetune" else 4 for p in pairs)
     assert list(ran) == list(NAMES) and ran["search"] == {"cells": 0, "finished_before": 0, "ran": 0, "blocked": 0, "given_up": 0,
                                                           "seconds": 0.0}
     assert ran["interpolation"]["ran"] == len(pairs) * (n_alphas + 1)  # the points and each path's summary

@@ -93,7 +93,7 @@ def test_the_pilot_analyses_agree_with_the_tuned_models(arch_run):
     assert len(heads) == 3 * study.model.num_layers * study.model.num_heads
     assert all(0.0 <= r["similarity_corresponding"] <= 1.0 + 1e-6 for r in heads)
     distances = results.ok_rows(store, "distances")
-    assert len(distances) == 3 * 3 and all(r["l2"] > 0 and math.isfinite(r["cosine"]) for r in distances)
+    assert len(distances) == 3 + 4 + 4 and all(r["l2"] > 0 and math.isfinite(r["cosine"]) for r in distances)
     assert len(results.ok_rows(store, "compatibility")) == 3
 
     compatibility, chain = stage("compatibility"), plan_chain(study)
