@@ -331,7 +331,8 @@ def test_tiny_preset_builds():
     assert study.tuning.types == ("finetune", "lora", "adapter")
     assert study.plms_to_tune == (0, 1, 2, 3)
     assert study.control_length == 2 and study.pilot.hops == (1,)
-    assert study.pilot.alphas[0] == 0.0 and study.pilot.alphas[-1] == 1.0 and len(study.pilot.alphas) == 26
+    assert study.pilot.alphas[0] == 0.0 and study.pilot.alphas[-1] == 1.0 and len(study.pilot.alphas) == 11
+    assert study.pretrain.replay == 0.25 and study.tuning.max_steps == 300  # the paper's regime (issue 20)
 
 
 def test_paper_preset_builds():

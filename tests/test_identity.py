@@ -4,11 +4,12 @@ resources never enter a hash, new fields only when set, a tuning type's PET sect
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 
 import pytest
 
-from raysys.config import RECYCLING_METHODS, PetConfig, TuningConfig, load_study
+from raysys.config import RECYCLING_METHODS, PetConfig, PilotConfig, TuningConfig, load_study
 from raysys.identity import recycling_identity, tuning_identity
 from raysys.stages.chain import plan_chain
 from raysys.stages.compatibility import CompatibilityCell
@@ -17,6 +18,18 @@ from raysys.stages.methods import MethodSetting
 from raysys.stages.registry import STAGES, stage
 from raysys.stages.training_free import TrainingFreeCell
 from tests.conftest import MICRO_OVERRIDES, with_stand_in_fingerprints
+
+# The tiny preset as it was before issue 20 moved it into the paper's regime (replay, longer tuning, 11 path points):
+# every pin below is of that study, so that artifacts made then stay addressable; the current preset's cells are
+# pinned in test_the_current_tiny_and_micro_studies_plan_these_cells.
+TINY_BEFORE_20 = ["pretrain.replay=0.0", "tuning.max_steps=150", "tuning.eval_every_steps=15",
+                  "methods.kshot.max_steps=80", "methods.kshot.eval_every_steps=10",
+                  f"pilot.alphas={json.dumps(list(PilotConfig().alphas))}"]
+
+
+def _tiny(overrides=()):
+    return load_study("tiny", [*TINY_BEFORE_20, *overrides])
+
 
 # The tiny preset's hashes before the speed fields existed (commit 2eba0ae): artifacts made then stay addressable.
 TINY_PLM_HASHES = ["3c16893ec9c3e5dd", "8b6fb13612ad205c", "cd2eb1992439d88b", "5f2e8a049f39be6a", "ae51f319c8d416b9",
@@ -71,8 +84,7 @@ def _digest(hashes) -> str:
 
 
 def _study(name, *overrides):
-    return paper_with_fixed_data(*overrides) if STUDIES[name] is None else load_study("tiny", STUDIES[name] +
-                                                                                       list(overrides))
+    return paper_with_fixed_data(*overrides) if STUDIES[name] is None else _tiny([*STUDIES[name], *overrides])
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["before-policies", "defaults"])
@@ -103,7 +115,7 @@ def test_the_recycling_policies_give_new_hashes_exactly_to_the_cells_they_decide
     cells; distillation (its teacher stays on the old PLM), fine-tuning, LoRA's recycling and every tuned model
     keep their hashes; "delta" and "absolute" name different cells."""
     def planned(*policies):
-        study = load_study("tiny", [*overrides, *policies])
+        study = _tiny([*overrides, *policies])
         chain = plan_chain(study)
         return [c for each in STAGES for c in each.plan(study, chain)]
 
@@ -120,8 +132,8 @@ def test_the_recycling_policies_give_new_hashes_exactly_to_the_cells_they_decide
 
 
 def test_the_reference_pairs_only_add_cells():
-    with_pairs = load_study("tiny", BEFORE_POLICIES)
-    without = load_study("tiny", [*BEFORE_POLICIES, "pilot.reference_pairs=false"])
+    with_pairs = _tiny(BEFORE_POLICIES)
+    without = _tiny([*BEFORE_POLICIES, "pilot.reference_pairs=false"])
     for name in ("interpolation", "similarity"):
         old = {c.cell_hash for c in stage(name).plan(without, plan_chain(without))}
         new = {c.cell_hash for c in stage(name).plan(with_pairs, plan_chain(with_pairs))}
@@ -130,19 +142,19 @@ def test_the_reference_pairs_only_add_cells():
 
 
 def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketing_change_identity():
-    study = load_study("tiny")
+    study = _tiny()
     chain = plan_chain(study)
     assert [link.plm_hash for link in chain.links] == TINY_PLM_HASHES
     tuning = stage("tuning").plan(study, chain)
     assert (tuning[0].cell_hash, tuning[-1].cell_hash) == ("19d186c9d2203189", "8958a4aeb63c5e92")
     cells = stage("methods").plan(study, chain)  # the last: an adapter's combined cell, new under "delta"
     assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "9b5e6a3e2a534cb9")
-    before = load_study("tiny", BEFORE_POLICIES)
+    before = _tiny(BEFORE_POLICIES)
     cells = stage("methods").plan(before, plan_chain(before))
     assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
 
     def hashes(*overrides):
-        s = load_study("tiny", list(overrides))
+        s = _tiny(list(overrides))
         c = plan_chain(s)
         return [link.plm_hash for link in c.links], [t.cell_hash for t in stage("tuning").plan(s, c)]
 
@@ -160,7 +172,7 @@ def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketi
 
 def test_the_architecture_enters_a_plms_identity_only_away_from_roberta():
     def chain(*overrides):
-        return plan_chain(load_study("tiny", list(overrides)))
+        return plan_chain(_tiny(list(overrides)))
 
     roberta = chain()
     assert [link.plm_hash for link in chain('model.architecture="roberta"').links] == TINY_PLM_HASHES
@@ -173,7 +185,7 @@ def test_the_architecture_enters_a_plms_identity_only_away_from_roberta():
 
 def test_a_tuning_types_identity_ignores_other_types_settings():
     def by_type(*overrides):
-        study = load_study("tiny", list(overrides))
+        study = _tiny(list(overrides))
         return {(c.task, c.tuning_type, c.seed, c.chain, c.plm_index): c.cell_hash
                 for c in stage("tuning").plan(study, plan_chain(study))}
 
@@ -206,7 +218,7 @@ def test_the_vanilla_run_is_a_new_cell_when_its_target_fraction_changes():
     """Its row records its own steps to `target_fraction` of its best dev, so the fraction is part of it (left out
     at the default 0.95, whose hashes are pinned above)."""
     def vanilla(*overrides):
-        study = load_study("tiny", list(overrides))
+        study = _tiny(list(overrides))
         return {c.cell_hash for c in stage("methods").plan(study, plan_chain(study)) if c.method == "vanilla"}
 
     assert vanilla() == vanilla("methods.target_fraction=0.95")
@@ -214,11 +226,11 @@ def test_the_vanilla_run_is_a_new_cell_when_its_target_fraction_changes():
 
 
 def test_replay_makes_new_links_from_m2_on_and_leaves_m0_m1_and_the_default_alone():
-    plain, replayed = (plan_chain(load_study("tiny", overrides)).plm_hashes
+    plain, replayed = (plan_chain(_tiny(overrides)).plm_hashes
                        for overrides in ([], ["pretrain.replay=0.5"]))
     assert list(plain) == TINY_PLM_HASHES[:4]
     assert replayed[:2] == plain[:2] and set(replayed[2:]).isdisjoint(plain)  # M1 has no earlier domain to replay
-    assert plan_chain(load_study("tiny", ["pretrain.replay=0.0"])).plm_hashes == plain
+    assert plan_chain(_tiny(["pretrain.replay=0.0"])).plm_hashes == plain
 
 
 def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
@@ -230,3 +242,28 @@ def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
     assert recycling_identity(delta, "adapter") == ({"pet_norms": "delta"},)
     assert recycling_identity(absolute, "adapter") == recycling_identity(delta, "lora") == ()
     assert recycling_identity(delta, "finetune") == ()
+
+
+# The current presets' plans (issue 20: the tiny preset replays, tunes longer and walks 11 path points; the micro
+# study, built on it, replays too): measured at the commit that set them.
+CURRENT = {
+    "tiny": {"pretrain": (6, "4084aad314c09ba5"), "tuning": (90, "fac46d206c1cdd6d"),
+             "compatibility": (132, "7562e470e8112db4"), "interpolation": (1188, "a70f79b0410604c4"),
+             "similarity": (99, "3534a1106176a789"), "methods": (120, "375f2f1b6d3cc155"),
+             "training_free": (12, "43c6e070355689c9")},
+    "micro": {"pretrain": (7, "04179f44cabe8da5"), "tuning": (54, "88a183ab86eaa1df"),
+              "compatibility": (66, "2f195f216bfc4bc3"), "interpolation": (288, "1829b3b8ecd314cf"),
+              "similarity": (72, "51596808fcb70b29"), "methods": (48, "28326fdd90f8d7ae"),
+              "training_free": (4, "1c8f810a1687cf71")},
+}
+
+
+@pytest.mark.parametrize("name", list(CURRENT))
+def test_the_current_tiny_and_micro_studies_plan_these_cells(name):
+    study = load_study("tiny", MICRO_OVERRIDES if name == "micro" else [])
+    chain = plan_chain(study)
+    for each in STAGES:
+        if each.name in CURRENT[name]:
+            cells = each.plan(study, chain)
+            assert (len(cells), _digest(c.cell_hash for c in cells)) == CURRENT[name][each.name], each.name
+    assert chain.plm_hashes[:2] == tuple(TINY_PLM_HASHES[:2]) or name == "micro"  # M0, M1: no earlier domain

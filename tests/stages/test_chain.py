@@ -60,7 +60,7 @@ def test_cell_counts_of_the_multi_hop_plan():
     assert continual == {(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)}
     assert control == {(0, 1), (1, 2), (0, 2)}
     assert same == {(0, 0), (1, 1), (2, 2)}
-    assert len(_cells("interpolation", study, chain, "PathPoint")) == len(pairs) * 26
+    assert len(_cells("interpolation", study, chain, "PathPoint")) == len(pairs) * len(study.pilot.alphas)
     assert len(_cells("interpolation", study, chain, "PathSummary")) == len(pairs)
     assert len(_cells("similarity", study, chain)) == len(pairs)
     assert len({p.pair_hash for p in pairs}) == len(pairs)
