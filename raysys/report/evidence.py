@@ -66,6 +66,19 @@ def late_steps(curve: list[dict], target: float | None, budget: int) -> tuple[in
     return budget, False
 
 
+PLATEAU_EVALUATIONS, PLATEAU_TOLERANCE = 3, 0.02
+
+
+def plateaued(curve: list[dict], key: str = "full_dev_accuracy") -> bool | None:
+    """Did the run reach its plateau: its last three evaluations within 2 points of its best? (On the full dev
+    set: a K-shot dev set of 32 examples moves 3 points per example.) None for a curve without the key."""
+    values = [p.get(key) for p in curve]
+    if not values or None in values:
+        return None
+    best = max(values)
+    return all(best - v <= PLATEAU_TOLERANCE for v in values[-PLATEAU_EVALUATIONS:])
+
+
 class Curves:
     """The dev curve of every methods run, by its cell hash, in step order."""
 
@@ -81,7 +94,7 @@ class Curves:
         curve = self._by_cell.get(run["cell_hash"], [])
         steps = late_steps(curve, run["target_dev_accuracy"], run["max_steps"])
         return {"auc": late_auc(curve), "steps": None if steps is None else steps[0],
-                "reached": None if steps is None else steps[1]}
+                "reached": None if steps is None else steps[1], "plateau": plateaued(curve)}
 
 
 def seed_values(runs: dict[int, dict], value) -> dict[int, float]:

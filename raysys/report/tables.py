@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 
 from raysys.config import RECYCLING_METHODS
-from raysys.report.evidence import retention
+from raysys.report.evidence import Curves, retention
 from raysys.report.scope import StudyRows
 from raysys.report.stats import mean
 
@@ -155,14 +155,20 @@ def _knob_text(knobs: tuple) -> str:
 
 
 def _methods_summary(scope: StudyRows) -> str:
-    rows = [[r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"], _knob_text(r["knobs"]),
-             _mean_std(r["test"]), _mean_std(r["test_full_dev_selection"]),
-             fmt(mean(r["steps_to_target"]), digits=0) + f" ({r['reached']})", _mean_std(r["auc"]),
-             _mean_std(r["start"])] for r in methods_table(scope)]
+    curves = Curves(scope)
+    rows = []
+    for r in methods_table(scope):
+        flat = [curves.convergence(run)["plateau"] for run in r["by_seed"].values()]
+        rows.append([r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"], _knob_text(r["knobs"]),
+                     _mean_std(r["test"]), _mean_std(r["test_full_dev_selection"]),
+                     fmt(mean(r["steps_to_target"]), digits=0) + f" ({r['reached']})", _mean_std(r["auc"]),
+                     _mean_std(r["start"]),
+                     "—" if None in flat else f"{sum(flat)}/{len(flat)}"])
     return ("Recycling methods: test accuracy % (dev selection / full-dev selection), steps to 95% of vanilla's best "
-            "dev (runs that reached it), area under the dev curve %, dev accuracy % at step 0 (mean±std over seeds)\n"
+            "dev (runs that reached it), area under the dev curve %, dev accuracy % at step 0 (mean±std over seeds), "
+            "runs at their plateau (last 3 full-dev evaluations within 2 points of the best)\n"
             + _table(["task", "type", "upgrade", "regime", "method", "best T, a, β", "test", "test (full dev)",
-                      "steps to target", "dev AUC", "start"], rows))
+                      "steps to target", "dev AUC", "start", "plateau"], rows))
 
 
 def _grid_summary(scope: StudyRows) -> str:
