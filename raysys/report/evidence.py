@@ -76,7 +76,7 @@ def plateaued(curve: list[dict], key: str = "full_dev_accuracy") -> bool | None:
     if not values or None in values:
         return None
     best = max(values)
-    return all(best - v <= PLATEAU_TOLERANCE for v in values[-PLATEAU_EVALUATIONS:])
+    return all(best - v <= PLATEAU_TOLERANCE + 1e-9 for v in values[-PLATEAU_EVALUATIONS:])
 
 
 class Curves:
