@@ -245,44 +245,51 @@ def init_convergence(scope: StudyRows, methods_table: list[dict]) -> Finding:
         judge(effects, pooled_effect, cfg.auc_margin), pooled_effect.text())
 
 
-def distillation_kshot(scope: StudyRows, methods_table: list[dict]) -> Finding:
-    cfg, stats = scope.study.report, statistics_of(scope)
+def _test_claim(scope: StudyRows, methods_table: list[dict], pick, claim: str, rule: str, margin: float,
+                none: str) -> Finding:
+    """A claim on test-accuracy differences paired by seed, per setting: `pick(setting, methods)` names the two
+    methods compared and what to print of their means, or None to skip the setting."""
+    stats = statistics_of(scope)
     parts, effects, pooled = [], [], []
     for setting, m in sorted(_settings(methods_table).items()):
-        if setting[3] == "full" or "distill" not in m or "vanilla" not in m:
+        chosen = pick(setting, m)
+        if chosen is None:
             continue
-        diffs = paired(_test(m["distill"]), _test(m["vanilla"]))
+        a, b, means = chosen
+        diffs = paired(_test(m[a]), _test(m[b]))
         effects.append(stats.effect(diffs))
         pooled += diffs
-        parts.append(f"{_label(setting)}: {_pct(mean(m['distill']['test']))} vs {_pct(mean(m['vanilla']['test']))}, "
-                     f"distill − vanilla {effects[-1].text()}")
+        parts.append(f"{_label(setting)}: {means}, {a} − {b} {effects[-1].text()}")
     pooled_effect = stats.effect(pooled)
-    return Finding(
-        "Distillation-based recycling helps in the K-shot regime", "; ".join(parts) or "no K-shot runs",
-        f"per K-shot setting: test accuracy of distill (best T, a, β on K-shot dev) exceeds vanilla's by ≥ "
-        f"{_points(cfg.distill_margin)}, paired by seed; {stats.describe()}",
-        judge(effects, pooled_effect, cfg.distill_margin), pooled_effect.text())
+    return Finding(claim, "; ".join(parts) or none, f"{rule}, paired by seed; {stats.describe()}",
+                   judge(effects, pooled_effect, margin), pooled_effect.text())
+
+
+def distillation_kshot(scope: StudyRows, methods_table: list[dict]) -> Finding:
+    def pick(setting, m):
+        if setting[3] == "full" or "distill" not in m or "vanilla" not in m:
+            return None
+        return "distill", "vanilla", f"{_pct(mean(m['distill']['test']))} vs {_pct(mean(m['vanilla']['test']))}"
+
+    margin = scope.study.report.distill_margin
+    return _test_claim(scope, methods_table, pick, "Distillation-based recycling helps in the K-shot regime",
+                       f"per K-shot setting: test accuracy of distill (best T, a, β on K-shot dev) exceeds vanilla's "
+                       f"by ≥ {_points(margin)}", margin, "no K-shot runs")
 
 
 def combined_best(scope: StudyRows, methods_table: list[dict]) -> Finding:
-    cfg, stats = scope.study.report, statistics_of(scope)
-    parts, effects, pooled = [], [], []
-    for setting, m in sorted(_settings(methods_table).items()):
+    def pick(setting, m):
         if "combined" not in m or len(m) < 2:
-            continue
+            return None
         others = {name: mean(e["test"]) for name, e in m.items() if name != "combined"}
         rival = max(others, key=others.get)  # the strongest other method by its mean: the hardest comparison
-        diffs = paired(_test(m["combined"]), _test(m[rival]))
-        effects.append(stats.effect(diffs))
-        pooled += diffs
-        parts.append(f"{_label(setting)}: combined {_pct(mean(m['combined']['test']))}, best other {rival} "
-                     f"{_pct(others[rival])}, combined − {rival} {effects[-1].text()}")
-    pooled_effect = stats.effect(pooled)
-    return Finding(
-        "Combining initialization and distillation is the best method", "; ".join(parts) or "no combined runs",
-        f"per setting: combined's test accuracy exceeds the best other method's (by mean) by ≥ "
-        f"{_points(cfg.combined_margin)} with the interval above zero, paired by seed; {stats.describe()}",
-        judge(effects, pooled_effect, cfg.combined_margin), pooled_effect.text())
+        return "combined", rival, (f"combined {_pct(mean(m['combined']['test']))}, best other {rival} "
+                                   f"{_pct(others[rival])}")
+
+    margin = scope.study.report.combined_margin
+    return _test_claim(scope, methods_table, pick, "Combining initialization and distillation is the best method",
+                       f"per setting: combined's test accuracy exceeds the best other method's (by mean) by ≥ "
+                       f"{_points(margin)} with the interval above zero", margin, "no combined runs")
 
 
 def findings(scope: StudyRows, methods_table: list[dict]) -> list[Finding]:
