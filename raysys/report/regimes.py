@@ -37,23 +37,29 @@ def kept_share(scope: StudyRows) -> float | None:
     return mean(r["kept"] for r in retention(scope))
 
 
-def side_by_side(scopes: list[StudyRows]) -> tuple[list[str], list[list[str]]]:
+def judged(scope: StudyRows, claims: list) -> list[tuple[StudyRows, list]]:
+    """(regime, its findings) for this study's regimes (raysys.report.regimes.regime_scopes), most replay first:
+    `claims` are this study's own, already judged; the other versions are judged here."""
+    return [(s, claims if s is scope else findings.findings(s, methods_table(s))) for s in regime_scopes(scope)]
+
+
+def side_by_side(regimes: list[tuple[StudyRows, list]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): per claim, each regime's verdict and pooled effect; then each regime's retention."""
+    scopes, claims = [s for s, _ in regimes], [c for _, c in regimes]
     header = ["claim"] + [f"replay {s.study.pretrain.replay:g}" for s in scopes]
-    claims = [findings.findings(s, methods_table(s)) for s in scopes]
     rows = [[claims[0][k].claim] + [f"{c[k].verdict}: {c[k].effect}" for c in claims] for k in range(len(claims[0]))]
     rows.append(["retention: share of M_k's gain over the floor kept on M_k+1"] +
                 [fmt(kept_share(s), 100, 0) + "%" for s in scopes])
     return header, rows
 
 
-def markdown(scopes: list[StudyRows]) -> str:
-    header, rows = side_by_side(scopes)
+def markdown(regimes: list[tuple[StudyRows, list]]) -> str:
+    header, rows = side_by_side(regimes)
     cell = lambda text: text.replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def text(scopes: list[StudyRows]) -> str:
-    header, rows = side_by_side(scopes)
+def text(regimes: list[tuple[StudyRows, list]]) -> str:
+    header, rows = side_by_side(regimes)
     return "\n".join(f"- {row[0]}: " + "; ".join(f"{h}: {c}" for h, c in zip(header[1:], row[1:])) for row in rows)

@@ -21,9 +21,9 @@ def summary(scope: StudyRows) -> str:
     claims = findings.findings(scope, methods_table(scope))
     title = "Findings: the paper's claims against this study's data"
     parts = ["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"]
-    scopes = regimes.regime_scopes(scope)
-    if len(scopes) > 1:
-        parts.append(f"{REGIMES_TITLE}\n{regimes.text(scopes)}")
+    judged = regimes.judged(scope, claims)
+    if len(judged) > 1:
+        parts.append(f"{REGIMES_TITLE}\n{regimes.text(judged)}")
     return "\n\n".join(parts + table_sections(scope))
 
 
@@ -40,13 +40,13 @@ def write_report(scope: StudyRows, out_dir) -> Path:
         "Head similarity": figures.head_similarity_heatmaps(scope, out_dir / "figures"),
         "Convergence of the recycling methods": figures.convergence_curves(scope, out_dir / "figures", best),
     }
+    claims = findings.findings(scope, table)
     body = [f"# raysys report: study '{scope.study.name}'", "", *scope.describe(), "",
             f"Regenerated from the Parquet tables in `{scope.store.uri('results')}` (schemas: docs/results.md).", "",
-            "## Findings: the paper's claims against this study's data", "",
-            findings.markdown(findings.findings(scope, table))]
-    scopes = regimes.regime_scopes(scope)
-    if len(scopes) > 1:
-        body += ["", f"## {REGIMES_TITLE}", "", regimes.markdown(scopes)]
+            "## Findings: the paper's claims against this study's data", "", findings.markdown(claims)]
+    judged = regimes.judged(scope, claims)
+    if len(judged) > 1:
+        body += ["", f"## {REGIMES_TITLE}", "", regimes.markdown(judged)]
     body += ["", "## Figures"]
     for title, path in drawn.items():
         if path is not None:

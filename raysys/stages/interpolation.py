@@ -116,11 +116,10 @@ def _point_rows(ctx: Context, pair: Pair, points: list[PathPoint]) -> list[dict]
     if pair.tuning_type == "lora" and ctx.study.pilot.lora_path == "merged":
         inner_a, inner_b = (pet.merge_lora(s, pet.lora_scaling(m["pet"])) for s, m in ((state_a, meta_a),
                                                                                        (state_b, meta_b)))
+    ends = {0.0: state_a, 1.0: state_b}  # the tuned models exactly (merged, the same function up to rounding)
     rows = []
     for point in points:
         started = results.now()
-        # the ends are the tuned models exactly (merged, they would compute the same function up to rounding)
-        ends = {0.0: state_a, 1.0: state_b}
         state = ends[point.alpha] if point.alpha in ends else recycle.interpolate(inner_a, inner_b, point.alpha)
         metrics = evaluator.state_metrics(model_a, state)
         rows.append({"cell_hash": point.cell_hash, **results.provenance(started),

@@ -92,8 +92,7 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None, pet_nor
     path = store.artifact("tuned", tuned_hash)
     meta = json.loads((path / META).read_text())
     target = on_plm or meta["plm_hash"]
-    model = adapted_classifier(store, target, len(meta["labels"]), meta["tuning_type"], meta.get("pet"),
-                               meta["seed"])
+    model = _start_on(store, meta, target)
     if meta["tuning_type"] == FULL_FINETUNING:
         state = load_file(str(path / "model.safetensors"))
         if target != meta["plm_hash"]:
@@ -103,7 +102,8 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None, pet_nor
     else:
         state = load_file(str(path / pet.WEIGHTS_FILE))
         norms = pet.trained_norms(model)
-        if target != meta["plm_hash"] and norms:
+        # "absolute" keeps the norms as tuned: no PLM weights need reading for it
+        if target != meta["plm_hash"] and norms and pet_norms != "absolute":
             state = recycle.transplant_norms(state, norms, plm_state(store, meta["plm_hash"]),
                                              plm_state(store, target), pet_norms)
         pet.load_trainable_state(model, state)
@@ -113,8 +113,12 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None, pet_nor
 def tuning_start(store: Store, meta: dict):
     """The model a tuned model's run started from (`meta`: its raysys.json): its PLM with the seeded head and,
     for PET, the seeded module — what the run learned is its weights minus these."""
-    return adapted_classifier(store, meta["plm_hash"], len(meta["labels"]), meta["tuning_type"], meta.get("pet"),
-                              meta["seed"])
+    return _start_on(store, meta, meta["plm_hash"])
+
+
+def _start_on(store: Store, meta: dict, plm_hash: str):
+    """A tuned model's starting point (fresh seeded head and module, as its raysys.json records) on `plm_hash`."""
+    return adapted_classifier(store, plm_hash, len(meta["labels"]), meta["tuning_type"], meta.get("pet"), meta["seed"])
 
 
 # --------------------------------------------------------------------------------------------- teacher cache

@@ -2,7 +2,7 @@
 one study that differ in pretrain.replay alone (real Parquet rows and study versions, no Ray)."""
 
 from raysys.config import load_study
-from raysys.report import regimes, summary
+from raysys.report import findings, regimes, summary, tables
 from raysys.report.evidence import retention
 from raysys.report.scope import StudyRows
 from raysys.stages.chain import plan_chain
@@ -48,9 +48,10 @@ def test_the_report_puts_the_regimes_side_by_side_when_the_storage_holds_both(tm
     own = {"d1_rel": 1, "d2_rel": 2, "d3_rel": 3}
     _tuned(store, replay, lambda task, plm: 0.85 if plm == own[task] else 0.80 if plm == own[task] + 1 else 0.30)
     _tuned(store, forgetting, lambda task, plm: 0.85 if plm == own[task] else 0.31 if plm == own[task] + 1 else 0.30)
-    scopes = regimes.regime_scopes(StudyRows(forgetting, store))
+    current = StudyRows(forgetting, store)
+    scopes = regimes.regime_scopes(current)
     assert [s.study.pretrain.replay for s in scopes] == [0.5, 0.0]
-    header, rows = regimes.side_by_side(scopes)
+    header, rows = regimes.side_by_side(regimes.judged(current, findings.findings(current, tables.methods_table(current))))
     assert header == ["claim", "replay 0.5", "replay 0"]
     assert rows[-1][1:] == ["92%", "10%"]  # (80 − 25) / 60 and (31 − 25) / 60
     assert len(rows) == 7  # six claims and the retention
