@@ -226,7 +226,10 @@ class PretrainConfig:
     cpus_per_worker: float = 1.0  # each worker runs this many torch threads
     use_gpu: bool = False
     log_every_steps: int = 10
-    seed: int = 0
+    seed: int = 0  # the main chain's: initialisation, data order and masking of every link
+    # further main chains, one per seed, each pre-trained again and everything on it tuned and measured again:
+    # the report judges each chain alone and shows how the findings vary with the PLM seed (() : the main chain only)
+    replicate_seeds: tuple[int, ...] = ()
     checkpoint_every_seconds: float = 900.0  # mid-link checkpoints: at most this much training lost to a crash
     precision: str = "fp32"  # "bf16": autocast matmuls to bfloat16 (weights, optimizer and loss stay fp32)
     micro_batch_size: int | None = None  # sequences per worker per forward pass (None: the whole worker batch)
@@ -247,6 +250,11 @@ class PretrainConfig:
         _check(self.lr > 0 and self.continual_lr > 0, "pretrain.lr", "learning rates must be > 0")
         _check(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0 (a negative decay grows the weights)")
         _check_seed(self.seed, "pretrain.seed")
+        for seed in self.replicate_seeds:
+            _check_seed(seed, "pretrain.replicate_seeds")
+        _check_distinct(self.replicate_seeds, "pretrain.replicate_seeds")
+        _check(self.seed not in self.replicate_seeds, "pretrain.replicate_seeds",
+               f"holds pretrain.seed ({self.seed}): the main chain would be planned twice")
         _check(0.0 <= self.warmup_fraction < 1.0, "pretrain.warmup_fraction", "must be in [0, 1)")
         _check(0.0 < self.mask_prob < 1.0, "pretrain.mask_prob", "must be in (0, 1)")
         _check(0.0 <= self.replay < 1.0, "pretrain.replay", "must be in [0, 1): the share of replayed sequences")
@@ -732,6 +740,9 @@ class StudyConfig:
         if self.control_length and not self.pilot.control_name_or_path and not self.model.name_or_path:
             _check(self.pilot.control_seed != self.pretrain.seed, "pilot.control_seed",
                    f"equals pretrain.seed ({self.pretrain.seed}): the control chain would be the main chain")
+            _check(self.pilot.control_seed not in self.pretrain.replicate_seeds, "pilot.control_seed",
+                   f"is in pretrain.replicate_seeds ({list(self.pretrain.replicate_seeds)}): the control chain "
+                   "would be a replicate of the main chain")
         _check(self.control_length != 1, "pilot.control_length", "1 makes a control chain of C0 alone, which no pair "
                "uses (a control pair compares tuned M_i with C_j, j >= 1): 0 (none) or >= 2")
         _check(not self.pilot.control_name_or_path or self.pilot.control_name_or_path != self.model.name_or_path,

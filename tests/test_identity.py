@@ -22,7 +22,7 @@ from tests.conftest import MICRO_OVERRIDES, with_stand_in_fingerprints
 # The tiny preset as it was before issue 20 moved it into the paper's regime (replay, longer tuning, 11 path points):
 # every pin below is of that study, so that artifacts made then stay addressable; the current preset's cells are
 # pinned in test_the_current_tiny_and_micro_studies_plan_these_cells.
-TINY_BEFORE_20 = ["pretrain.replay=0.0", "tuning.max_steps=150", "tuning.eval_every_steps=15",
+TINY_BEFORE_20 = ["pretrain.replay=0.0", "world.task_dev=128", "tuning.max_steps=150", "tuning.eval_every_steps=15",
                   "methods.kshot.max_steps=80", "methods.kshot.eval_every_steps=10",
                   f"pilot.alphas={json.dumps(list(PilotConfig().alphas))}"]
 
@@ -244,13 +244,13 @@ def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
     assert recycling_identity(delta, "finetune") == ()
 
 
-# The current presets' plans (issue 20: the tiny preset replays, tunes longer and walks 11 path points; the micro
-# study, built on it, replays too): measured at the commit that set them.
+# The current presets' plans (issue 20: the tiny preset replays, tunes longer, walks 11 path points and selects
+# on 512 dev examples; the micro study, built on it, replays too): measured at the commit that set them.
 CURRENT = {
-    "tiny": {"pretrain": (6, "4084aad314c09ba5"), "tuning": (90, "fac46d206c1cdd6d"),
-             "compatibility": (132, "7562e470e8112db4"), "interpolation": (1188, "a70f79b0410604c4"),
-             "similarity": (99, "3534a1106176a789"), "methods": (120, "375f2f1b6d3cc155"),
-             "training_free": (12, "43c6e070355689c9")},
+    "tiny": {"pretrain": (6, "289099be2ed96748"), "tuning": (90, "dd5a9ffce6c237c7"),
+             "compatibility": (132, "09452988b9c81950"), "interpolation": (1188, "13f6778974fe65d1"),
+             "similarity": (99, "182a2f718c093a9d"), "methods": (120, "a429da333c04f2b7"),
+             "training_free": (12, "7a58f2294dfb7e2c")},
     "micro": {"pretrain": (7, "04179f44cabe8da5"), "tuning": (54, "88a183ab86eaa1df"),
               "compatibility": (66, "2f195f216bfc4bc3"), "interpolation": (288, "1829b3b8ecd314cf"),
               "similarity": (72, "51596808fcb70b29"), "methods": (48, "28326fdd90f8d7ae"),
@@ -266,4 +266,7 @@ def test_the_current_tiny_and_micro_studies_plan_these_cells(name):
         if each.name in CURRENT[name]:
             cells = each.plan(study, chain)
             assert (len(cells), _digest(c.cell_hash for c in cells)) == CURRENT[name][each.name], each.name
-    assert chain.plm_hashes[:2] == tuple(TINY_PLM_HASHES[:2]) or name == "micro"  # M0, M1: no earlier domain
+    # M0, M1 have no earlier domain to replay: the same PLMs in the forgetting regime
+    forgetting = load_study("tiny", [*(MICRO_OVERRIDES if name == "micro" else []), "pretrain.replay=0"])
+    assert plan_chain(forgetting).plm_hashes[:2] == chain.plm_hashes[:2]
+    assert plan_chain(forgetting).plm_hashes[2:] != chain.plm_hashes[2:]

@@ -26,6 +26,8 @@ class Finding:
     rule: str
     verdict: str
     effect: str = "—"  # the pooled effect the verdict rests on: mean [interval], n, p
+    pooled: Effect | None = None  # that effect, as numbers
+    scale: float = 100.0  # what the effect's text multiplies it by (100: accuracy in points)
 
 
 def statistics_of(scope: StudyRows) -> Statistics:
@@ -91,7 +93,8 @@ def compatibility(scope: StudyRows) -> Finding:
         f"per (task, type) upgrade M_i→M_i+1 whose old model beat its floor by ≥ {_points(cfg.learned_margin)} "
         f"(floor = max(majority class, untrained head)): Δ_i on M_i+1 beats the floor on M_i+1 by ≥ "
         f"{_points(cfg.compat_margin)}, paired by seed; {stats.describe()}",
-        _unless_unusable(judge(*one_hop, cfg.compat_margin), any(k[0] == 1 for k in settings)), one_hop[1].text())
+        _unless_unusable(judge(*one_hop, cfg.compat_margin), any(k[0] == 1 for k in settings)), one_hop[1].text(),
+        one_hop[1])
 
 
 # ------------------------------------------------------------------------------------------ mode connectivity
@@ -153,7 +156,7 @@ def mode_connectivity(scope: StudyRows) -> Finding:
         f"{_points(cfg.lmc_max_drop)} − drop), below the control pairs' drop (paired by task and seed), and within "
         f"{_points(cfg.lmc_max_drop)} of the same-PLM reference's; {stats.describe()}",
         _unless_unusable(verdict(passes, pooled_ok, effects["connected"].ruled_out(0.0)), bool(dropped)),
-        effects["connected"].text())
+        effects["connected"].text(), effects["connected"])
 
 
 def _connected(connected: Effect, vs_control: Effect | None, over_floor: Effect | None, max_drop: float) -> bool:
@@ -191,7 +194,7 @@ def head_similarity(scope: StudyRows) -> Finding:
                    f"per (type, layer): the continual pairs' margin ≥ {cfg.head_margin:g} and above the control "
                    f"pairs' (paired by task and seed); {stats.describe()}",
                    verdict(passes, pooled_effect.shown(cfg.head_margin), pooled_effect.ruled_out(cfg.head_margin)),
-                   pooled_effect.text(1.0, "", 3))
+                   pooled_effect.text(1.0, "", 3), pooled_effect, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ recycling methods
@@ -242,7 +245,7 @@ def init_convergence(scope: StudyRows, methods_table: list[dict]) -> Finding:
         f"exceeds vanilla's by ≥ {_points(cfg.auc_margin)}, paired by seed; steps to "
         f"{100 * scope.study.methods.target_fraction:g}% of vanilla's best dev beside it (never reached = the "
         f"budget); {stats.describe()}",
-        judge(effects, pooled_effect, cfg.auc_margin), pooled_effect.text())
+        judge(effects, pooled_effect, cfg.auc_margin), pooled_effect.text(), pooled_effect)
 
 
 def _test_claim(scope: StudyRows, methods_table: list[dict], pick, claim: str, rule: str, margin: float,
@@ -262,7 +265,7 @@ def _test_claim(scope: StudyRows, methods_table: list[dict], pick, claim: str, r
         parts.append(f"{_label(setting)}: {means}, {a} − {b} {effects[-1].text()}")
     pooled_effect = stats.effect(pooled)
     return Finding(claim, "; ".join(parts) or none, f"{rule}, paired by seed; {stats.describe()}",
-                   judge(effects, pooled_effect, margin), pooled_effect.text())
+                   judge(effects, pooled_effect, margin), pooled_effect.text(), pooled_effect)
 
 
 def distillation_kshot(scope: StudyRows, methods_table: list[dict]) -> Finding:

@@ -53,13 +53,21 @@ def side_by_side(regimes: list[tuple[StudyRows, list]]) -> tuple[list[str], list
     return header, rows
 
 
-def markdown(regimes: list[tuple[StudyRows, list]]) -> str:
-    header, rows = side_by_side(regimes)
+def grid_markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table whose first column names each row."""
     cell = lambda text: text.replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
-def text(regimes: list[tuple[StudyRows, list]]) -> str:
-    header, rows = side_by_side(regimes)
+def grid_text(header: list[str], rows: list[list[str]]) -> str:
+    """The console form: a line per row, each column named."""
     return "\n".join(f"- {row[0]}: " + "; ".join(f"{h}: {c}" for h, c in zip(header[1:], row[1:])) for row in rows)
+
+
+def markdown(regimes: list[tuple[StudyRows, list]]) -> str:
+    return grid_markdown(*side_by_side(regimes))
+
+
+def text(regimes: list[tuple[StudyRows, list]]) -> str:
+    return grid_text(*side_by_side(regimes))

@@ -25,9 +25,9 @@ CURVES = {"pretrain_curves": "pretrain_runs", "tuning_curves": "tuning_runs", "m
 KEY_COLUMN = {"methods_search": ("search_hash", "search")}
 
 
-def planned_keys(study: StudyConfig) -> dict[str, set[str]]:
-    """Per result table, the keys of the rows the study plans."""
-    planned, keys = plans(study), defaultdict(set)
+def planned_keys(study: StudyConfig, seed: int | None = None) -> dict[str, set[str]]:
+    """Per result table, the keys of the rows the study plans (on the main chain of `seed` alone, if given)."""
+    planned, keys = plans(study, seed), defaultdict(set)
     for stage in STAGES:
         for cell in planned[stage.name]:
             for out in stage.outputs(cell):
@@ -46,14 +46,27 @@ def _key(table: str, row: dict) -> str:
 
 class StudyRows:
     """The result rows of `study` in `store`; `everything=True`: every row of the storage, whatever study made it
-    (`raysys report --all`). Each table is read once."""
+    (`raysys report --all`). Each table is read once.
 
-    def __init__(self, study: StudyConfig, store: Store, everything: bool = False):
+    A study that replicates its main chain (`pretrain.replicate_seeds`) has one set of rows per chain, alike in
+    every column but the PLMs' hashes: these are the rows of one chain, the main one (`pretrain.seed`) unless
+    `seed` names a replicate, so that no table averages two chains' cells as if they were tuning seeds."""
+
+    def __init__(self, study: StudyConfig, store: Store, everything: bool = False, seed: int | None = None):
         self.study, self.store, self.everything = study, store, everything
-        self.keys = planned_keys(study)
+        self.seed = study.pretrain.seed if seed is None else seed
+        self.keys = planned_keys(study, self.seed)
+        # every chain's: what counts as this study's rather than another's
+        self.study_keys = planned_keys(study) if study.pretrain.replicate_seeds else self.keys
         self.versions = study_versions(store)
         self.version: StudyVersion | None = version_of(study, store, self.versions)
         self._all: dict[str, list[dict]] = {}
+
+    def chain(self, seed: int) -> StudyRows:
+        """The rows of this study's main chain of `seed` (a replicate's), sharing the tables read so far."""
+        other = StudyRows(self.study, self.store, self.everything, seed)
+        other._all = self._all
+        return other
 
     def all_rows(self, table: str) -> list[dict]:
         """Every row of the table in the storage, any study, any status."""
@@ -76,7 +89,7 @@ class StudyRows:
         """(planned result cells with ok rows, planned result cells), over the run tables (curves go with their
         runs and are not counted again)."""
         found = total = 0
-        for table, keys in self.keys.items():
+        for table, keys in self.study_keys.items():
             if table not in CURVES:
                 have = {_key(table, r) for r in self.all_rows(table) if r.get("status", "ok") == "ok"}
                 found, total = found + len(keys & have), total + len(keys)
@@ -85,7 +98,7 @@ class StudyRows:
     def others(self) -> int:
         """Ok rows of the run tables that are not this study's: what the report leaves out (curve points not
         counted: they go with their runs)."""
-        return sum(1 for table, keys in self.keys.items() if table not in CURVES for r in self.all_rows(table)
+        return sum(1 for table, keys in self.study_keys.items() if table not in CURVES for r in self.all_rows(table)
                    if r.get("status", "ok") == "ok" and _key(table, r) not in keys)
 
     def describe(self) -> list[str]:
@@ -104,6 +117,11 @@ class StudyRows:
             rows = "The storage holds no rows of other studies."
         study = (f"Study '{self.study.name}', {self._version()}: {found} of its {total} planned result cells have "
                  "rows.")
+        replicates = self.study.pretrain.replicate_seeds
+        if replicates and not self.everything:
+            study += (f" Its tables and findings are those of the main chain of seed {self.seed}; the replicate chains "
+                      f"(pretrain.replicate_seeds = {list(replicates)}) are judged each alone, side by side under "
+                      "'PLM-seed replication'.")
         return [study, rows]
 
     def _version(self) -> str:

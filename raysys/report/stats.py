@@ -13,7 +13,6 @@ pattern up to 16 pairs, a seeded Monte Carlo beyond). Nothing here imports more 
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import statistics
@@ -99,17 +98,29 @@ def bootstrap_interval(diffs: list[float], confidence: float, resamples: int, se
     return means[math.floor(tail * (resamples - 1))], means[math.ceil((1.0 - tail) * (resamples - 1))]
 
 
+def _flipped_sums(diffs: list[float]):
+    """A function of a bit mask: the sum of the differences whose bit is set. Per group of 8 pairs a table of its
+    256 subset sums, so one sign pattern costs n/8 lookups rather than n additions."""
+    tables = []
+    for start in range(0, len(diffs), 8):
+        table = [0.0]
+        for d in diffs[start:start + 8]:
+            table += [t + d for t in table]
+        tables.append(table)
+    return lambda mask: sum(table[(mask >> 8 * g) & 255] for g, table in enumerate(tables))
+
+
 def sign_flip_p(diffs: list[float], seed: int = 0) -> float:
     """Two-sided p-value of the mean difference under the null that each pair's sign is a coin flip: exact
-    enumeration up to 16 pairs (so the smallest p n pairs can give is 2/2^n), a seeded Monte Carlo beyond."""
-    n = len(diffs)
-    observed = abs(sum(diffs)) - 1e-12 * max(1.0, sum(abs(d) for d in diffs))
+    enumeration up to 16 pairs (so the smallest p n pairs can give is 2/2^n), a seeded Monte Carlo beyond. A sign
+    pattern is a bit mask (a set bit flips its pair): the signed sum is the total minus twice the flipped ones."""
+    n, total = len(diffs), sum(diffs)
+    observed = abs(total) - 1e-12 * max(1.0, sum(abs(d) for d in diffs))
+    flipped = _flipped_sums(diffs)
     if n <= _EXACT_PAIRS:
-        hits = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed
-                   for signs in itertools.product((1, -1), repeat=n))
-        return hits / 2 ** n
+        return sum(abs(total - 2.0 * flipped(mask)) >= observed for mask in range(2 ** n)) / 2 ** n
     rng = random.Random(seed)
-    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed for _ in range(_MONTE_CARLO))
+    hits = sum(abs(total - 2.0 * flipped(rng.getrandbits(n))) >= observed for _ in range(_MONTE_CARLO))
     return (hits + 1) / (_MONTE_CARLO + 1)
 
 

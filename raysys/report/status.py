@@ -11,7 +11,7 @@ import time
 
 from raysys.config import StudyConfig
 from raysys.stages.base import Rows, View
-from raysys.stages.chain import plan_chain
+from raysys.stages.chain import plan_chain, planned_cells
 from raysys.stages.registry import STAGES
 from raysys.storage.store import Store
 from raysys.storage.study import current_version, load_saved_study, read_progress
@@ -19,10 +19,13 @@ from raysys.storage.study import current_version, load_saved_study, read_progres
 STALE_AFTER_S = 120.0  # a progress file not updated for this long belongs to a sweep that is gone
 
 
-def plans(study: StudyConfig) -> dict[str, list]:
-    """Every stage's planned cells, by stage name, in registry order."""
+def plans(study: StudyConfig, seed: int | None = None) -> dict[str, list]:
+    """Every stage's planned cells, by stage name, in registry order: on every main chain (the main one and its
+    replicates, `pretrain.replicate_seeds`), or on the main chain of `seed` alone."""
     chain = plan_chain(study)
-    return {stage.name: stage.plan(study, chain) for stage in STAGES}
+    if seed is None:
+        return {stage.name: planned_cells(stage, study, chain) for stage in STAGES}
+    return {stage.name: stage.plan(study, chain.replica(seed)) for stage in STAGES}
 
 
 def stage_status(study: StudyConfig, store: Store, planned: dict[str, list] | None = None) -> dict[str, dict]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysys.report import figures, findings, regimes
+from raysys.report import figures, findings, regimes, replication
 from raysys.report.scope import StudyRows
 from raysys.report.tables import methods_table, table_sections
 from raysys.storage.store import atomic_write_bytes
 from raysys.storage.study import current_version
 
 REGIMES_TITLE = "The findings under each regime of forgetting (this study's versions that differ in pretrain.replay)"
+REPLICATION_TITLE = "PLM-seed replication: the findings of each main chain (pretrain.seed, replicate_seeds)"
 
 
 def summary(scope: StudyRows) -> str:
@@ -21,6 +22,9 @@ def summary(scope: StudyRows) -> str:
     claims = findings.findings(scope, methods_table(scope))
     title = "Findings: the paper's claims against this study's data"
     parts = ["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"]
+    chains = replication.judged(scope, claims)
+    if len(chains) > 1:
+        parts.append(f"{REPLICATION_TITLE}\n{replication.text(chains)}")
     judged = regimes.judged(scope, claims)
     if len(judged) > 1:
         parts.append(f"{REGIMES_TITLE}\n{regimes.text(judged)}")
@@ -44,6 +48,9 @@ def write_report(scope: StudyRows, out_dir) -> Path:
     body = [f"# raysys report: study '{scope.study.name}'", "", *scope.describe(), "",
             f"Regenerated from the Parquet tables in `{scope.store.uri('results')}` (schemas: docs/results.md).", "",
             "## Findings: the paper's claims against this study's data", "", findings.markdown(claims)]
+    chains = replication.judged(scope, claims)
+    if len(chains) > 1:
+        body += ["", f"## {REPLICATION_TITLE}", "", replication.markdown(chains)]
     judged = regimes.judged(scope, claims)
     if len(judged) > 1:
         body += ["", f"## {REGIMES_TITLE}", "", regimes.markdown(judged)]

@@ -32,8 +32,13 @@ class Link:
 
 @dataclass(frozen=True)
 class ChainPlan:
+    """The PLMs of one main chain (and the control chain); `replicates`: the main chain again from each of
+    `pretrain.replicate_seeds`, each a plan of its own that shares this one's tokenizer and control chain."""
+
     tokenizer_hash: str
     links: tuple[Link, ...]
+    seed: int  # the main chain's (an M0 it shares with another chain keeps that chain's: it is that PLM)
+    replicates: tuple[ChainPlan, ...] = ()
 
     def hashes(self, chain: str = "main") -> tuple[str, ...]:
         return tuple(link.plm_hash for link in self.links if link.chain == chain)
@@ -43,14 +48,31 @@ class ChainPlan:
         """M0 .. Mk of the main chain."""
         return self.hashes("main")
 
+    def replicas(self) -> tuple[ChainPlan, ...]:
+        """This main chain (without its replicates), then each replicate chain."""
+        return (dataclasses.replace(self, replicates=()), *self.replicates)
+
+    def replica(self, seed: int) -> ChainPlan:
+        found = [plan for plan in self.replicas() if plan.seed == seed]
+        if not found:
+            raise ValueError(f"no main chain of seed {seed} (pretrain.seed and replicate_seeds: "
+                             f"{[plan.seed for plan in self.replicas()]})")
+        return found[0]
+
+    @property
+    def all_links(self) -> tuple[Link, ...]:
+        """Every PLM of every replica, each once, parents first."""
+        return tuple({link.plm_hash: link for plan in self.replicas() for link in plan.links}.values())
+
     def link(self, plm_hash: str) -> Link:
-        return next(link for link in self.links if link.plm_hash == plm_hash)
+        return next(link for link in self.all_links if link.plm_hash == plm_hash)
 
 
 def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed: int,
-           checkpoint: str | None, fingerprint: str) -> list[Link]:
+           checkpoint: str | None, fingerprint: str, origin: Link | None = None) -> list[Link]:
+    """The links of one chain; `origin`: an M0 it shares with another chain (a checkpoint kept as it is)."""
     first_corpus = study.corpora[0]
-    recipe = identity(dataclasses.replace(study.pretrain, seed=seed))
+    recipe = {k: v for k, v in identity(chain_config(study, seed)).items() if k != "replicate_seeds"}
     initial = {k: v for k, v in recipe.items() if k not in ("continual_steps", "continual_lr", "replay")}
     continual = {k: v for k, v in recipe.items() if k not in ("initial_steps", "lr")}
     # identity(): the architecture enters only when it is not RoBERTa, so the RoBERTa chains keep their hashes
@@ -59,7 +81,7 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
     trained = study.pretrain.initial_steps > 0
     first = config_hash("plm", model, tokenizer_hash, data_spec(first_corpus) if trained else None,
                         world_if_builtin(study, first_corpus.source) if trained else None, initial)
-    links = [Link(name, 0, first, None, seed, checkpoint, first_corpus.name)]
+    links = [origin or Link(name, 0, first, None, seed, checkpoint, first_corpus.name)]
     for index, corpus in enumerate(study.corpora[1:length], start=1):
         # a link with nothing to replay trains as without replay: the same PLM, so the same hash
         recipe = continual if replay_sources(study, index) else {k: v for k, v in continual.items() if k != "replay"}
@@ -67,6 +89,12 @@ def _chain(study: StudyConfig, tokenizer_hash: str, name: str, length: int, seed
                                recipe)
         links.append(Link(name, index, plm_hash, links[-1].plm_hash, seed, None, corpus.name))
     return links
+
+
+def chain_config(study: StudyConfig, seed: int):
+    """The pre-training settings of the chain of `seed`: its seed drives initialisation, data order and masking of
+    every link of that chain."""
+    return dataclasses.replace(study.pretrain, seed=seed, replicate_seeds=())
 
 
 def replay_sources(study: StudyConfig, index: int) -> list[int]:
@@ -86,7 +114,23 @@ def plan_chain(study: StudyConfig) -> ChainPlan:
                   m.checkpoint_fingerprint)
     control = _chain(study, tokenizer_hash, "control", study.control_length, pilot.control_seed,
                      pilot.control_name_or_path, pilot.control_checkpoint_fingerprint) if study.control_length else []
-    return ChainPlan(tokenizer_hash, tuple(main + control))
+    # a checkpoint kept as it is (0 initial steps) is the same M0 whatever the chain's seed: replicates share it
+    shared = main[0] if m.name_or_path and study.pretrain.initial_steps == 0 else None
+    replicates = tuple(
+        ChainPlan(tokenizer_hash, tuple(_chain(study, tokenizer_hash, "main", len(study.corpora), seed, m.name_or_path,
+                                               m.checkpoint_fingerprint, shared) + control), seed)
+        for seed in study.pretrain.replicate_seeds)
+    return ChainPlan(tokenizer_hash, tuple(main + control), study.pretrain.seed, replicates)
+
+
+def planned_cells(stage, study: StudyConfig, chain: ChainPlan) -> list:
+    """A stage's cells on the main chain and on each replicate chain (`pretrain.replicate_seeds`), each once:
+    a stage plans one chain; what replicas share (the control chain, a shared M0) is planned once."""
+    cells = {}
+    for replica in chain.replicas():
+        for cell in stage.plan(study, replica):
+            cells.setdefault(cell.cell_hash, cell)
+    return list(cells.values())
 
 
 def pilot_hops(study: StudyConfig) -> list[tuple[int, int]]:
@@ -215,7 +259,7 @@ def preflight(study: StudyConfig, store: Store, chain: ChainPlan) -> None:
     them)."""
     check_checkpoint_types(study)
     named = {}
-    for link in chain.links:
+    for link in chain.all_links:
         if store.has_artifact("plm", link.plm_hash):
             try:
                 named[f"plm {link.chain}[{link.index}]"] = _plm_config_folder(store, link.plm_hash)

@@ -6,13 +6,12 @@ the same job), each on `pretrain.num_workers` DDP workers; rank 0 saves each PLM
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from raysys.config import StudyConfig
 from raysys.identity import config_hash, data_spec, world_if_builtin
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View
-from raysys.stages.chain import ChainPlan, Link, replay_sources
+from raysys.stages.chain import ChainPlan, Link, chain_config, replay_sources
 from raysys.storage import results
 
 
@@ -97,8 +96,7 @@ def _training_sequences(ctx: Context, link: Link):
 
 
 def link_config(study: StudyConfig, link: Link):
-    """The chain's seed drives initialisation, data order and masking of every link of that chain."""
-    return dataclasses.replace(study.pretrain, seed=link.seed)
+    return chain_config(study, link.seed)
 
 
 def ensure_tokenizer(ctx: Context) -> None:

@@ -25,7 +25,7 @@ from raysys.report.scope import StudyRows
 from raysys.report.status import missing_cells, plan_text
 from raysys.report.summary import publish_report, summary
 from raysys.stages.base import MissingInputError, Rows, Stage, View, hashes, write_failure
-from raysys.stages.chain import plan_chain
+from raysys.stages.chain import plan_chain, planned_cells
 from raysys.stages.data_check import DataCheckError, check_data
 from raysys.stages.registry import NAMES, STAGES
 from raysys.storage import results
@@ -72,7 +72,7 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
                 if lease is not None and lease.lost:
                     raise LeaseHeld(f"{store.shown}: this driver lost its lease (it was not renewed for "
                                     f"{lease.ttl:.0f}s) and another driver holds it; stopping before {stage.name}")
-                cells = stage.plan(study, chain)
+                cells = planned_cells(stage, study, chain)
                 stage.check(study, store, chain, cells, tuple(only))
                 trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
                 ran[stage.name] = _added(ran.get(stage.name),
@@ -99,7 +99,7 @@ def _added(before: dict | None, now: dict) -> dict:
 def demands(study: StudyConfig, only: tuple[str, ...]) -> list:
     """What each stage of `only` that has cells asks of the cluster (a stage without cells launches nothing)."""
     chain = plan_chain(study)
-    return [demand(stage, study) for stage in STAGES if stage.name in only and stage.plan(study, chain)]
+    return [demand(stage, study) for stage in STAGES if stage.name in only and planned_cells(stage, study, chain)]
 
 
 def check_stages(study: StudyConfig, store: Store, only: tuple[str, ...]) -> None:
@@ -108,7 +108,7 @@ def check_stages(study: StudyConfig, store: Store, only: tuple[str, ...]) -> Non
     chain = plan_chain(study)
     for stage in STAGES:
         if stage.name in only:
-            stage.check(study, store, chain, stage.plan(study, chain), only)
+            stage.check(study, store, chain, planned_cells(stage, study, chain), only)
 
 
 def count_done(stage: Stage, cells: list, store: Store) -> int:

@@ -59,3 +59,18 @@ def test_a_finished_study_counts_every_planned_cell_done(micro_run):
         expected = len(stage(name).plan(study, plan_chain(study)))
         assert c == {"planned": expected, "done": expected, "failed": 0, "todo": 0, "errors": {}}, name
     assert status.missing_cells(study, store) == {name: 0 for name in NAMES}
+
+
+def test_the_plan_counts_every_replicate_chain(tmp_path):
+    """`pretrain.replicate_seeds`: status and --dry-run plan each chain's cells; what chains share, once."""
+    from raysys.report.status import plans, stage_status
+    from raysys.storage.store import Store
+
+    study = load_study("tiny", ["pretrain.replicate_seeds=[2]"])
+    alone = {name: len(cells) for name, cells in plans(load_study("tiny")).items()}
+    counts = stage_status(study, Store(tmp_path))
+    assert counts["pretrain"]["planned"] == alone["pretrain"] + 4  # the replicate's M0..M3; one control chain
+    grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
+    assert counts["tuning"]["planned"] == alone["tuning"] + 4 * grid  # the control C1's tuned models: once
+    assert counts["compatibility"]["planned"] == 2 * alone["compatibility"]
+    assert {name: len(cells) for name, cells in plans(study, seed=2).items()} == alone

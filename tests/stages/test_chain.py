@@ -145,3 +145,47 @@ def test_every_result_table_is_written_by_exactly_one_stage_and_its_cells_say_wh
     for each in STAGES:
         for cell in each.plan(study, chain):
             assert {out.table for out in each.outputs(cell) if isinstance(out, Rows)} <= set(each.tables), each.name
+
+
+def test_replicate_chains_add_their_cells_and_leave_the_main_chains_alone():
+    study, chain = _plan()
+    replicated, replicated_chain = _plan("pretrain.replicate_seeds=[2,3]")
+    assert replicated_chain.plm_hashes == chain.plm_hashes  # replicate_seeds enters no PLM's identity
+    replicas = replicated_chain.replicas()
+    assert [r.seed for r in replicas] == [0, 2, 3]
+    assert len({h for r in replicas for h in r.plm_hashes}) == 3 * len(study.corpora)  # M0 from scratch: its own
+    assert [link.seed for link in replicas[2].links if link.chain == "main"] == [3] * len(study.corpora)
+    assert replicas[2].hashes("control") == chain.hashes("control")  # one control chain for all
+    for one in STAGES:
+        main = {c.cell_hash for c in one.plan(study, chain)}
+        every = [c.cell_hash for c in chain_module.planned_cells(one, replicated, replicated_chain)]
+        assert len(every) == len(set(every)) and main <= set(every)
+        # the cells of a replicate are those its seed would plan as the main chain (shared ones: once)
+        alone, alone_chain = _plan("pretrain.seed=3")
+        assert {c.cell_hash for c in one.plan(alone, alone_chain)} <= set(every)
+    tuned = [c for c in chain_module.planned_cells(stage("tuning"), replicated, replicated_chain)]
+    grid = len(study.tasks) * len(study.tuning.types) * len(study.seeds)
+    assert len(tuned) == (3 * 4 + 1) * grid  # three main chains' M0..M3, one control C1
+
+
+def test_replicate_chains_share_a_checkpoint_kept_as_it_is():
+    study = paper_with_fixed_data("pretrain.replicate_seeds=[3]")
+    assert study.pretrain.initial_steps == 0 and study.model.name_or_path
+    chain = chain_module.plan_chain(study)
+    main, replicate = chain.replicas()
+    assert replicate.plm_hashes[0] == main.plm_hashes[0]  # the same checkpoint, so its tuned models are too
+    assert set(replicate.plm_hashes[1:]).isdisjoint(main.plm_hashes)
+    assert len(chain.all_links) == len(chain.links) + len(study.corpora) - 1
+    pretrain_cells = chain_module.planned_cells(stage("pretrain"), study, chain)
+    assert len(pretrain_cells) == len({c.cell_hash for c in pretrain_cells}) == len(chain.all_links)
+    # trained further from the checkpoint, M0 depends on the seed: each chain its own
+    study = paper_with_fixed_data("pretrain.replicate_seeds=[3]", "pretrain.initial_steps=10")
+    main, replicate = chain_module.plan_chain(study).replicas()
+    assert replicate.plm_hashes[0] != main.plm_hashes[0]
+
+
+def test_replicate_seeds_are_checked():
+    for value, match in (("[0]", "holds pretrain.seed"), ("[2,2]", "distinct"), ("[1]", "pilot.control_seed"),
+                         ("[-1]", "a seed must be")):
+        with pytest.raises(ConfigError, match=match):
+            load_study("tiny", [f"pretrain.replicate_seeds={value}"])
