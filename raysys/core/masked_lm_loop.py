@@ -207,7 +207,16 @@ def _streams(generator: torch.Generator, device) -> dict:
 
 def _gather_streams(generator: torch.Generator, device, world_size: int) -> list[dict]:
     """Every rank's streams, in rank order (a collective: all ranks call it together)."""
-    mine = _streams(generator, device)
+    return _all_ranks(_streams(generator, device), world_size)
+
+
+def gather_dropout_streams(device, world_size: int) -> list[dict]:
+    """Every rank's global streams (what dropout draws from), in rank order, where a link's training left them:
+    kept with the PLM, they are where its child link's training starts (a collective, as `_gather_streams`)."""
+    return _all_ranks(compute.random_state(device), world_size)
+
+
+def _all_ranks(mine: dict, world_size: int) -> list[dict]:
     if world_size == 1:
         return [mine]
     gathered: list = [None] * world_size

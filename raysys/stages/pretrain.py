@@ -29,7 +29,7 @@ class PretrainStage(Stage):
 
     def groups(self, links: list[Link]) -> list[list[Link]]:
         """One job walks them all, in chain order: a worker process trains link after link (Ray Train's start-up
-        is paid once), its random streams running on from one link into the next."""
+        is paid once), each continual link's dropout streams going on from where its parent's left them."""
         return [links] if links else []
 
     def resources(self, study: StudyConfig) -> Resources:
@@ -165,6 +165,8 @@ def train_link(ctx: Context, link: Link, tokenizer) -> dict:
 
     study, workers = ctx.study, ctx.workers
     started = results.now()
+    if link.parent:
+        _continue_streams(ctx, link)
     model, init = _initial_model(ctx, link, tokenizer)
     model.to(ctx.device)
     steps, lr = _steps(study, link)
@@ -175,25 +177,45 @@ def train_link(ctx: Context, link: Link, tokenizer) -> dict:
     curve = masked_lm_loop.train_masked_lm(model, sequences, tokenizer, link_config(study, link),
                                            masked_lm_loop.LinkPlan(steps, lr), workers.rank, workers.world_size,
                                            ctx.device, wrap=workers.wrap, checkpointer=checkpointer)
+    streams = masked_lm_loop.gather_dropout_streams(ctx.device, workers.world_size)  # every rank, together
     if workers.rank == 0:
         resumed = checkpointer.resumed_from if checkpointer else None
-        save_link(ctx, link, model.cpu(), tokenizer, curve, started, init, resumed)
+        save_link(ctx, link, model.cpu(), tokenizer, curve, started, init, resumed, streams)
         if checkpointer:
             checkpointer.done()
     return curve[-1] if curve else {}
 
 
+def _continue_streams(ctx: Context, link: Link) -> None:
+    """Start a continual link's dropout streams where its parent's training left them (kept with the parent). In
+    one uninterrupted job a link follows its parent, so this changes nothing there; a link trained by a later job
+    (its parent made by one that was interrupted) draws the same as it would have in that one. A parent saved
+    without them (before they were kept), or by another number of workers: fresh streams from the chain's seed,
+    the rank and the link."""
+    import torch
+
+    from raysys.core import compute
+    from raysys.storage import artifacts
+
+    saved, rank = artifacts.plm_streams(ctx.store, link.parent), ctx.workers.rank
+    if saved is not None and len(saved) == ctx.workers.world_size:
+        compute.restore_random_state(saved[rank], ctx.device)
+    else:
+        torch.manual_seed(((link.seed * 7919 + rank) * 1000003 + link.index) % 2**63)
+
+
 def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started, init: str,
-              resumed_from_step: int | None = None) -> None:
-    """The PLM artifact (safetensors + tokenizer), then its curve and run rows (`init`: how the link started;
-    `resumed_from_step`: the mid-run checkpoint an interrupted link continued from)."""
+              resumed_from_step: int | None = None, streams: list[dict] | None = None) -> None:
+    """The PLM artifact (safetensors + tokenizer, and the random streams its training ended with, per rank), then
+    its curve and run rows (`init`: how the link started; `resumed_from_step`: the mid-run checkpoint an
+    interrupted link continued from)."""
     from raysys.config import to_dict
     from raysys.core import models
     from raysys.storage import artifacts
 
     study, store = ctx.study, ctx.store
     artifacts.save_plm(store, link.plm_hash, model, tokenizer,
-                       {"chain": link.chain, "link": link.index, "config": to_dict(study)})
+                       {"chain": link.chain, "link": link.index, "config": to_dict(study)}, streams)
     common = {"chain": link.chain, "link": link.index, "domain": link.domain}
     results.write_rows(store, "pretrain_curves", link.plm_hash, [{**common, **row} for row in curve])
     last = curve[-1] if curve else {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from raysys.config import FULL_FINETUNING
@@ -38,11 +39,22 @@ def _tokenizer(path: str):
     return models.load_tokenizer(path)
 
 
-def save_plm(store: Store, plm_hash: str, model, tokenizer, meta: dict) -> None:
+STREAMS = "streams.pt"  # per rank, the random streams a PLM's training ended with (raysys.stages.pretrain)
+
+
+def save_plm(store: Store, plm_hash: str, model, tokenizer, meta: dict, streams: list[dict] | None = None) -> None:
     with store.writing_artifact("plm", plm_hash) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        if streams is not None:
+            torch.save(streams, tmp / STREAMS)
+
+
+def plm_streams(store: Store, plm_hash: str) -> list[dict] | None:
+    """The random streams the PLM's training ended with, one per rank; None for a PLM saved without them."""
+    path = store.artifact("plm", plm_hash) / STREAMS
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def load_plm(store: Store, plm_hash: str):

@@ -118,3 +118,27 @@ def test_a_worker_resource_no_node_offers_is_refused_before_the_job_waits_for_it
                                            r"offers the resource 'pretrain_gpu'"):
         run_study(study, store, only=("pretrain",), log=lambda *_: None)
     assert results.read_table(store, "pretrain_runs").num_rows == 0
+
+
+def test_a_link_trained_by_a_later_job_equals_the_one_trained_after_its_parent(micro_run, tmp_path):
+    """A job that stopped between two links (a preemption between M2 and M3): the next job trains M3 in fresh
+    processes, its dropout streams continued from those kept with M2, so it is M3 of one uninterrupted job, byte
+    for byte — and the links it finds done are not trained again."""
+    import shutil
+
+    from raysys.storage.store import Store
+    from raysys.sweep.driver import run_study
+
+    study, whole, _ = micro_run
+    last = plan_chain(study).plm_hashes[-1]
+    store = Store(tmp_path / "stopped")
+    for kind in ("tokenizer", "corpus", "plm"):
+        shutil.copytree(whole.local / "artifacts" / kind, store.local / "artifacts" / kind)
+    shutil.rmtree(store.local / "artifacts" / "plm" / last)
+    (store.local / "results").mkdir()
+    shutil.copytree(whole.local / "results" / "pretrain_runs", store.local / "results" / "pretrain_runs",
+                    ignore=shutil.ignore_patterns(f"{last}*"))
+    ran = run_study(study, store, only=("pretrain",), log=lambda *_: None)
+    assert ran["pretrain"]["ran"] == 1  # M3 alone
+    weights = [(s.artifact("plm", last) / "model.safetensors").read_bytes() for s in (whole, store)]
+    assert weights[0] == weights[1]
