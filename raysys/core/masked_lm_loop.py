@@ -231,8 +231,24 @@ def _restore_streams(resumed: dict, generator: torch.Generator, rank: int, world
         generator.set_state(saved[rank]["mask_generator"])
         compute.restore_random_state(saved[rank], device)
     else:  # another number of workers: fresh streams, the same for every resume at this step
-        generator.manual_seed((seed * 7919 + rank) * 1000003 + step)
-        torch.manual_seed((seed * 7919 + rank) * 1000003 + step)
+        generator.manual_seed(_fresh_seed(seed, rank, step))
+        torch.manual_seed(_fresh_seed(seed, rank, step))
+
+
+def _fresh_seed(seed: int, rank: int, position: int) -> int:
+    """The seed of fresh streams for one rank of a chain at `position` (a step, or a link) when no saved ones fit:
+    within torch's 64-bit seed range for every seed below SEED_LIMIT."""
+    return (seed * 7919 + rank) * 1000003 + position
+
+
+def continue_dropout_streams(saved: list[dict] | None, rank: int, world_size: int, seed: int, position: int,
+                             device) -> None:
+    """Restore this rank's global streams from `saved` (`gather_dropout_streams` of the run before); fresh ones
+    from (seed, rank, position) when there are none or they come from another number of workers."""
+    if saved is not None and len(saved) == world_size:
+        compute.restore_random_state(saved[rank], device)
+    else:
+        torch.manual_seed(_fresh_seed(seed, rank, position))
 
 
 @torch.no_grad()

@@ -40,7 +40,12 @@ def kept_share(scope: StudyRows) -> float | None:
 def judged(scope: StudyRows, claims: list) -> list[tuple[StudyRows, list]]:
     """(regime, its findings) for this study's regimes (raysys.report.regimes.regime_scopes), most replay first:
     `claims` are this study's own, already judged; the other versions are judged here."""
-    return [(s, claims if s is scope else findings.findings(s, methods_table(s))) for s in regime_scopes(scope)]
+    return judged_beside(scope, claims, regime_scopes(scope))
+
+
+def judged_beside(scope: StudyRows, claims: list, scopes: list[StudyRows]) -> list[tuple[StudyRows, list]]:
+    """(rows, their findings) for each of `scopes`: `scope`'s are `claims`, already judged."""
+    return [(s, claims if s is scope else findings.findings(s, methods_table(s))) for s in scopes]
 
 
 def side_by_side(regimes: list[tuple[StudyRows, list]]) -> tuple[list[str], list[list[str]]]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import statistics
 
 from raysys.report import findings
-from raysys.report.regimes import grid_markdown, grid_text, kept_share
+from raysys.report.regimes import grid_markdown, grid_text, judged_beside, kept_share
 from raysys.report.scope import StudyRows
-from raysys.report.tables import fmt, methods_table
+from raysys.report.tables import fmt
 
 
 def replica_scopes(scope: StudyRows) -> list[StudyRows]:
@@ -24,7 +24,7 @@ def replica_scopes(scope: StudyRows) -> list[StudyRows]:
 
 def judged(scope: StudyRows, claims: list) -> list[tuple[StudyRows, list]]:
     """(chain, its findings) for the main chain (`claims`, already judged) and each replicate chain."""
-    return [(s, claims if s is scope else findings.findings(s, methods_table(s))) for s in replica_scopes(scope)]
+    return judged_beside(scope, claims, replica_scopes(scope))
 
 
 def spread(column: list[findings.Finding]) -> str:

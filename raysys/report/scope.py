@@ -9,6 +9,7 @@ most tables, the run's hash for a curve (a curve is keyed like its run), the sea
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 from raysys.config import StudyConfig
@@ -64,8 +65,8 @@ class StudyRows:
 
     def chain(self, seed: int) -> StudyRows:
         """The rows of this study's main chain of `seed` (a replicate's), sharing the tables read so far."""
-        other = StudyRows(self.study, self.store, self.everything, seed)
-        other._all = self._all
+        other = copy.copy(self)  # the study's versions and every chain's keys are the same: not read again
+        other.seed, other.keys = seed, planned_keys(self.study, seed)
         return other
 
     def all_rows(self, table: str) -> list[dict]:

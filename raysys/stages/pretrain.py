@@ -192,16 +192,12 @@ def _continue_streams(ctx: Context, link: Link) -> None:
     (its parent made by one that was interrupted) draws the same as it would have in that one. A parent saved
     without them (before they were kept), or by another number of workers: fresh streams from the chain's seed,
     the rank and the link."""
-    import torch
-
-    from raysys.core import compute
+    from raysys.core import masked_lm_loop
     from raysys.storage import artifacts
 
-    saved, rank = artifacts.plm_streams(ctx.store, link.parent), ctx.workers.rank
-    if saved is not None and len(saved) == ctx.workers.world_size:
-        compute.restore_random_state(saved[rank], ctx.device)
-    else:
-        torch.manual_seed(((link.seed * 7919 + rank) * 1000003 + link.index) % 2**63)
+    workers = ctx.workers
+    masked_lm_loop.continue_dropout_streams(artifacts.plm_streams(ctx.store, link.parent), workers.rank,
+                                            workers.world_size, link.seed, link.index, ctx.device)
 
 
 def save_link(ctx: Context, link: Link, model, tokenizer, curve: list[dict], started, init: str,
