@@ -193,6 +193,10 @@ class Stage:
     tables: tuple[str, ...]  # the result tables it writes
     cell_types: tuple[type, ...]  # the dataclasses of its cells
     launcher: str = "grid"
+    # Evaluation-only cells, each shorter than a Tune trial's own cost (~0.4 s on 2 cores): the grid launcher runs
+    # several in one trial (raysys.sweep.launchers.trial_groups). Only for stages whose cells are independent
+    # (the base `run_group`).
+    light: bool = False
 
     def plan(self, study: StudyConfig, chain: ChainPlan) -> list:
         raise NotImplementedError

@@ -38,6 +38,7 @@ class BaselineCell:
 
 class CompatibilityStage(Stage):
     name = "compatibility"
+    light = True  # a cell evaluates one model (or pair) on a split: a fraction of a trial's cost
     tables = ("compatibility", "baselines")
     cell_types = (CompatibilityCell, BaselineCell)
 

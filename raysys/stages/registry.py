@@ -3,6 +3,8 @@ its cells, its done rule, its run code — and one entry here."""
 
 from __future__ import annotations
 
+import importlib
+
 from raysys.stages import (
     compatibility,
     interpolation,
@@ -21,7 +23,19 @@ NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def stage(name: str) -> Stage:
-    if name not in _BY_NAME:
-        raise KeyError(f"unknown stage '{name}'; stages: {list(NAMES)}")
-    return _BY_NAME[name]
+def stage(name: str, module: str | None = None) -> Stage:
+    """The stage called `name`: one of the study's, or one defined in `module` (a stage of another package — a
+    benchmark's — that a trial process finds by importing the module its launcher named)."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    found = [s for s in vars(importlib.import_module(module)).values()
+             if isinstance(s, Stage) and s.name == name] if module else []
+    if not found:
+        raise KeyError(f"unknown stage '{name}'; stages: {list(NAMES)}" + (f" (none in {module})" if module else ""))
+    return found[0]
+
+
+def origin(stage: Stage) -> dict:
+    """What a trial needs besides the stage's name to find it (`stage(name, module)`): nothing for the study's own
+    stages, the defining module for any other."""
+    return {} if _BY_NAME.get(stage.name) is stage else {"module": type(stage).__module__}

@@ -25,6 +25,7 @@ def distance_kinds(tuning_type: str) -> tuple[str, ...]:
 
 class SimilarityStage(Stage):
     name = "similarity"
+    light = True  # a cell evaluates one model (or pair) on a split: a fraction of a trial's cost
     tables = ("head_similarity", "distances")
     cell_types = (SimilarityCell,)
 

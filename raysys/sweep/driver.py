@@ -45,7 +45,7 @@ from raysys.sweep.cluster import (
     require_fit,
     resources_text,
 )
-from raysys.sweep.launchers import demand, launch
+from raysys.sweep.launchers import demand, launch, trial_groups
 from raysys.sweep.progress import Progress
 from raysys.sweep.storage_check import StorageNotShared, check_shared
 from raysys.sweep.trackers import tracking_callbacks
@@ -135,7 +135,7 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
     while True:
         todo = [c for c in cells if c.cell_hash not in tried | given_up and not stage.done(c, view)
                 and stage.ready(c, view)]
-        groups = stage.groups(todo)
+        groups = trial_groups(stage, stage.groups(todo), study)
         if todo or not tried:
             log(f"[{stage.name}] {len(cells)} cells: {finished + len(tried)} finished, {len(todo)} to run in "
                 f"{len(groups)} trials")

@@ -11,6 +11,7 @@ Ray's own examples are the pattern: small identifiers in `param_space`, big cons
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from raysys.core import compute
 from raysys.identity import config_hash
 from raysys.stages.base import Context, Resources, Stage, View, Workers, write_failure
 from raysys.stages.chain import plan_chain
+from raysys.stages.registry import origin
 from raysys.stages.registry import stage as stage_named
 from raysys.storage import results
 from raysys.storage.checkpoint import Checkpointer
@@ -85,7 +87,7 @@ def trial_context(study_dict: dict, storage: str, stage: Stage, api=tune, device
 def cell_trainable(config: dict, study_dict: dict, storage: str) -> None:
     """A trial of a grid stage: run its group of cells, report how many succeeded."""
     group = config["group"]
-    stage = stage_named(group["stage"])
+    stage = stage_named(group["stage"], group.get("module"))
     cells = [stage.decode(cell) for cell in group["cells"]]
     ok = stage.run_group(trial_context(study_dict, storage, stage), cells)
     tune.report({"cells_ok": ok, "cells_failed": len(cells) - ok})
@@ -190,6 +192,29 @@ def chain_trainable(config: dict, study_dict: dict, storage: str) -> None:
 
 # --------------------------------------------------------------------------------------------- launchers
 
+# A light stage's cells share trials: as many trials as keep each slot (the trials the cluster holds at once) busy
+# with TRIALS_PER_SLOT of them, so that Tune's cost per trial is paid a few times per slot rather than per cell and
+# no slot idles long at the stage's end; at most LIGHT_CELLS_PER_TRIAL cells a trial, so that a cell that is not so
+# light after all (a large model on a large split) keeps trials short and a lost one costs little.
+TRIALS_PER_SLOT, LIGHT_CELLS_PER_TRIAL = 4, 16
+
+
+def trial_groups(stage: Stage, groups: list[list], study: StudyConfig) -> list[list]:
+    """The groups of cells each trial runs: the stage's own (`Stage.groups`), merged for a light stage."""
+    if not stage.light or stage.launcher != "grid" or len(groups) <= 1:
+        return groups
+    size = min(LIGHT_CELLS_PER_TRIAL, math.ceil(len(groups) / (slots(stage.resources(study)) * TRIALS_PER_SLOT)))
+    return [[cell for group in groups[i : i + size] for cell in group] for i in range(0, len(groups), size)]
+
+
+def slots(res: Resources) -> int:
+    """How many trials of `res` the cluster holds at once now (1 before Ray starts)."""
+    total = ray.cluster_resources() if ray.is_initialized() else {}
+    fits = [total.get("CPU", 0.0) / res.cpus] if res.cpus else []
+    fits += [total.get("GPU", 0.0) / res.gpus] if res.gpus else []
+    return max(1, int(min(fits, default=1)))
+
+
 
 def _named(trainable, stage: Stage):
     """The generic trainable under the stage's name: Ray names a trial's actors, and the dashboard groups its tasks
@@ -229,7 +254,8 @@ def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, st
                 callbacks: list) -> None:
     """One Tune experiment over the groups (`grid_search` over them). No cap on trials at once: those the cluster
     cannot hold yet wait, and their resource requests are what makes the autoscaler add nodes."""
-    encoded = [{"stage": stage.name, "cells": [stage.encode(cell) for cell in group]} for group in groups]
+    encoded = [{"stage": stage.name, **origin(stage), "cells": [stage.encode(cell) for cell in group]}
+               for group in groups]
     # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (~2.6 s a trial on 2 cores).
     tune_config = tune.TuneConfig(reuse_actors=not resources.get("gpu"))
     return _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,

@@ -66,3 +66,28 @@ def test_root_cause_finds_the_workers_own_error_in_rays_wrapping():
     assert text.splitlines()[0] == "ValueError: bad corpus"
     assert "from WorkerGroupError" in text and "x.py" in text
     assert root_cause(KeyError("plain")) == "KeyError: 'plain'"
+
+
+def test_a_light_stages_cells_share_trials_and_a_heavy_stages_keep_their_own(micro_study):
+    from raysys.stages.registry import stage
+    from raysys.sweep.launchers import LIGHT_CELLS_PER_TRIAL, TRIALS_PER_SLOT, slots, trial_groups
+
+    compatibility, tuning = stage("compatibility"), stage("tuning")
+    held = slots(compatibility.resources(micro_study))  # 1 without Ray, 2 on the tests' cluster
+    cells = list(range(12 * held))  # the packing looks at the groups only, not what is in them
+    shared = trial_groups(compatibility, compatibility.groups(cells), micro_study)
+    assert [c for group in shared for c in group] == cells  # every cell once, in plan order
+    assert len(shared) == held * TRIALS_PER_SLOT and set(map(len, shared)) == {3}
+    many = trial_groups(compatibility, compatibility.groups(list(range(200))), micro_study)
+    assert max(map(len, many)) == LIGHT_CELLS_PER_TRIAL and sum(map(len, many)) == 200
+    assert trial_groups(tuning, tuning.groups(cells), micro_study) == [[c] for c in cells]
+    assert trial_groups(compatibility, [[1]], micro_study) == [[1]]
+
+
+def test_with_ray_a_light_stage_keeps_every_slot_in_several_trials(ray_cluster, micro_study):
+    from raysys.stages.registry import stage
+    from raysys.sweep.launchers import TRIALS_PER_SLOT, slots, trial_groups
+
+    similarity = stage("similarity")
+    assert slots(similarity.resources(micro_study)) == 2  # the test cluster: 2 CPUs, a trial holds 1
+    assert len(trial_groups(similarity, similarity.groups(list(range(40))), micro_study)) == 2 * TRIALS_PER_SLOT
