@@ -133,16 +133,18 @@ def hf_masked_lm_steps(model, sequences, tokenizer, cfg: PretrainConfig, steps: 
 
 
 def masked_lm_ratio(name: str, shape: ModelConfig, batch: int, seq: int, steps: int, pairs: int,
-                    goal: float | None) -> Ratio:
+                    goal: float | None, precision: str = "fp32") -> Ratio:
+    """raysys's loop (in `precision`) against HF's head in fp32, on copies of one model."""
     tokenizer = SyntheticTokenizer(shape.vocab_size)
     sequences = _sequences(batch * 50, seq, seq, shape.vocab_size, 0)
     cfg = PretrainConfig(batch_size=batch, sequence_length=seq, log_every_steps=steps, num_workers=1)
+    ours_cfg = PretrainConfig(**{**cfg.__dict__, "precision": precision})
     ours = models.new_masked_lm(shape, tokenizer, seed=0)
     theirs = copy.deepcopy(ours)
 
     def raysys_step() -> float:
         started = time.perf_counter()
-        masked_lm_loop.train_masked_lm(ours, sequences, tokenizer, cfg, masked_lm_loop.LinkPlan(steps, 1e-4))
+        masked_lm_loop.train_masked_lm(ours, sequences, tokenizer, ours_cfg, masked_lm_loop.LinkPlan(steps, 1e-4))
         return (time.perf_counter() - started) / steps
 
     def hf_step() -> float:
@@ -150,7 +152,7 @@ def masked_lm_ratio(name: str, shape: ModelConfig, batch: int, seq: int, steps: 
         hf_masked_lm_steps(theirs, sequences, tokenizer, cfg, steps)
         return (time.perf_counter() - started) / steps
 
-    return Ratio(name, "raysys", "HF head", *side_by_side(raysys_step, hf_step, pairs), goal)
+    return Ratio(name, f"raysys ({precision})", "HF head (fp32)", *side_by_side(raysys_step, hf_step, pairs), goal)
 
 
 # ------------------------------------------------------------------------------------- tuning and distillation
@@ -351,17 +353,21 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", nargs="*", default=(), choices=("mlm", "base", "tuning", "ray"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
+    if args.run_study and Path(args.run_study).exists() and any(Path(args.run_study).iterdir()):
+        parser.error(f"--run-study {args.run_study}: not empty; the study's wall time is measured from a fresh storage")
     torch.set_num_threads(os.cpu_count() or 1)
     ratios = []
     if "mlm" not in args.skip:
         ratios.append(masked_lm_ratio("masked-LM step, tiny shape (h128, 2 layers, V 2048, 128 × 16): HF ÷ raysys",
                                       TINY, 128, 16, 10, args.pairs, 3.0))
+        ratios.append(masked_lm_ratio("the same, raysys under bf16 autocast (a precision the tiny preset does not use)",
+                                      TINY, 128, 16, 10, args.pairs, None, precision="bf16"))
     if "base" not in args.skip:
         ratios.append(masked_lm_ratio("masked-LM step, base shape (h768, 12 layers, V 50265, 4 × 128): HF ÷ raysys",
                                       BASE, 4, 128, 1, max(2, args.pairs // 2), None))
     if "tuning" not in args.skip:
         torch.set_num_threads(1)  # a tuning cell holds one CPU in the tiny preset
-        ratios += tuning_ratios(60, args.pairs)
+        ratios += tuning_ratios(150, args.pairs)  # 150 steps: the loop's one closing evaluation weighs little
         torch.set_num_threads(os.cpu_count() or 1)
     if "ray" not in args.skip:
         ratios.append(ray_cost(24, max(2, args.pairs // 2)))

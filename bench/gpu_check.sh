@@ -11,7 +11,8 @@
 #      without length bucketing
 #   3. sweeps/full_paper.py --preset bench/gpu_study.toml: the paper preset's GPU settings on the built-in tiny
 #      world, through every stage on CUDA (Ray Train DDP over NCCL, GPU shares per trial), then `raysys status`
-#   4. bench/gpu_summary.py: one table of all of it
+#      while nvidia-smi samples the GPU's utilisation (is the GPU kept busy by the packed trials?)
+#   4. bench/gpu_summary.py: one table of all of it, bf16 MFU against the 45 % goal
 #
 # A machine without network (a lent GPU box): carry the missing packages as wheels in .whl/ (ray, optuna, ...);
 # they are installed into /tmp/site first.
@@ -59,8 +60,14 @@ step mlm-fp32 150 "$py" bench/throughput.py --model "$model" --what pretrain --p
 step mlm-bf16 150 "$py" bench/throughput.py --model "$model" --what pretrain --precision bf16 --micro-batch "${micro[1]}" "${pre[@]}" --out "$out/throughput.jsonl"
 step tune-plain 120 "$py" bench/throughput.py --model "$model" --what tune --precision bf16 "${tune[@]}" --out "$out/throughput.jsonl"
 step tune-bucketed 120 "$py" bench/throughput.py --model "$model" --what tune --precision bf16 --bucketing "${tune[@]}" --out "$out/throughput.jsonl"
-rm -rf "$out/study"
+rm -rf "$out/study" "$out/gpu_util.csv"
+# how busy the GPU is while the study's packed trials (fractional GPU shares) run: one sample every 500 ms
+if [ "$smoke" != 1 ] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 >"$out/gpu_util.csv" &
+  sampler=$!
+fi
 step study 420 "$py" sweeps/full_paper.py --preset bench/gpu_study.toml --storage "$out/study" --address local "${study_sets[@]}"
+[ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
 step status 60 "$py" -m raysys.cli status "$out/study"
 "$py" bench/gpu_summary.py "$out" | tee "$out/summary.md"
 if [ "${#failed[@]}" -gt 0 ]; then

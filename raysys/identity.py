@@ -8,6 +8,7 @@ tuning type's hyper-parameters only for that type. The pinned hashes in tests/te
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -96,8 +97,10 @@ def recycling_identity(tuning: TuningConfig, tuning_type: str) -> tuple:
     return ({"pet_norms": tuning.pet_norms},)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # planning a study asks for the same few thousand, in every stage
 def tuned_hash(study: StudyConfig, plm_hash: str, task: TaskConfig, tuning_type: str, seed: int) -> str:
-    """The tuned model of (PLM, task, tuning type, seed) under the study's tuning settings."""
+    """The tuned model of (PLM, task, tuning type, seed) under the study's tuning settings (its arguments are
+    frozen configs and strings: a cached hash cannot go stale)."""
     return config_hash("tuned", plm_hash, data_spec(task), world_if_builtin(study, task.source),
                        tuning_identity(study.tuning, tuning_type), seed)
 

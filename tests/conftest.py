@@ -15,6 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Ray Train polls its workers every 1 s in a sweep; the tests' links last a few steps, and each report waits for
+# a poll (raysys.sweep.launchers.TRAIN_POLL_S): 0.2 s here, the same weights (subprocess drivers inherit it)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # The URI-storage tests use a local S3 (moto's server). Set before Ray starts, so that every worker inherits them:
 # any credentials do for moto; no instance-metadata lookups; remote stores cache under a throwaway folder.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysys-test")

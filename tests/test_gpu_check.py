@@ -27,3 +27,9 @@ def test_the_cuda_path_checks_pass_with_their_cpu_counterparts_and_the_summary_r
     assert summary.count("| yes |") == 5 and "**NO**" not in summary
     assert "| pretrain | base | bf16 | 64 × 512 | — | 123,457 | 321.0 | 40.6% | NVIDIA H200 |" in summary
     assert "(no status: the study did not run)" in summary
+    assert "bf16 masked-LM MFU: 40.6% on NVIDIA H200 (goal ≥ 45%: **not met**)" in summary
+    assert "GPU utilisation during the study: not sampled" in summary
+    (tmp_path / "gpu_util.csv").write_text("0, 100\n80, 2000\n90, 2000\n100, 2100\n")
+    summary = subprocess.run([sys.executable, str(BENCH / "gpu_summary.py"), str(tmp_path)], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    assert "GPU utilisation during the study: mean 68%, median 90%, idle in 25% of 4 samples" in summary

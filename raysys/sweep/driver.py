@@ -53,9 +53,11 @@ from raysys.sweep.trackers import tracking_callbacks
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
               tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False,
-              lease: Lease | None = None, give_up_after: int | None = None) -> dict:
+              lease: Lease | None = None, give_up_after: int | None = None, before_launch=lambda: None) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
     finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
+    `before_launch()` is called before any stage launches trials (the driver starts Ray there when it did not
+    need to before).
     The data is checked (and fingerprinted) first, unless the caller just did (`data_checked`): DataCheckError
     names every problem before any trial starts."""
     if not data_checked:
@@ -76,7 +78,8 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
                 stage.check(study, store, chain, cells, tuple(only))
                 trackers = functools.partial(tracking_callbacks, tracker, study, store, stage.name, tracking_uri)
                 ran[stage.name] = _added(ran.get(stage.name),
-                                         run_stage(stage, cells, study, store, log, trackers, give_up_after))
+                                         run_stage(stage, cells, study, store, log, trackers, give_up_after,
+                                                   before_launch))
         spoiled = store.quarantined() - set_aside
         if not spoiled:
             break
@@ -117,7 +120,7 @@ def count_done(stage: Stage, cells: list, store: Store) -> int:
 
 
 def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=print, trackers=tuple,
-              give_up_after: int | None = None) -> dict:
+              give_up_after: int | None = None, before_launch=lambda: None) -> dict:
     """Launch the stage's cells that are not done and are ready; again while that made more of them ready (the
     methods stage: the reference runs, then what is measured against them). A cell tried in this run is not
     launched again: if it failed, its row says so and the next run retries it — unless it failed the same way
@@ -141,6 +144,7 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
                 f"{len(groups)} trials")
         if not todo:
             break
+        before_launch()
         progress = Progress(stage.name, lambda: count_done(stage, cells, store), len(cells), store, log)
         launched_at = results.now()
         took, errors = launch(stage, groups, study, store, [progress, *trackers()], log)
@@ -373,37 +377,53 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
     except (WeightMismatchError, MissingInputError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    start = functools.partial(_start_ray, target, args, study, store)
+    # Every cell done (a rerun with nothing new): nothing needs Ray, whose start is most of such a run's time.
+    # Should a pass find a spoiled artifact to remake, Ray starts then, before the first launch.
+    pending = args.fresh or any(count for name, count in missing_cells(study, store).items() if name in args.only)
     try:
-        joined = init_ray(target, args.num_cpus, offline=study.model.name_or_path is None)
-    except ClusterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"raysys: running on {joined}: {resources_text()}")
-    try:
-        require_fit(demands(study, tuple(args.only)))  # before anything is written; Ray would wait without a word
-    except ClusterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        check_shared(store)  # before --fresh moves anything: a storage some node cannot see is refused unchanged
+        if pending:
+            start()
+        else:
+            print("raysys: every planned cell is done: nothing to run, so Ray is not started")
         lease = take_storage(store, args.fresh)
-    except (ValueError, StorageNotShared, LeaseHeld) as err:
+    except (ClusterError, ValueError, StorageNotShared, LeaseHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return _run(args, study, store, preset, lease)
+        return _run(args, study, store, preset, lease, before_launch=(lambda: None) if pending else _once(start))
     finally:
         lease.release()
 
 
-def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str, lease: Lease) -> int:
+def _start_ray(target: Target, args: argparse.Namespace, study: StudyConfig, store: Store) -> None:
+    """Join or start Ray, then refuse (ClusterError, StorageNotShared) a cluster that cannot hold a stage's trials
+    (Ray would wait without a word) or a storage some node cannot see — both before anything is written."""
+    joined = init_ray(target, args.num_cpus, offline=study.model.name_or_path is None)
+    print(f"raysys: running on {joined}: {resources_text()}")
+    require_fit(demands(study, tuple(args.only)))
+    check_shared(store)
+
+
+def _once(fn):
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(fn())
+
+    return call
+
+
+def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str, lease: Lease,
+         before_launch=lambda: None) -> int:
     print(f"raysys: study '{study.name}' (preset {preset}) -> {store.shown}")
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,
                   data_checked=True, lease=lease,  # data checked above, before Ray started
-                  give_up_after=None if args.retry_failed else args.max_failures)
-    except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError, LeaseHeld) as err:
+                  give_up_after=None if args.retry_failed else args.max_failures, before_launch=before_launch)
+    except (WeightMismatchError, MissingInputError, DataCheckError, ClusterError, LeaseHeld, StorageNotShared) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     scope = StudyRows(study, store)  # this study's cells, not every row the storage holds

@@ -65,8 +65,10 @@ def test_rerun_recomputes_nothing(micro_run):
     artifacts = sorted(store.local.joinpath("artifacts").rglob("model.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in artifacts]
     counts = {t: results.read_table(store, t).num_rows for t in results.SCHEMAS}
-    ran = sweep.run_study(study, store, log=lambda *_: None)
+    launches = []  # the driver starts Ray there when it did not before: a run with nothing to do never needs it
+    ran = sweep.run_study(study, store, log=lambda *_: None, before_launch=lambda: launches.append(1))
     assert all(counts["ran"] == 0 and counts["blocked"] == 0 for counts in ran.values()), ran
+    assert launches == []
     assert [p.stat().st_mtime_ns for p in artifacts] == mtimes
     assert {t: results.read_table(store, t).num_rows for t in results.SCHEMAS} == counts
 
@@ -91,9 +93,11 @@ def test_a_spoiled_plm_waits_set_aside_and_only_its_cells_run_once_it_is_whole(m
     home = store.artifact("plm", plm)
     sound = (home / "model.safetensors").read_bytes()
     (home / "model.safetensors").write_bytes(sound[:100] + bytes([sound[100] ^ 1]) + sound[101:])
+    launches = []
     try:
-        ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None)
-        assert store.quarantined() == 1 and not store.has_artifact("plm", plm)
+        ran = sweep.run_study(study2, store, only=("tuning",), log=lambda *_: None,
+                              before_launch=lambda: launches.append(1))
+        assert launches and store.quarantined() == 1 and not store.has_artifact("plm", plm)
     finally:  # put the shared study's PLM back where it was, whole
         aside = [p for p in (store.local / "quarantine").glob(f"artifacts__plm__{plm}-*") if p.is_dir()]
         target = aside[0] if aside else home
@@ -225,9 +229,9 @@ def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_
 
     started = sorted(r["started_at"] for r in runs)
     assert sweep.main(argv) == 0
+    assert "every planned cell is done: nothing to run, so Ray is not started" in capsys.readouterr().out
     assert sorted(r["started_at"] for r in results.read_table(store, "tuning_runs").to_pylist()) == started
     assert len(results.read_table(store, "methods_runs")) == 4
-    capsys.readouterr()
     assert cli.main(["status", uri]) == 0
     status = capsys.readouterr().out
     assert re.search(r"^tuning\s+12\s+12\s+0\s+0\s+complete$", status, re.MULTILINE)
