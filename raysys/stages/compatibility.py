@@ -79,8 +79,9 @@ class CompatibilityStage(Stage):
             return
         model, _ = artifacts.load_tuned(ctx.store, cell.source_tuned_hash, on_plm=cell.target_plm_hash,
                                         pet_norms=ctx.study.tuning.pet_norms)
+        metrics = evaluator.metrics(model)  # before the row's clock stops: its seconds are the cell's
         results.write_rows(ctx.store, "compatibility", cell.cell_hash, [{
-            **results.provenance(started), **cell_columns(cell, "compatibility"), **evaluator.metrics(model)}])
+            **results.provenance(started), **cell_columns(cell, "compatibility"), **metrics}])
 
     def _run_baseline(self, ctx: Context, cell: BaselineCell, evaluator, started) -> None:
         from raysys.config import FULL_FINETUNING
@@ -90,10 +91,10 @@ class CompatibilityStage(Stage):
         compute.seed_all(cell.seed)
         untrained = artifacts.adapted_classifier(ctx.store, cell.plm_hash, len(evaluator.data.task.labels),
                                                  FULL_FINETUNING, None, cell.seed)
+        kinds = {"majority": evaluator.majority_metrics(), "untrained_head": evaluator.metrics(untrained)}
         common = {**results.provenance(started), **cell_columns(cell, "baselines")}
-        results.write_rows(ctx.store, "baselines", cell.cell_hash, [
-            {**common, "kind": "majority", **evaluator.majority_metrics()},
-            {**common, "kind": "untrained_head", **evaluator.metrics(untrained)}])
+        results.write_rows(ctx.store, "baselines", cell.cell_hash,
+                           [{**common, "kind": kind, **metrics} for kind, metrics in kinds.items()])
 
 
 STAGE = CompatibilityStage()

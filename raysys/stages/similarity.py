@@ -69,22 +69,23 @@ class SimilarityStage(Stage):
         maps_a, mask = analysis.attention_maps(model_a.to(evaluator.device), batches)
         maps_b, _ = analysis.attention_maps(model_b.to(evaluator.device), batches)
         model_a.cpu(), model_b.cpu()  # the distances below are taken against the PLMs' weights, on the CPU
-        common = {**results.provenance(started), **cell_columns(cell, "head_similarity")}
         rows = []
         for layer, (a, b) in enumerate(zip(maps_a, maps_b)):
             js = analysis.head_divergence(a, b, mask)  # (heads, heads)
             heads = js.shape[0]
             for head in range(heads):
                 others = torch.cat([js[head, :head], js[head, head + 1:]])
-                rows.append({**common, "layer": layer, "head": head, "num_examples": n,
+                rows.append({"layer": layer, "head": head, "num_examples": n,
                              "js_corresponding": float(js[head, head]),
                              "js_noncorresponding": float(others.mean()) if heads > 1 else None,
                              "similarity_corresponding": float(analysis.similarity(js[head, head])),
                              "similarity_noncorresponding":
                                  float(analysis.similarity(others.mean())) if heads > 1 else None})
-        results.write_rows(store, "head_similarity", cell.cell_hash, rows)
-        results.write_rows(store, "distances", cell.cell_hash, [
-            {**common, "what": what, **dist} for what, dist in pair_distances(store, model_a, meta_a, model_b, meta_b)])
+        distances = [{"what": what, **dist} for what, dist in pair_distances(store, model_a, meta_a, model_b, meta_b)]
+        # the rows' clock stops once everything is measured: their seconds are the cell's
+        common = {**results.provenance(started), **cell_columns(cell, "head_similarity")}
+        results.write_rows(store, "head_similarity", cell.cell_hash, [{**common, **row} for row in rows])
+        results.write_rows(store, "distances", cell.cell_hash, [{**common, **row} for row in distances])
 
 
 def pair_distances(store, model_a, meta_a: dict, model_b, meta_b: dict):

@@ -378,13 +378,16 @@ def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> in
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = functools.partial(_start_ray, target, args, study, store)
-    # Every cell done (a rerun with nothing new): nothing needs Ray, whose start is most of such a run's time.
-    # Should a pass find a spoiled artifact to remake, Ray starts then, before the first launch.
-    pending = args.fresh or any(count for name, count in missing_cells(study, store).items() if name in args.only)
+    # A rerun with nothing new to do on a Ray of its own: starting one is most of such a run's time, so it is not
+    # started (the demands are checked against this machine all the same); should a pass find a spoiled artifact
+    # to remake, Ray starts then, before the first launch. A cluster or a running Ray is joined as always.
+    pending = (args.fresh or target.address is not None or target.running
+               or any(count for name, count in missing_cells(study, store).items() if name in args.only))
     try:
         if pending:
             start()
         else:
+            require_fit(demands(study, tuple(args.only)), cluster_facts(target, args.num_cpus))
             print("raysys: every planned cell is done: nothing to run, so Ray is not started")
         lease = take_storage(store, args.fresh)
     except (ClusterError, ValueError, StorageNotShared, LeaseHeld) as err:

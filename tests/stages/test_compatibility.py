@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from raysys.core import pet
 from raysys.stages.base import Context
 from raysys.stages.chain import plan_chain
-from raysys.stages.compatibility import CompatibilityCell
+from raysys.stages.compatibility import BaselineCell, CompatibilityCell
 from raysys.stages.recipe import Evaluator
 from raysys.stages.registry import stage
 from raysys.storage import artifacts, results
@@ -75,3 +75,19 @@ def test_an_adapter_recycled_onto_a_later_plm_moves_its_layer_norms_by_the_polic
         row = next(r for r in results.ok_rows(store, "compatibility") if r["cell_hash"] == probe.cell_hash)
         assert row["dev_loss"] == Evaluator(ctx, cell.task).metrics(model)["dev_loss"]
         os.remove(store.local / "results" / "compatibility" / f"{probe.cell_hash}.parquet")
+
+
+def test_a_rows_seconds_cover_the_cells_evaluation(micro_run, monkeypatch):
+    """The row's clock stops after the evaluation (sweep efficiency and the status ETA read it), for both kinds."""
+    import time
+
+    study, store, _ = micro_run
+    compatibility, chain = stage("compatibility"), plan_chain(study)
+    real = Evaluator.metrics
+    monkeypatch.setattr(Evaluator, "metrics", lambda self, model: (time.sleep(0.4), real(self, model))[1])
+    for kind, table in ((CompatibilityCell, "compatibility"), (BaselineCell, "baselines")):
+        cell = next(c for c in compatibility.plan(study, chain) if isinstance(c, kind))
+        timed = dataclasses.replace(cell, cell_hash="timed-" + cell.cell_hash)
+        compatibility.run(Context(study, store, chain), timed)
+        rows = results.read_cell(store, table, timed.cell_hash)
+        assert rows and all(r["status"] == "ok" and r["seconds"] >= 0.4 for r in rows), (table, rows)

@@ -62,3 +62,21 @@ def test_a_pet_update_is_measured_from_where_its_run_started(micro_run):
     rows = [r for r in results.ok_rows(store, "distances") if r["what"] == "update_from_start"]
     assert rows and {r["tuning_type"] for r in rows} == {"lora", "adapter"}
     assert all(r["l2"] > 0 and math.isfinite(r["cosine"]) for r in rows)
+
+
+def test_a_rows_seconds_cover_the_cells_distances(micro_run, monkeypatch):
+    """The rows' clock stops after the last measurement (the distances), not before it."""
+    import time
+
+    from raysys.stages import similarity
+
+    study, store, _ = micro_run
+    chain = plan_chain(study)
+    real = similarity.pair_distances
+    monkeypatch.setattr(similarity, "pair_distances", lambda *a: (time.sleep(0.4), real(*a))[1])
+    cell = similarity.STAGE.plan(study, chain)[0]
+    timed = dataclasses.replace(cell, cell_hash="timed-" + cell.cell_hash)
+    similarity.STAGE.run(Context(study, store, chain), timed)
+    for table in ("head_similarity", "distances"):
+        rows = results.read_cell(store, table, timed.cell_hash)
+        assert rows and all(r["seconds"] >= 0.4 for r in rows), table

@@ -73,6 +73,27 @@ def test_rerun_recomputes_nothing(micro_run):
     assert {t: results.read_table(store, t).num_rows for t in results.SCHEMAS} == counts
 
 
+def test_a_rerun_with_nothing_to_do_starts_no_ray_and_still_refuses_what_no_node_holds(micro_run, tmp_path):
+    """The driver as the user runs it, on a finished storage: no Ray is started (its start is most of such a run),
+    the tables and report are as before, and a demand this machine cannot hold is still refused."""
+    _, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.root, store.root)
+    counts = {t: results.read_table(store, t).num_rows for t in results.SCHEMAS}
+    script = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
+    command = [sys.executable, str(script), "--preset", "tiny", "--storage", str(store.root),
+               *[a for o in MICRO_OVERRIDES for a in ("--set", o)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the tests' Ray: a new one would start
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "every planned cell is done: nothing to run, so Ray is not started" in rerun.stdout
+    assert "running on" not in rerun.stdout and "report: " in rerun.stdout
+    assert {t: results.read_table(store, t).num_rows for t in results.SCHEMAS} == counts
+    too_big = subprocess.run([*command, "--set", "tuning.cpus_per_trial=64"], capture_output=True, text=True,
+                             timeout=300, check=False, env=env)
+    assert too_big.returncode == 2 and too_big.stderr.startswith("error: ") and "tuning.cpus_per_trial" in too_big.stderr
+
+
 def _write_task(root, name, rows_by_split):
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,7 +250,7 @@ def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_
 
     started = sorted(r["started_at"] for r in runs)
     assert sweep.main(argv) == 0
-    assert "every planned cell is done: nothing to run, so Ray is not started" in capsys.readouterr().out
+    capsys.readouterr()
     assert sorted(r["started_at"] for r in results.read_table(store, "tuning_runs").to_pylist()) == started
     assert len(results.read_table(store, "methods_runs")) == 4
     assert cli.main(["status", uri]) == 0

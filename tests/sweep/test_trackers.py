@@ -50,8 +50,10 @@ def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(f"raysys-{study.name}")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == ran["compatibility"]["ran"]  # one trial per baseline cell
-    assert all(r.data.metrics.get("cells_ok") == 1.0 and r.data.tags["stage"] == "compatibility" for r in runs)
+    # one MLflow run per trial; compatibility's evaluation cells share trials (raysys.sweep.launchers.trial_groups)
+    assert 1 < len(runs) < ran["compatibility"]["ran"]
+    assert sum(r.data.metrics["cells_ok"] for r in runs) == ran["compatibility"]["ran"]
+    assert all(r.data.tags["stage"] == "compatibility" for r in runs)
 
 
 def test_unknown_tracker_setup_fails_before_any_work(tmp_path):
