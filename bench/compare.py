@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -118,7 +119,7 @@ def hf_masked_lm_steps(model, sequences, tokenizer, cfg: PretrainConfig, steps: 
     regular, special = models.regular_token_ids(tokenizer), set(tokenizer.all_special_ids)
     model.train()
     for step in range(steps):
-        batch = masked_lm_loop.sample_batch(sequences, step, cfg.batch_size, 0, 1, cfg.seed)
+        batch = masked_lm_loop.sample_batch(sequences, step, cfg.batch_size, rank=0, world_size=1, seed=cfg.seed)
         input_ids, attention_mask = data.pad_batch(batch, tokenizer.pad_token_id)
         special_mask = sum((input_ids == s) for s in special).bool()
         corrupted, labels = data.mask_tokens(input_ids, special_mask, tokenizer.mask_token_id, regular,
@@ -138,7 +139,7 @@ def masked_lm_ratio(name: str, shape: ModelConfig, batch: int, seq: int, steps: 
     tokenizer = SyntheticTokenizer(shape.vocab_size)
     sequences = _sequences(batch * 50, seq, seq, shape.vocab_size, 0)
     cfg = PretrainConfig(batch_size=batch, sequence_length=seq, log_every_steps=steps, num_workers=1)
-    ours_cfg = PretrainConfig(**{**cfg.__dict__, "precision": precision})
+    ours_cfg = dataclasses.replace(cfg, precision=precision)
     ours = models.new_masked_lm(shape, tokenizer, seed=0)
     theirs = copy.deepcopy(ours)
 
@@ -168,7 +169,7 @@ def tuning_config(steps: int) -> TuningConfig:
     return TuningConfig(max_steps=steps, eval_every_steps=steps, batch_size=16, max_length=64, lr=1e-3)
 
 
-def bare_loop(model, encoded: dict, cfg: TuningConfig, seed: int) -> None:
+def bare_loop(model, encoded: dict, cfg: TuningConfig, seed: int, pad_id: int) -> None:
     """Plain PyTorch tuning: the same batches (order and padding), optimizer, schedule and clipping as
     `train_classifier`, nothing else."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -178,7 +179,7 @@ def bare_loop(model, encoded: dict, cfg: TuningConfig, seed: int) -> None:
     model.train()
     step = 0
     while step < cfg.max_steps:
-        for input_ids, mask, y in data.iterate_batches(*encoded["train"], cfg.batch_size, 1, generator):
+        for input_ids, mask, y in data.iterate_batches(*encoded["train"], cfg.batch_size, pad_id, generator):
             loss = F.cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -200,7 +201,8 @@ def tuning_ratios(steps: int, pairs: int) -> list[Ratio]:
     cfg = tuning_config(steps)
     model = models.random_classifier(TINY, tokenizer, num_labels=4, seed=0)
     copies = {k: copy.deepcopy(model) for k in ("raysys", "bare", "vanilla", "distill")}
-    cache = teacher_outputs(copy.deepcopy(model), encoded["train"][0], 256, 1, with_hidden=True)
+    pad = tokenizer.pad_token_id
+    cache = teacher_outputs(copy.deepcopy(model), encoded["train"][0], 256, pad, with_hidden=True)
     objectives = {"vanilla": CrossEntropyObjective(), "distill": DistillationObjective(10.0, 0.9, 10.0, cache)}
 
     def timed(fn):
@@ -211,10 +213,10 @@ def tuning_ratios(steps: int, pairs: int) -> list[Ratio]:
         return run
 
     def ours(key: str, objective=None):
-        return timed(lambda: train_classifier(copies[key], encoded, cfg, 0, 1, objective=objective))
+        return timed(lambda: train_classifier(copies[key], encoded, cfg, 0, pad, objective=objective))
 
     loop = Ratio("tuning loop: bare PyTorch ÷ raysys (throughput ratio)", "raysys", "bare",
-                 *side_by_side(ours("raysys"), timed(lambda: bare_loop(copies["bare"], encoded, cfg, 0)), pairs), 0.95)
+                 *side_by_side(ours("raysys"), timed(lambda: bare_loop(copies["bare"], encoded, cfg, 0, pad)), pairs), 0.95)
     distill = Ratio("distillation step (teacher cache) ÷ vanilla step", "vanilla", "distill",
                     *side_by_side(ours("vanilla", objectives["vanilla"]), ours("distill", objectives["distill"]),
                                   pairs), 1.15, higher_is_better=False)

@@ -409,11 +409,14 @@ def _start_ray(target: Target, args: argparse.Namespace, study: StudyConfig, sto
 
 
 def _once(fn):
-    done = []
+    """`fn` on the first call only (a call that raised counts as not made)."""
+    called = False
 
     def call() -> None:
-        if not done:
-            done.append(fn())
+        nonlocal called
+        if not called:
+            fn()
+            called = True
 
     return call
 
