@@ -124,9 +124,9 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
     """Launch the stage's cells that are not done and are ready; again while that made more of them ready (the
     methods stage: the reference runs, then what is measured against them). A cell tried in this run is not
     launched again: if it failed, its row says so and the next run retries it — unless it failed the same way
-    `give_up_after` tries in a row (then it waits for `--retry-failed`). A trial that died without recording its
-    cells (killed for memory, a signal, a lost node) gets their failed rows from here. `trackers()` gives each
-    launch its tracking callbacks."""
+    `give_up_after` tries in a row (then it waits for `--retry-failed`). Cells whose trial died without recording
+    them (killed for memory, a signal, a lost node) are launched once more (see `lost_cells`), then get their
+    failed rows from here. `trackers()` gives each launch its tracking callbacks."""
     view = View(store)
     finished = sum(stage.done(cell, view) for cell in cells)
     given_up = {c.cell_hash for c in cells if give_up_after and stage.given_up(c, view, give_up_after)}
@@ -134,6 +134,7 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
         log(f"[{stage.name}] {len(given_up)} cells not retried: they failed the same way {give_up_after} times in a "
             "row (raysys status STORAGE shows why; --retry-failed runs them again)")
     tried: set[str] = set()
+    relaunched: set[str] = set()
     seconds = 0.0
     while True:
         todo = [c for c in cells if c.cell_hash not in tried | given_up and not stage.done(c, view)
@@ -151,9 +152,17 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
         seconds += took
         tried |= hashes(todo)
         view = View(store)  # what the launch left
-        orphans = record_orphans(stage, todo, study, store, view, launched_at, errors)
+        lost = lost_cells(stage, todo, view, launched_at)
+        again = {c.cell_hash for c in lost} - relaunched
+        if again:
+            log(f"[{stage.name}] {len(again)} cells lost their trial's process without a row: launching them once "
+                "more")
+            tried -= again
+            relaunched |= again
+        orphans = [c for c in lost if c.cell_hash not in again]
         if orphans:
-            log(f"[{stage.name}] {orphans} cells lost their trial's process without a row: recorded as failed")
+            record_orphans(stage, orphans, study, store, launched_at, errors)
+            log(f"[{stage.name}] {len(orphans)} cells lost their trial's process without a row: recorded as failed")
             view = View(store)
     blocked = len(cells) - finished - len(tried) - len(given_up)
     if blocked:
@@ -168,22 +177,30 @@ DIED = ("the trial ended without recording this cell: its process died (killed f
         "node was lost)")
 
 
-def record_orphans(stage: Stage, todo: list, study: StudyConfig, store: Store, view: View, launched_at,
-                   errors: dict[str, str]) -> int:
-    """A failed row for every cell launched that is neither done nor has a row from this launch; returns how many."""
+def lost_cells(stage: Stage, todo: list, view: View, launched_at) -> list:
+    """The cells launched that are neither done nor have a row from this launch: their trial died.
+
+    Tune retries a dead trial (`FailureConfig`), but may give up on it with retries left: a retry that lands on a
+    reused actor that died too (a lost node takes the idle actors Tune keeps for reuse with it) reports two
+    failures at once, and the second ends the trial. So the driver launches such cells once more itself."""
     since = launched_at - dt.timedelta(seconds=1)  # rows keep milliseconds
-    orphans = 0
+    lost = []
     for cell in todo:
         out = next((o for o in stage.outputs(cell) if isinstance(o, Rows)), None)
         if out is None or stage.done(cell, view):
             continue
-        if any(r["cell_hash"] == out.key and r["started_at"] >= since for r in view.all_rows(out.table)):
-            continue
+        if not any(r["cell_hash"] == out.key and r["started_at"] >= since for r in view.all_rows(out.table)):
+            lost.append(cell)
+    return lost
+
+
+def record_orphans(stage: Stage, cells: list, study: StudyConfig, store: Store, launched_at,
+                   errors: dict[str, str]) -> None:
+    """A failed row for each cell its trial's death left without one."""
+    for cell in cells:
         # one first line whatever Tune saw, so that the same death counts as the same failure from try to try
         error = f"{DIED}\n{errors[cell.cell_hash]}" if cell.cell_hash in errors else DIED
         write_failure(store, study, stage, cell, launched_at, error)
-        orphans += 1
-    return orphans
 
 
 def refuse_fresh(store: Store) -> None:

@@ -2,6 +2,7 @@
 attached to the session's Ray: trials killed as the OOM killer would kill them, cells that keep failing, and
 artifacts deleted or spoiled behind rows that say ok."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,10 @@ def test_cells_whose_trials_die_get_failed_rows_and_stop_being_retried_after_max
         assert {(r["attempts"], r["repeated_failures"]) for r in rows} == {(len(runs), len(runs))}
         assert all(r["error"].startswith("the trial ended without recording this cell: its process died")
                    for r in rows), rows[0]["error"]
-    assert f"[compatibility] {len(cells)} cells lost their trial's process without a row" in runs[0].stdout
+    assert f"[compatibility] {len(cells)} cells lost their trial's process without a row: launching them once more" \
+        in runs[0].stdout
+    assert f"[compatibility] {len(cells)} cells lost their trial's process without a row: recorded as failed" \
+        in runs[0].stdout
 
     given_up = _driver(store.local, address, "--only", "compatibility", "--max-failures", "2")
     assert given_up.returncode == 1
@@ -103,6 +107,40 @@ def test_cells_whose_trials_die_get_failed_rows_and_stop_being_retried_after_max
     retried = _driver(store.local, address, "--only", "compatibility", "--max-failures", "2", "--retry-failed")
     assert retried.returncode == 0, retried.stderr[-2000:]
     assert {(r["status"], r["attempts"], r["repeated_failures"]) for r in _rows_of(store, cells)} == {("ok", 3, None)}
+    assert _values(store, "compatibility") == _values(shared, "compatibility")
+
+
+def test_cells_whose_trial_died_with_its_retry_are_launched_once_more_and_end_ok(micro_run, tmp_path, address):
+    """Every trial process killed until the driver says it launches the lost cells once more (Tune's own retry of
+    each trial died too, as when it lands on a reused actor that died with its node): the relaunch records them ok,
+    first try, values equal to the uninterrupted run's."""
+    study, shared, _ = micro_run
+    store = _copy(micro_run, tmp_path, "relaunch")
+    cells = [c for c in stage("compatibility").plan(study, plan_chain(study)) if isinstance(c, CompatibilityCell)][:2]
+    for cell in cells:
+        (store.local / "results" / "compatibility" / f"{cell.cell_hash}.parquet").unlink()
+    sets = [x for o in MICRO_OVERRIDES for x in ("--set", o)]
+    driver = subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "tiny", "--storage", str(store.local),
+                               "--address", address, *sets, "--only", "compatibility"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = []
+    try:
+        with _Reaper("ImplicitFunc") as reaper:
+            for line in driver.stdout:
+                out.append(line)
+                if "launching them once more" in line:
+                    break
+        out.extend(driver.stdout)
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = "".join(out)
+    assert driver.returncode == 0, text[-3000:]
+    assert reaper.killed >= 2 and f"{len(cells)} cells lost their trial's process without a row: launching" in text
+    assert "recorded as failed" not in text
+    rows = _rows_of(store, cells)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("ok", 1)} and len(rows) == len(cells)
     assert _values(store, "compatibility") == _values(shared, "compatibility")
 
 
