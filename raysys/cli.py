@@ -1,10 +1,13 @@
 """The `raysys` command: look into a storage without Ray.
 
-    raysys status STORAGE                       per stage: planned, done, failed, to do; the running sweep
+    raysys status STORAGE                       per stage: planned, done, failed, to do; the running sweep (exit 1
+                                                when cells failed)
     raysys results STORAGE TABLE [--where k=v]  print a table, or export it (--output x.csv|x.parquet|x.jsonl)
     raysys report STORAGE [--out DIR]           regenerate the report of the storage's study from the tables
                           [--all | --version N]  every row of the storage; version N of its study
                           [--set report.KEY=VALUE]  judge the same rows by other margins or confidence
+    raysys export STORAGE (--tuned HASH | --plm HASH) --to DIR
+                                                a model in the formats transformers and peft load (a README says how)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pyarrow.parquet as pq
 from raysys.config import ConfigError, ReportConfig, apply_override, build, to_dict
 from raysys.report import summary
 from raysys.report.scope import StudyRows
-from raysys.report.status import status_text
+from raysys.report.status import status_summary
 from raysys.storage import results
 from raysys.storage.store import Store, atomic_write_bytes
 from raysys.storage.study import load_saved_study, load_version
@@ -103,7 +106,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the cells of version N of the storage's study (see the driver's 'study changed' line)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="report.KEY=VALUE",
                    help="judge the findings by another margin or confidence (the report section only)")
+    p = sub.add_parser("export", help="write a tuned model or a PLM in the formats transformers and peft load")
+    p.add_argument("storage")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tuned", metavar="HASH", help="a tuned model: its tuning_runs cell_hash (or a unique prefix)")
+    which.add_argument("--plm", metavar="HASH", help="a PLM: its pretrain_runs cell_hash (or a unique prefix)")
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="the folder to write (must not exist)")
     return parser.parse_args(argv)
+
+
+def export_command(store: Store, tuned: str | None, plm: str | None, out: Path) -> str:
+    from raysys.storage import export
+
+    if tuned:
+        path = export.export_tuned(store, export.resolve(store, "tuned", tuned), out)
+    else:
+        path = export.export_plm(store, export.resolve(store, "plm", plm), out)
+    return f"exported: {path} (its README.md says how to load it)"
 
 
 def rejudged(study, overrides: list[str]):
@@ -125,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         if not store.exists():
             raise FileNotFoundError(f"{store.shown}: no such storage")
         if args.command == "status":
-            print(status_text(store))
+            text, failed = status_summary(store)
+            print(text)
+            if failed:
+                return 1  # a script (or CI) watching a sweep learns of failed cells from the exit status
         elif args.command == "results":
             print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
+        elif args.command == "export":
+            print(export_command(store, args.tuned, args.plm, args.to))
         else:
             study = load_saved_study(store) if args.version is None else load_version(store, args.version)
             study = rejudged(study, args.overrides)

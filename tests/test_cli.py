@@ -55,6 +55,11 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
                   "Attention-head similarity", "Recycling methods", "Training-free recycling"):
         assert f"## {title}" in text
     assert str(tmp_path / "report.md") in capsys.readouterr().out
+    # the tables are Markdown tables (a header, its rule, rows of as many cells), not text in code fences
+    lines = text.splitlines()
+    header = lines.index("| task | type | hop | Δ_i on M_j | tuned on M_j | untrained head | majority |")
+    assert lines[header + 1] == "|---|---|---|---|---|---|---|" and lines[header + 2].count(" | ") == 6
+    assert "```" not in text
     # Every claim gets a verdict from the micro study's data; compatibility and connectivity may lack a qualifying
     # setting (the micro models barely learn): then the claim is not shown, and the evidence says why.
     claims = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]

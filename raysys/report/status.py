@@ -104,7 +104,24 @@ def running_sweep(store: Store) -> dict | None:
     return state
 
 
+def duration(seconds: float) -> str:
+    """A duration as people read it: 42s, 3m 05s, 2h 07m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
 def status_text(store: Store) -> str:
+    return status_summary(store)[0]
+
+
+def status_summary(store: Store) -> tuple[str, int]:
+    """(the `raysys status` text, how many planned cells failed)."""
     study = load_saved_study(store)
     status = stage_status(study, store)
     running = running_sweep(store)
@@ -114,8 +131,8 @@ def status_text(store: Store) -> str:
     for stage in STAGES:
         counts = status[stage.name]
         if running and running["stage"] == stage.name:
-            state = f"running: {running['running']} trial(s), {running['elapsed_s']:.0f}s elapsed" + (
-                f", ETA {running['eta_s']:.0f}s" if running.get("eta_s") is not None else "")
+            state = f"running: {running['running']} trial(s), {duration(running['elapsed_s'])} elapsed" + (
+                f", ETA {duration(running['eta_s'])}" if running.get("eta_s") is not None else "")
         elif counts["done"] == counts["planned"]:
             state = "complete"
         else:
@@ -125,4 +142,7 @@ def status_text(store: Store) -> str:
         lines += [f"{'':<14} {n} x {error}" for error, n in counts["errors"].most_common(3)]
     if not running:
         lines.append("no sweep is running on this storage")
-    return "\n".join(lines)
+    failed = sum(counts["failed"] for counts in status.values())
+    if failed:
+        lines.append(f"{failed} cells failed (their errors above); a rerun retries them")
+    return "\n".join(lines), failed

@@ -28,7 +28,7 @@ def summary(scope: StudyRows) -> str:
     judged = regimes.judged(scope, claims)
     if len(judged) > 1:
         parts.append(f"{REGIMES_TITLE}\n{regimes.text(judged)}")
-    return "\n\n".join(parts + table_sections(scope))
+    return "\n\n".join(parts + [section.text() for section in table_sections(scope)])
 
 
 def write_report(scope: StudyRows, out_dir) -> Path:
@@ -59,8 +59,7 @@ def write_report(scope: StudyRows, out_dir) -> Path:
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
     for section in table_sections(scope):
-        title, _, text = section.partition("\n")
-        body += ["", f"## {title}", "", "```", text, "```"]
+        body += ["", f"## {section.title}", "", section.markdown()]
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path

@@ -3,7 +3,7 @@ and the teacher outputs distillation caches. Safetensors and JSON only: nothing 
 
     artifacts/tokenizer/<hash>/   HF tokenizer files
     artifacts/plm/<hash>/         the masked LM (`save_pretrained`) + tokenizer + raysys.json
-    artifacts/tuned/<hash>/       fine-tuning: the whole classifier; PET: its trainable weights only; raysys.json
+    artifacts/tuned/<hash>/       fine-tuning: the whole classifier + tokenizer; PET: its trainable weights only; raysys.json
                                   (tuning type, PLM, task, seed, labels, PET spec) rebuilds it on its PLM
     artifacts/teacher/<hash>/     outputs.safetensors: a teacher's logits (and hidden states) on a training split
     artifacts/corpus/<hash>/      a pre-training corpus tokenized and packed (raysys.core.packing; memory-mapped)
@@ -76,13 +76,15 @@ def adapted_classifier(store: Store, plm_hash: str, num_labels: int, tuning_type
 
 
 def save_tuned(store: Store, tuned_hash: str, model, labels: tuple[str, ...], meta: dict) -> None:
-    """Fine-tuning stores the whole model; PET stores only its trainable weights (module, LayerNorms for adapters,
-    head): the backbone is the PLM artifact named in raysys.json."""
+    """Fine-tuning stores the whole model with its PLM's tokenizer (the folder is what `transformers.pipeline` loads);
+    PET stores only its trainable weights (module, LayerNorms for adapters, head): the backbone is the PLM artifact
+    named in raysys.json (`raysys export` writes PET models in loadable formats)."""
     with store.writing_artifact("tuned", tuned_hash) as tmp:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: k for k, v in model.config.id2label.items()}
         if meta["tuning_type"] == FULL_FINETUNING:
             model.save_pretrained(str(tmp))
+            _tokenizer(str(store.artifact("plm", meta["plm_hash"]))).save_pretrained(str(tmp))
         else:
             pet.save_trainable(model, tmp)
         (tmp / META).write_text(json.dumps(meta, indent=1))

@@ -11,6 +11,7 @@ Ray's own examples are the pattern: small identifiers in `param_space`, big cons
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -259,10 +260,41 @@ def _experiment(stage: Stage, trainable, groups: list[list], resources: dict, st
     cannot hold yet wait, and their resource requests are what makes the autoscaler add nodes."""
     encoded = [{"stage": stage.name, **origin(stage), "cells": [stage.encode(cell) for cell in group]}
                for group in groups]
+    name = f"{stage.name}-{config_hash(encoded)}"  # of the cells alone, so that a rerun finds the same experiment
+    for group, payload in zip(groups, encoded, strict=True):
+        payload[FIELDS] = shared_fields(group)
+    # the fields all groups have: every trial then has a value for each column (a tracker's filter needs no nulls)
+    keys = [k for k in encoded[0][FIELDS] if all(k in payload[FIELDS] for payload in encoded)] if encoded else []
     # Actor reuse: a fresh process per tiny CPU cell costs more than the cell (~2.6 s a trial on 2 cores).
-    tune_config = tune.TuneConfig(reuse_actors=not resources.get("gpu"))
-    return _tuner(_named(trainable, stage), study, store, f"{stage.name}-{config_hash(encoded)}", resources,
-                  {"group": tune.grid_search(encoded)}, tune_config, callbacks).fit()
+    tune_config = tune.TuneConfig(reuse_actors=not resources.get("gpu"), trial_name_creator=trial_name,
+                                  trial_dirname_creator=trial_name)
+    return _tuner(_named(trainable, stage), study, store, name, resources,
+                  {"group": tune.grid_search(encoded), **flat_fields(keys)}, tune_config, callbacks).fit()
+
+
+FIELDS = "fields"  # in a group's payload: its cells' shared fields, which the trial config carries flat
+
+
+def shared_fields(cells: list) -> dict:
+    """The fields every cell of a group has with one value (task, tuning type, method, seed, T, a, β, α, ...),
+    plain values only and hashes aside: what TensorBoard, MLflow and the dashboard filter trials by."""
+    values = [dataclasses.asdict(cell) for cell in cells]
+    first = values[0]
+    return {k: v for k, v in first.items() if not k.endswith("hash") and isinstance(v, (str, int, float, bool))
+            and all(other.get(k) == v for other in values[1:])}
+
+
+def flat_fields(keys: list[str]) -> dict:
+    """Top-level config entries mirroring each trial's group fields (Tune resolves them once it picked the group):
+    trackers log a trial's config flat, so these are the columns they filter by. A trial reads only `group`."""
+    return {k: tune.sample_from(lambda spec, k=k: spec.config["group"][FIELDS][k]) for k in keys}
+
+
+def trial_name(trial) -> str:
+    """A trial's name and folder from what it runs: `tuning-d1_rel-lora-20-<id>` (Tune's default is a hash)."""
+    group = trial.config.get("group") or {}
+    parts = [group.get("stage", "trial"), *(str(v) for v in (group.get(FIELDS) or {}).values())]
+    return re.sub(r"[^\w.=+-]", "_", "-".join(parts))[:80] + f"-{trial.trial_id}"
 
 
 def run_grid(stage: Stage, groups: list[list], study: StudyConfig, store: Store, callbacks: list, log):

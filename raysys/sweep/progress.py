@@ -9,6 +9,7 @@ import time
 
 from ray import tune
 
+from raysys.report.status import duration
 from raysys.storage.store import Store
 from raysys.storage.study import write_progress
 from raysys.sweep import monitor
@@ -65,5 +66,5 @@ class Progress(tune.Callback):
             monitor.record_stage(self.stage, self.total, done, self.failed, running)
         if not final:
             self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
-                     f"{elapsed:.0f}s elapsed" + ("" if eta is None else f", ETA {eta:.0f}s"))
+                     f"{duration(elapsed)} elapsed" + ("" if eta is None else f", ETA {duration(eta)}"))
         return state

@@ -25,6 +25,6 @@ def tracking_callbacks(tracker: str | None, study: StudyConfig, store: Store, st
         import mlflow  # noqa: F401 — fail here, with the fix, not inside Tune
         from ray.air.integrations.mlflow import MLflowLoggerCallback
     except ImportError as err:
-        raise ValueError("--tracker mlflow needs MLflow: pip install 'raysys[mlflow]'") from err
+        raise ValueError("--tracker mlflow needs MLflow: pip install -e '.[mlflow]' (in the raysys checkout)") from err
     return (MLflowLoggerCallback(tracking_uri=mlflow_uri(store, uri), experiment_name=f"raysys-{study.name}",
                                  tags={"stage": stage, "storage": store.shown}),)

@@ -74,3 +74,8 @@ def test_the_plan_counts_every_replicate_chain(tmp_path):
     assert counts["tuning"]["planned"] == alone["tuning"] + 4 * grid  # the control C1's tuned models: once
     assert counts["compatibility"]["planned"] == 2 * alone["compatibility"]
     assert {name: len(cells) for name, cells in plans(study, seed=2).items()} == alone
+
+
+def test_durations_read_as_seconds_minutes_or_hours():
+    assert [status.duration(s) for s in (0, 42.4, 59.6, 61, 3599, 3600, 7620, 90061)] == \
+        ["0s", "42s", "1m 00s", "1m 01s", "59m 59s", "1h 00m", "2h 07m", "25h 01m"]

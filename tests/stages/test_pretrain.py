@@ -97,6 +97,10 @@ def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp
     text = status_text(store)
     assert "1 x FloatingPointError: masked-LM loss became non-finite" in text
     assert f"{len(study.corpora) - 1} x not run: the job stopped at" in text
+    assert text.endswith(f"{len(study.corpora)} cells failed (their errors above); a rerun retries them")
+    from raysys import cli
+
+    assert cli.main(["status", str(store.root)]) == 1  # failed cells: a watching script learns it from the exit
 
 
 def test_a_worker_resource_no_node_offers_is_refused_before_the_job_waits_for_it(ray_cluster, tmp_path):

@@ -36,6 +36,24 @@ def test_every_training_trial_writes_its_curve_as_tensorboard_events(micro_run):
     assert len(curves) >= len(stage("tuning").plan(study, plan_chain(study)))
 
 
+def test_a_trial_is_named_and_configured_by_its_cells_fields(micro_run):
+    """Trackers and the dashboard filter trials by their config's flat fields, and list them by name."""
+    import json
+
+    study, store, _ = micro_run
+    cells = {(c.task, c.tuning_type, c.seed) for c in stage("tuning").plan(study, plan_chain(study))}
+    found = set()
+    for params in sorted((store.local / "ray" / "tune").glob("tuning-*/tuning-*/params.json")):
+        config = json.loads(params.read_text())
+        (cell,) = config["group"]["cells"]  # a tuning trial runs one cell
+        assert {k: config[k] for k in ("task", "tuning_type", "seed", "chain", "plm_index")} == \
+            {k: cell[k] for k in ("task", "tuning_type", "seed", "chain", "plm_index")}
+        assert params.parent.name.startswith(f"tuning-{cell['chain']}-{cell['plm_index']}-{cell['task']}-"), \
+            params.parent.name
+        found.add((config["task"], config["tuning_type"], config["seed"]))
+    assert cells <= found
+
+
 def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
