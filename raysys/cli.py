@@ -1,11 +1,14 @@
 """The `raysys` command: look into a storage without Ray.
 
-    raysys status STORAGE                       per stage: planned, done, failed, to do; the running sweep (exit 1
+    raysys status STORAGE [--watch [SECONDS]]   per stage: planned, done, failed, to do; the running sweep (exit 1
                                                 when cells failed)
-    raysys results STORAGE TABLE [--where k=v]  print a table, or export it (--output x.csv|x.parquet|x.jsonl)
+    raysys results STORAGE [TABLE]              list the tables; print one (--where A>=x, --sort, --group-by A
+                                                --agg mean,std), or write it (--output x.csv|.parquet|.jsonl|.md)
     raysys report STORAGE [--out DIR]           regenerate the report of the storage's study from the tables
                           [--all | --version N]  every row of the storage; version N of its study
                           [--set report.KEY=VALUE]  judge the same rows by other margins or confidence
+    raysys failures STORAGE [--full]             every failed cell with its error (exit 1 when there are any)
+    raysys run [ARGS]                           the sweep (what sweeps/full_paper.py runs; `raysys run --help`)
     raysys export STORAGE (--tuned HASH | --plm HASH) --to DIR
                                                 a model in the formats transformers and peft load (a README says how)
 """
@@ -14,87 +17,93 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
 from raysys.config import ConfigError, ReportConfig, apply_override, build, to_dict
-from raysys.report import summary
+from raysys.report import query, summary
 from raysys.report.scope import StudyRows
-from raysys.report.status import status_summary
+from raysys.report.status import failures, failures_text, running_sweep, status_summary
 from raysys.storage import results
-from raysys.storage.store import Store, atomic_write_bytes
+from raysys.storage.store import Store
 from raysys.storage.study import load_saved_study, load_version
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def results_command(store: Store, args: argparse.Namespace) -> str:
+    """A table (filtered, grouped, sorted) printed or written to a file; no table: the list of tables."""
+    if args.table is None:
+        return query.list_tables(store)
+    if args.table not in results.SCHEMAS:
+        raise ValueError(f"unknown table '{args.table}'; tables: {sorted(results.SCHEMAS)}")
+    table = query.filter_table(results.read_table(store, args.table), args.where)
+    if args.group_by:
+        table = query.group_table(table, args.group_by, args.agg or ["mean", "std"], args.columns)
+    elif args.columns:
+        query.check_columns(table, args.columns, "--columns")
+        table = table.select(args.columns)
+    if args.sort:
+        table = query.sort_table(table, args.sort)
+    if args.output:
+        query.write_table(table, args.output)
+        return f"{table.num_rows} rows -> {args.output}"
+    shown = table if args.columns or args.group_by else query.shown_columns(table)
+    return shown.slice(0, args.limit).to_pandas().to_string(max_colwidth=40) + f"\n({table.num_rows} rows)"
 
 
-def filter_table(table: pa.Table, where: list[str]) -> pa.Table:
-    """Keep the rows where every `column=value` holds (values parsed as JSON when they parse: 3, 0.5, true)."""
-    for clause in where:
-        column, sep, value = clause.partition("=")
-        if not sep:
-            raise ValueError(f"--where '{clause}': expected COLUMN=VALUE")
-        if column not in table.column_names:
-            raise ValueError(f"--where '{clause}': no column '{column}'; columns: {table.column_names}")
-        table = table.filter(pc.equal(table[column], pa.scalar(_parse_value(value), table.schema.field(column).type)))
-    return table
+EXAMPLES = """examples:
+  raysys run --preset tiny                       the whole study at tiny scale (rerun: resumes where it stopped)
+  raysys run --preset tiny --dry-run             what the study plans and its training compute; nothing runs
+  raysys status runs/tiny                        where each stage stands; exit 1 when cells failed
+  raysys failures runs/tiny                      every failed cell with its error
+  raysys results runs/tiny                       the result tables; `raysys results --help` for queries
+  raysys report runs/tiny                        report.md and its figures from the tables
+  raysys export runs/tiny --tuned 3f2a9c --to lora-d1   a tuned model for transformers / peft
+"""
 
-
-def export_table(table: pa.Table, output: Path) -> None:
-    suffix = output.suffix.lower()
-    sink = pa.BufferOutputStream()
-    if suffix == ".parquet":
-        pq.write_table(table, sink)
-    elif suffix == ".csv":
-        plain = table.select([f.name for f in table.schema if not pa.types.is_nested(f.type)])
-        pa_csv.write_csv(plain, sink)
-    elif suffix == ".jsonl":
-        lines = "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
-        sink.write(lines.encode())
-    else:
-        raise ValueError(f"--output {output}: use .parquet, .csv or .jsonl")
-    atomic_write_bytes(output, sink.getvalue().to_pybytes())
-
-
-def results_command(store: Store, table_name: str, where: list[str], columns: list[str] | None,
-                    output: Path | None, limit: int) -> str:
-    if table_name not in results.SCHEMAS:
-        raise ValueError(f"unknown table '{table_name}'; tables: {sorted(results.SCHEMAS)}")
-    table = filter_table(results.read_table(store, table_name), where)
-    if columns:
-        unknown = [c for c in columns if c not in table.column_names]
-        if unknown:
-            raise ValueError(f"--columns: no column(s) {unknown} in '{table_name}'")
-        table = table.select(columns)
-    if output:
-        export_table(table, output)
-        return f"{table.num_rows} rows -> {output}"
-    shown = table.drop_columns([c for c in ("config", "error") if c in table.column_names and not columns])
-    return shown.slice(0, limit).to_pandas().to_string(max_colwidth=40) + f"\n({table.num_rows} rows)"
+RESULTS_EXAMPLES = """examples:
+  raysys results runs/tiny                                          the tables and their rows
+  raysys results runs/tiny tuning_runs --where tuning_type=lora --where 'test_accuracy>=0.6' --sort test_accuracy:desc
+  raysys results runs/tiny methods_runs --where regime=kshot --group-by method,tuning_type --columns test_accuracy
+  raysys results runs/tiny tuning_runs --group-by task --agg mean,std,count --output by_task.md
+"""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="raysys", description="Inspect a raysys storage (no Ray needed).")
+    parser = argparse.ArgumentParser(prog="raysys", description="Run the recyclable-tuning sweep, and look into its "
+                                     "storage (only `run` needs Ray)", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="per stage: planned, done, failed, to do; the running sweep")
+    sub.add_parser("run", add_help=False, help="run the sweep: the arguments of sweeps/full_paper.py (main takes "
+                                                "them before this parser)")
+    p = sub.add_parser("status", help="per stage: planned, done, failed, to do; the running sweep (exit 1 when cells "
+                                      "failed)")
     p.add_argument("storage")
-    p = sub.add_parser("results", help="print or export one result table")
+    p.add_argument("--watch", type=float, nargs="?", const=15.0, default=None, metavar="SECONDS",
+                   help="again every SECONDS (default 15) while a sweep runs on the storage; then once more, and exit")
+    p = sub.add_parser("failures", help="every failed cell of the study with its error")
     p.add_argument("storage")
-    p.add_argument("table")
-    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE")
-    p.add_argument("--columns", type=lambda s: s.split(","), default=None, metavar="A,B,...")
-    p.add_argument("--output", type=Path, default=None, help="write .parquet, .csv or .jsonl instead of printing")
+    p.add_argument("--full", action="store_true", help="the whole error of each (default: its first 6 lines)")
+    listed = lambda s: [x for x in s.split(",") if x]
+    p = sub.add_parser("results", help="list the tables, or print, group or export one", epilog=RESULTS_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("storage")
+    p.add_argument("table", nargs="?", help="a table (none: list them with their row counts)")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE",
+                   help="keep rows where it holds; OP one of = != < <= > >= (repeatable: all must hold)")
+    p.add_argument("--columns", type=listed, default=None, metavar="A,B,...",
+                   help="the columns to show (default: what the cell is and measured, provenance aside)")
+    p.add_argument("--sort", type=listed, default=None, metavar="A,B:desc",
+                   help="sort by these, B:desc descending (or --sort=-B)")
+    p.add_argument("--group-by", type=listed, default=None, metavar="A,B",
+                   help="one row per group: --agg of every numeric column (or of --columns)")
+    p.add_argument("--agg", type=listed, default=None, metavar="mean,std",
+                   help=f"with --group-by: any of {','.join(query.AGGREGATES)} (default mean,std)")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"write {', '.join(query.FORMATS)} instead of printing")
     p.add_argument("--limit", type=int, default=50, help="rows to print (default 50)")
     p = sub.add_parser("report", help="regenerate the report from the Parquet tables")
     p.add_argument("storage")
@@ -137,19 +146,56 @@ def rejudged(study, overrides: list[str]):
     return dataclasses.replace(study, report=build(ReportConfig, data["report"], "report"))
 
 
+def print_status(store: Store) -> int:
+    text, failed = status_summary(store)
+    print(text, flush=True)
+    return failed
+
+
+def watch(store: Store, every: float) -> int:
+    """`status --watch`: the status every `every` seconds while a sweep runs on the storage, then a last time."""
+    if every <= 0:
+        raise ValueError(f"--watch {every:g}: SECONDS must be more than 0")
+    while running_sweep(store) is not None:
+        print_status(store)
+        print(flush=True)
+        time.sleep(every)
+    return print_status(store)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        number = installed("raysys")
+    except PackageNotFoundError:  # run from a checkout without installing
+        number = "not installed"
+    return f"raysys {number} (code {results.code_version()})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # every argument after `run` is the driver's (argparse would claim its options)
+        from raysys.sweep.driver import main as run  # Ray and torch: only for this command
+
+        return run(argv[1:], prog="raysys run")
+    args = parse_args(argv)
     try:
         store = Store(args.storage)
         if not store.exists():
             raise FileNotFoundError(f"{store.shown}: no such storage")
         if args.command == "status":
-            text, failed = status_summary(store)
-            print(text)
+            failed = print_status(store) if args.watch is None else watch(store, args.watch)
             if failed:
                 return 1  # a script (or CI) watching a sweep learns of failed cells from the exit status
         elif args.command == "results":
-            print(results_command(store, args.table, args.where, args.columns, args.output, args.limit))
+            print(results_command(store, args))
+        elif args.command == "failures":
+            rows = failures(store)
+            print(failures_text(rows, None if args.full else 6))
+            if rows:
+                return 1
         elif args.command == "export":
             print(export_command(store, args.tuned, args.plm, args.to))
         else:

@@ -49,6 +49,34 @@ def _errors(stage, failed: list, view: View) -> collections.Counter:
         if row.get("status") == "failed" and row["cell_hash"] in hashes)
 
 
+def failures(store: Store) -> list[dict]:
+    """The rows of the planned cells whose last attempt failed, stage by stage: what `raysys failures` lists."""
+    study, view, found = load_saved_study(store), View(store), []
+    planned = plans(study)
+    for stage in STAGES:
+        failed = [cell for cell in planned[stage.name] if stage.failed(cell, view)]
+        keys = {(out.table, out.key) for cell in failed for out in stage.outputs(cell) if isinstance(out, Rows)}
+        for table in sorted({t for t, _ in keys}):
+            found += [{"stage": stage.name, "table": table, **row} for row in view.all_rows(table)
+                      if row.get("status") == "failed" and (table, row["cell_hash"]) in keys]
+    return found
+
+
+def failures_text(rows: list[dict], lines: int | None = 6) -> str:
+    """Each failed cell: where, which try, when, and its error (its first `lines` lines; None: all of it)."""
+    if not rows:
+        return "no failed cells"
+    out = []
+    for r in rows:
+        repeated = f", {r['repeated_failures']} in a row" if (r.get("repeated_failures") or 0) > 1 else ""
+        out.append(f"{r['stage']} / {r['table']} {r['cell_hash']}: try {r.get('attempts') or 1}{repeated}, "
+                   f"{r['started_at']:%Y-%m-%d %H:%M} on {r.get('host') or '?'}")
+        error = (r.get("error") or "?").rstrip().splitlines()
+        out += [f"    {line}" for line in error[:lines]] + ([f"    ... ({len(error) - lines} more lines: --full)"]
+                                                          if lines is not None and len(error) > lines else [])
+    return "\n".join(out + [f"{len(rows)} failed cells; a rerun of the sweep retries them"])
+
+
 def missing_cells(study: StudyConfig, store: Store) -> dict[str, int]:
     """Per stage, how many planned cells are not done."""
     return {name: s["planned"] - s["done"] for name, s in stage_status(study, store).items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysys.report import figures, findings, regimes, replication
+from raysys.report import figures, findings, html, regimes, replication
 from raysys.report.scope import StudyRows
 from raysys.report.tables import methods_table, table_sections
 from raysys.storage.store import atomic_write_bytes
@@ -32,8 +32,8 @@ def summary(scope: StudyRows) -> str:
 
 
 def write_report(scope: StudyRows, out_dir) -> Path:
-    """`<out_dir>/report.md` and its PNG figures under `<out_dir>/figures/`: every summary table and figure,
-    regenerated from the Parquet tables alone."""
+    """`<out_dir>/report.md` and its PNG figures under `<out_dir>/figures/`, and `<out_dir>/report.html` (the same,
+    browsable: raysys.report.html): every summary table and figure, regenerated from the Parquet tables alone."""
     out_dir = Path(out_dir)
     table = methods_table(scope)
     best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"] for r in table}
@@ -58,8 +58,10 @@ def write_report(scope: StudyRows, out_dir) -> Path:
     for title, path in drawn.items():
         if path is not None:
             body += ["", f"### {title}", "", f"![{title}](figures/{path.name})"]
-    for section in table_sections(scope):
+    sections = table_sections(scope)
+    for section in sections:
         body += ["", f"## {section.title}", "", section.markdown()]
+    html.write_html(scope, out_dir, claims, sections, best)
     path = out_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(body) + "\n").encode())
     return path

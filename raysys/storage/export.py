@@ -113,13 +113,16 @@ def _write_lora(tmp: Path, out: Path, model, meta: dict, tokenizer, store: Store
     config = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], bias="none",
                         target_modules=architectures.lora_targets(base, spec["targets"]), modules_to_save=head)
     wrapped = get_peft_model(base, config)  # the head's copy to save is taken here, from the tuned head
-    # where AutoPeftModel finds the base: the copy beside the adapter (peft took the store's PLM folder)
-    wrapped.peft_config["default"].base_model_name_or_path = str(out / BASE)
+    wrapped.peft_config["default"].base_model_name_or_path = str(tmp / BASE)  # peft reads the base's config there
     lora = {k: v for k, v in model.state_dict().items() if pet.TUNING_TYPES["lora"].is_module(k)}
     _, unexpected = wrapped.base_model.model.load_state_dict(lora, strict=False)
     if unexpected:
         raise RuntimeError(f"LoRA export: weights without a place in peft's model: {unexpected[:5]}")
     wrapped.save_pretrained(str(tmp))
+    # where AutoPeftModel finds the base once the folder has its name: the copy beside the adapter
+    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+    (tmp / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(out / BASE)},
+                                                        indent=2))
     tokenizer.save_pretrained(str(tmp))
     _readme(tmp, _title(meta), f"""\
 from peft import PeftModel

@@ -262,8 +262,8 @@ def take_storage(store: Store, fresh: bool, log=print) -> Lease:
     return lease
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run the recyclable-tuning study on Ray.")
+def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the recyclable-tuning study on Ray.")
     parser.add_argument("--preset", default=AUTO,
                         help=f"one of {available_presets()}, or auto (default): paper where the cluster (with what "
                              "its autoscaler may add) holds the paper's pre-training GPUs and its data is there, "
@@ -358,9 +358,10 @@ def settle_auto(args: argparse.Namespace, target: Target | None, facts: ClusterF
                          no_autoscaler=facts.no_autoscaler)
 
 
-def main(argv: list[str] | None = None, facts: ClusterFacts | None = None) -> int:
-    """The driver. `facts` stand in for the cluster's when `--preset auto` is settled (a GPU cluster in a test)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, facts: ClusterFacts | None = None, prog: str | None = None) -> int:
+    """The driver. `facts` stand in for the cluster's when `--preset auto` is settled (a GPU cluster in a test);
+    `prog` names the command in its usage (`raysys run`; default the script's name)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     runs = not (args.print_config or args.dry_run)
     try:
         check_args(args)

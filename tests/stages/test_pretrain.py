@@ -76,9 +76,9 @@ def test_each_link_trains_from_its_own_packed_corpus(micro_run):
     assert len(packed) == len(expected) and packed[0] == expected[0] and packed[len(packed) - 1] == expected[-1]
 
 
-def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp_path):
+def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp_path, capsys):
     """Pre-training that diverges: the link's row carries the worker's own error (not Ray's wrapping), the links
-    after it say why they did not run, and `raysys status` shows both."""
+    after it say why they did not run, and `raysys status` and `raysys failures` show both."""
     from raysys.report.status import status_text
     from raysys.storage.store import Store
     from raysys.sweep.driver import run_study
@@ -101,6 +101,12 @@ def test_a_failing_link_leaves_its_error_in_a_row_and_in_status(ray_cluster, tmp
     from raysys import cli
 
     assert cli.main(["status", str(store.root)]) == 1  # failed cells: a watching script learns it from the exit
+    capsys.readouterr()
+    assert cli.main(["failures", str(store.root)]) == 1
+    listed = capsys.readouterr().out
+    assert f"pretrain / pretrain_runs {rows[0]['cell_hash']}: try 1, " in listed
+    assert "    FloatingPointError: masked-LM loss became non-finite" in listed
+    assert listed.rstrip().endswith(f"{len(study.corpora)} failed cells; a rerun of the sweep retries them")
 
 
 def test_a_worker_resource_no_node_offers_is_refused_before_the_job_waits_for_it(ray_cluster, tmp_path):
