@@ -182,8 +182,10 @@ def _pad_to(t, width, value):
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
-def _ddp_worker(rank, port, sequences, tokenizer, result_path):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _ddp_worker(rank, rendezvous, sequences, tokenizer, result_path):
+    # a file rendezvous, as the resume test's: a port picked here could be taken by another process in between (a
+    # worker then aborts; seen once in CI while Ray's tests held ports)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model = _no_dropout_model(tokenizer)
     cfg = PretrainConfig(batch_size=32, micro_batch_size=4, log_every_steps=3, num_workers=2)
@@ -197,13 +199,9 @@ def _ddp_worker(rank, port, sequences, tokenizer, result_path):
 def test_two_ddp_workers_accumulating_micro_batches_equal_one_process_on_the_global_batch(tmp_path):
     """The same 32 sequences per step, as 2 workers × 4 micro-batches of 4 under DDP (no_sync on all but the last
     slice) or as one batch in one process: the same update, because every masked token weighs the same."""
-    import socket
-
     _, tokenizer, sequences = _tiny_setup()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(port, sequences, tokenizer, tmp_path / "ddp.pt"), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(tmp_path / "rendezvous", sequences, tokenizer, tmp_path / "ddp.pt"),
+                                nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
     single = _no_dropout_model(tokenizer)
     # one process drawing both workers' slices: rank 0's sequences then rank 1's, each masked by its own generator

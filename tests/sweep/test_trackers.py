@@ -54,6 +54,30 @@ def test_a_trial_is_named_and_configured_by_its_cells_fields(micro_run):
     assert cells <= found
 
 
+def _session_hparams(path: Path) -> dict:
+    """The hyper-parameters of a TensorBoard event file's HParams session (what the HParams view tabulates)."""
+    from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+
+    data = path.read_bytes()
+    while data:
+        (length,) = struct.unpack("<Q", data[:8])
+        for value in event_pb2.Event.FromString(data[12 : 12 + length]).summary.value:
+            if value.tag == "_hparams_/session_start_info":
+                info = plugin_hparams_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                return {k: v.string_value or v.number_value for k, v in info.session_start_info.hparams.items()}
+        data = data[16 + length :]
+    return {}
+
+
+def test_tensorboards_hparams_view_gets_each_trials_cell_fields(micro_run):
+    study, store, _ = micro_run
+    cells = {(c.task, c.tuning_type, c.seed) for c in stage("tuning").plan(study, plan_chain(study))}
+    sessions = [_session_hparams(f) for f in (store.local / "ray" / "tune").glob("tuning-*/tuning-*/events.out.*")]
+    found = {(h["group/fields/task"], h["group/fields/tuning_type"], int(h["group/fields/seed"]))
+             for h in sessions if h}
+    assert cells <= found
+
+
 def test_mlflow_tracker_logs_each_trial(micro_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
