@@ -32,12 +32,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _mean_by(rows: list[dict], key, value: str) -> dict:
+def grouped_means(rows: list[dict], key, value: str) -> dict:
+    """key(row) -> (mean of `value` over the rows with one, those rows): the points every figure draws, the PNGs
+    and report.html's alike (whose hover names the seeds or cells behind a point)."""
     groups = defaultdict(list)
     for r in rows:
         if r[value] is not None:
-            groups[key(r)].append(r[value])
-    return {k: statistics.mean(v) for k, v in groups.items()}
+            groups[key(r)].append(r)
+    return {k: (statistics.mean(r[value] for r in v), v) for k, v in groups.items()}
+
+
+def _mean_by(rows: list[dict], key, value: str) -> dict:
+    """key(row) -> the mean of `value`."""
+    return {k: mean for k, (mean, _) in grouped_means(rows, key, value).items()}
 
 
 def pretrain_curves(scope: StudyRows, out: Path) -> Path | None:

@@ -44,16 +44,6 @@ def _findings_frame(claims: list[Finding]):
                   [[f.claim, f.verdict, f.effect, f.evidence, f.rule] for f in claims])
 
 
-def _figures(scope: StudyRows, best_knobs: dict) -> dict:
-    return {
-        "Continual pre-training": interactive.pretrain_curves(scope),
-        "Compatibility matrix": interactive.compatibility_heatmaps(scope),
-        "Interpolation paths": interactive.interpolation_curves(scope),
-        "Head similarity": interactive.head_similarity_heatmaps(scope),
-        "Convergence of the recycling methods": interactive.convergence_curves(scope, best_knobs),
-    }
-
-
 def write_html(scope: StudyRows, out_dir: Path, claims: list[Finding], sections: list[Section],
                best_knobs: dict) -> Path:
     """`<out_dir>/report.html`: what report.md holds, browsable."""
@@ -65,7 +55,8 @@ def write_html(scope: StudyRows, out_dir: Path, claims: list[Finding], sections:
     body = [f"<h1>{html.escape(title)}</h1>", *(f'<p class="scope">{html.escape(line)}</p>' for line in scope.describe()),
             "<h2>Findings: the paper's claims against this study's data</h2>",
             _datatable(_findings_frame(claims), "findings"), '<h2 id="figures">Figures</h2>']
-    for index, (name, fig) in enumerate(_figures(scope, best_knobs).items()):
+    for index, (name, _, draw) in enumerate(interactive.report_figures(best_knobs)):
+        fig = draw(scope)
         if fig is not None:
             body += [f"<figure><h3>{html.escape(name)}</h3>",
                      fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{index}"), "</figure>"]

@@ -4,26 +4,19 @@ clicking a legend entry hides or shows its series. Each function returns None wh
 
 from __future__ import annotations
 
-import statistics
+import functools
 from collections import defaultdict
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from raysys.config import RECYCLING_METHODS
+from raysys.report import figures
+from raysys.report.figures import grouped_means
 from raysys.report.scope import StudyRows
 from raysys.report.tables import method_knobs, method_setting
 
 PAIR_STYLES = {"continual": "solid", "control": "dash", "same_plm": "dot"}
-
-
-def _mean_over(rows: list[dict], key, value: str) -> dict:
-    """key -> (mean of `value`, the rows it averages)."""
-    groups = defaultdict(list)
-    for r in rows:
-        if r[value] is not None:
-            groups[key(r)].append(r)
-    return {k: (statistics.mean(r[value] for r in v), v) for k, v in groups.items()}
 
 
 def _seeds(rows: list[dict]) -> str:
@@ -55,9 +48,9 @@ def compatibility_heatmaps(scope: StudyRows) -> go.Figure | None:
     if not compat:
         return None
     tuned = [r for r in scope.ok_rows("tuning_runs") if r["chain"] == "main"]
-    applied = _mean_over(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"],
+    applied = grouped_means(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"],
                                             r["target_plm_index"]), "test_accuracy")
-    own = _mean_over(tuned, lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
+    own = grouped_means(tuned, lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
     settings = sorted({k[:2] for k in applied})
     n = 1 + max(max(k[2], k[3]) for k in applied)
     columns = min(3, len(settings))
@@ -87,7 +80,7 @@ def interpolation_curves(scope: StudyRows) -> go.Figure | None:
     fig = make_subplots(1, len(types), subplot_titles=types, shared_yaxes=True)
     for b, kind in enumerate(types):
         for pair, dash in PAIR_STYLES.items():
-            curve = sorted(_mean_over([r for r in rows if r["tuning_type"] == kind and r["pair_kind"] == pair],
+            curve = sorted(grouped_means([r for r in rows if r["tuning_type"] == kind and r["pair_kind"] == pair],
                                       lambda r: r["alpha"], "test_accuracy").items())
             if not curve:
                 continue
@@ -111,7 +104,7 @@ def head_similarity_heatmaps(scope: StudyRows) -> go.Figure | None:
     lines = (len(settings) + columns - 1) // columns
     fig = make_subplots(lines, columns, subplot_titles=[f"{p} · {t}" for p, t in settings])
     for index, (pair, kind) in enumerate(settings):
-        means = _mean_over([r for r in rows if r["pair_kind"] == pair and r["tuning_type"] == kind],
+        means = grouped_means([r for r in rows if r["pair_kind"] == pair and r["tuning_type"] == kind],
                            lambda r: (r["layer"], r["head"]), "similarity_corresponding")
         z = [[means[(layer, head)][0] if (layer, head) in means else None for head in range(heads)]
              for layer in range(layers)]
@@ -136,7 +129,7 @@ def convergence_curves(scope: StudyRows, best_knobs: dict) -> go.Figure | None:
         for method in RECYCLING_METHODS:
             knobs = best_knobs.get((*s, method))
             chosen = [r for r in rows if method_setting(r) == s and r["method"] == method and method_knobs(r) == knobs]
-            curve = sorted(_mean_over(chosen, lambda r: r["step"], "dev_accuracy").items())
+            curve = sorted(grouped_means(chosen, lambda r: r["step"], "dev_accuracy").items())
             if not curve:
                 continue
             fig.add_trace(go.Scatter(
@@ -151,3 +144,17 @@ def convergence_curves(scope: StudyRows, best_knobs: dict) -> go.Figure | None:
     fig.update_layout(title=f"Convergence: {' · '.join(settings[0])}", xaxis_title="step", yaxis_title="dev accuracy",
                       updatemenus=[{"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.15}])
     return fig
+
+
+def report_figures(best_knobs: dict) -> list[tuple]:
+    """Every figure of the report, in its order: (title, its PNG for report.md — `(scope, folder)` -> path —, its
+    interactive form for report.html — `(scope)` -> figure); each gives None when its table holds nothing.
+    `best_knobs`: the convergence figure's chosen (T, a, β) per setting."""
+    return [
+        ("Continual pre-training", figures.pretrain_curves, pretrain_curves),
+        ("Compatibility matrix", figures.compatibility_heatmaps, compatibility_heatmaps),
+        ("Interpolation paths", figures.interpolation_curves, interpolation_curves),
+        ("Head similarity", figures.head_similarity_heatmaps, head_similarity_heatmaps),
+        ("Convergence of the recycling methods", functools.partial(figures.convergence_curves, best_knobs=best_knobs),
+         functools.partial(convergence_curves, best_knobs=best_knobs)),
+    ]

@@ -144,6 +144,23 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
+SHOWN_TRIALS = 12  # running trials listed by name; the rest are counted
+
+
+def running_trials_lines(trials: list[dict]) -> list[str]:
+    """A line per running trial: its name and where its last report stood (step, dev accuracy, train loss)."""
+    lines = []
+    for trial in trials[:SHOWN_TRIALS]:
+        now = [f"step {trial['step']}" if "step" in trial else None,
+               f"dev accuracy {100 * trial['dev_accuracy']:.1f}%" if "dev_accuracy" in trial else None,
+               f"train loss {trial['train_loss']:.3f}" if "train_loss" in trial else None]
+        now = [x for x in now if x]
+        lines.append(f"{'':<4}{trial['name']}: {', '.join(now) if now else 'starting'}")
+    if len(trials) > SHOWN_TRIALS:
+        lines.append(f"{'':<4}... and {len(trials) - SHOWN_TRIALS} more running")
+    return lines
+
+
 def status_text(store: Store) -> str:
     return status_summary(store)[0]
 
@@ -167,6 +184,8 @@ def status_summary(store: Store) -> tuple[str, int]:
             state = "failed cells: rerun to retry" if counts["failed"] else "pending"
         lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
                      f"{counts['todo']:>7}  {state}")
+        if running and running["stage"] == stage.name:
+            lines += running_trials_lines(running.get("trials") or [])
         lines += [f"{'':<14} {n} x {error}" for error, n in counts["errors"].most_common(3)]
     if not running:
         lines.append("no sweep is running on this storage")

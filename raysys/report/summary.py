@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysys.report import figures, findings, html, regimes, replication
+from raysys.report import findings, html, interactive, regimes, replication
 from raysys.report.scope import StudyRows
 from raysys.report.tables import methods_table, table_sections
 from raysys.storage.store import atomic_write_bytes
@@ -37,13 +37,7 @@ def write_report(scope: StudyRows, out_dir) -> Path:
     out_dir = Path(out_dir)
     table = methods_table(scope)
     best = {(r["task"], r["tuning_type"], r["upgrade"], r["regime"], r["method"]): r["knobs"] for r in table}
-    drawn = {
-        "Continual pre-training": figures.pretrain_curves(scope, out_dir / "figures"),
-        "Compatibility matrix": figures.compatibility_heatmaps(scope, out_dir / "figures"),
-        "Interpolation paths": figures.interpolation_curves(scope, out_dir / "figures"),
-        "Head similarity": figures.head_similarity_heatmaps(scope, out_dir / "figures"),
-        "Convergence of the recycling methods": figures.convergence_curves(scope, out_dir / "figures", best),
-    }
+    drawn = {title: draw(scope, out_dir / "figures") for title, draw, _ in interactive.report_figures(best)}
     claims = findings.findings(scope, table)
     body = [f"# raysys report: study '{scope.study.name}'", "", *scope.describe(), "",
             f"Regenerated from the Parquet tables in `{scope.store.uri('results')}` (schemas: docs/results.md).", "",

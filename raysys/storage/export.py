@@ -45,9 +45,13 @@ def export_tuned(store: Store, tuned_hash: str, out: Path) -> Path:
     model.config.id2label = dict(enumerate(meta["labels"]))  # what a pipeline names its predictions by
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
     tokenizer = models.load_tokenizer(store.artifact("plm", meta["plm_hash"]))
-    writers = {FULL_FINETUNING: _write_full, "lora": _write_lora}
-    return _writing(out, lambda tmp: writers.get(meta["tuning_type"], _write_raysys)(tmp, out, model, meta, tokenizer,
-                                                                                     store))
+    if meta["tuning_type"] == FULL_FINETUNING:
+        write = _write_full
+    elif meta["tuning_type"] == "lora":
+        write = _write_lora
+    else:  # the bottleneck adapter: peft has no type for it
+        write = _write_raysys
+    return _writing(out, lambda tmp: write(tmp, out, model, meta, tokenizer, store))
 
 
 def export_plm(store: Store, plm_hash: str, out: Path) -> Path:

@@ -48,14 +48,14 @@ from raysys.sweep.cluster import (
 from raysys.sweep.launchers import demand, launch, trial_groups
 from raysys.sweep.progress import Progress
 from raysys.sweep.storage_check import StorageNotShared, check_shared
-from raysys.sweep.trackers import tracking_callbacks
+from raysys.sweep.trackers import TRACKERS, tracker_line, tracking_callbacks
 
 
 def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, log=print,
               tracker: str | None = None, tracking_uri: str | None = None, data_checked: bool = False,
               lease: Lease | None = None, give_up_after: int | None = None, before_launch=lambda: None) -> dict:
     """Run every stage in `only` on its cells whose inputs exist; return per stage the counts of cells (total,
-    finished before, ran, blocked) and the seconds it took. `tracker="mlflow"` also logs every trial to MLflow.
+    finished before, ran, blocked) and the seconds it took. `tracker` ("mlflow", "wandb") also logs every trial there.
     `before_launch()` is called before any stage launches trials (the driver starts Ray there when it did not
     need to before).
     The data is checked (and fingerprinted) first, unless the caller just did (`data_checked`): DataCheckError
@@ -87,6 +87,8 @@ def run_study(study: StudyConfig, store: Store, only: tuple[str, ...] = NAMES, l
             "another pass remakes them and what needed them")
     return ran
 
+
+PROGRESS_EVERY_S = 15.0  # how often a running stage logs its progress and rewrites <storage>/progress.json
 
 MAX_PASSES = 3  # a pass remakes what the one before found spoiled; a store that spoils every time needs a person
 
@@ -146,7 +148,8 @@ def run_stage(stage: Stage, cells: list, study: StudyConfig, store: Store, log=p
         if not todo:
             break
         before_launch()
-        progress = Progress(stage.name, lambda: count_done(stage, cells, store), len(cells), store, log)
+        progress = Progress(stage.name, lambda: count_done(stage, cells, store), len(cells), store, log,
+                            PROGRESS_EVERY_S)
         launched_at = results.now()
         took, errors = launch(stage, groups, study, store, [progress, *trackers()], log)
         seconds += took
@@ -289,9 +292,10 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
                              "an Optuna search inside each grid cell (= --set methods.search.algorithm=...)")
     parser.add_argument("--search-trials", type=int, default=None, metavar="N",
                         help="Optuna trials per grid cell (= --set methods.search.trials=N)")
-    parser.add_argument("--tracker", choices=("mlflow",), default=None,
-                        help="also log every trial to MLflow (TensorBoard event files are always written under "
-                             "<storage>/ray: tensorboard --logdir <storage>/ray/tune)")
+    parser.add_argument("--tracker", choices=TRACKERS, default=None,
+                        help="also log every trial to MLflow, or to Weights & Biases (online with an API key, else "
+                             "offline into <storage>/wandb; $WANDB_MODE decides when set). TensorBoard event files "
+                             "are always written: tensorboard --logdir <storage>/ray/tune")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db; "
                              "for a URI storage, a file in its local cache)")
@@ -442,6 +446,8 @@ def _once(fn):
 def _run(args: argparse.Namespace, study: StudyConfig, store: Store, preset: str, lease: Lease,
          before_launch=lambda: None) -> int:
     print(f"raysys: study '{study.name}' (preset {preset}) -> {store.shown}")
+    if args.tracker:
+        print(f"raysys: {tracker_line(args.tracker, store, args.tracking_uri)}")
     started = time.time()
     try:
         run_study(study, store, tuple(args.only), tracker=args.tracker, tracking_uri=args.tracking_uri,

@@ -45,12 +45,15 @@ class Progress(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         if time.time() - self.last >= self.every:
-            self.report(sum(t.status == "RUNNING" for t in trials))
+            running = [t for t in trials if t.status == "RUNNING"]
+            self.report(len(running), [running_trial(t) for t in running])
 
     def on_experiment_end(self, trials, **info):
         self.report(0, final=True)
 
-    def report(self, running: int, final: bool = False) -> dict:
+    def report(self, running: int, trials: list[dict] = (), final: bool = False) -> dict:
+        """Count what is done, log a line, and write the state `raysys status` reads (`trials`: the running ones,
+        as `running_trial` gives them)."""
         self.last = now = time.time()
         done = self.count_done()
         if self.done_at_start is None:
@@ -60,7 +63,8 @@ class Progress(tune.Callback):
         eta = elapsed / new * left if new > 0 and left > 0 else None
         state = {"stage": self.stage, "done": done, "total": self.total, "failed": self.failed, "running": running,
                  "elapsed_s": round(elapsed, 1), "eta_s": None if eta is None else round(eta, 1),
-                 "pid": os.getpid(), "host": socket.gethostname(), "updated": now, "final": final}
+                 "pid": os.getpid(), "host": socket.gethostname(), "updated": now, "final": final,
+                 "trials": list(trials)}
         if self.store:
             write_progress(self.store, state)
             monitor.record_stage(self.stage, self.total, done, self.failed, running)
@@ -68,3 +72,13 @@ class Progress(tune.Callback):
             self.log(f"[{self.stage}] {done}/{self.total} done, {self.failed} failed, {running} running, "
                      f"{duration(elapsed)} elapsed" + ("" if eta is None else f", ETA {duration(eta)}"))
         return state
+
+
+CURRENT = ("step", "dev_accuracy", "train_loss")  # what a running trial's last report shows in `raysys status`
+
+
+def running_trial(trial) -> dict:
+    """A running trial as `raysys status` lists it: its name and its last report's step, dev accuracy and loss
+    (those it reported: a pre-training link has no dev accuracy, a trial not evaluated yet only its name)."""
+    last = trial.last_result or {}
+    return {"name": str(trial), **{k: last[k] for k in CURRENT if isinstance(last.get(k), (int, float))}}
