@@ -148,12 +148,15 @@ SHOWN_TRIALS = 12  # running trials listed by name; the rest are counted
 
 
 def running_trials_lines(trials: list[dict]) -> list[str]:
-    """A line per running trial: its name and where its last report stood (step, dev accuracy, train loss)."""
+    """A line per running trial: its name and where its last report stood (a link's step and loss, a training
+    cell's step, dev accuracy and train loss)."""
     lines = []
     for trial in trials[:SHOWN_TRIALS]:
-        now = [f"step {trial['step']}" if "step" in trial else None,
+        now = [f"{trial.get('chain', '')} link {trial['link']}".lstrip() if "link" in trial else None,
+               f"step {trial['step']}" if "step" in trial else None,
                f"dev accuracy {100 * trial['dev_accuracy']:.1f}%" if "dev_accuracy" in trial else None,
-               f"train loss {trial['train_loss']:.3f}" if "train_loss" in trial else None]
+               f"train loss {trial['train_loss']:.3f}" if "train_loss" in trial else None,
+               f"masked-LM loss {trial['loss']:.3f}" if "loss" in trial else None]
         now = [x for x in now if x]
         lines.append(f"{'':<4}{trial['name']}: {', '.join(now) if now else 'starting'}")
     if len(trials) > SHOWN_TRIALS:

@@ -74,11 +74,13 @@ class Progress(tune.Callback):
         return state
 
 
-CURRENT = ("step", "dev_accuracy", "train_loss")  # what a running trial's last report shows in `raysys status`
+# what a running trial's last report shows in `raysys status`: a pre-training trial's chain, link, step and loss; a
+# training cell's step, dev accuracy and train loss
+CURRENT = ("chain", "link", "step", "dev_accuracy", "train_loss", "loss")
 
 
 def running_trial(trial) -> dict:
-    """A running trial as `raysys status` lists it: its name and its last report's step, dev accuracy and loss
-    (those it reported: a pre-training link has no dev accuracy, a trial not evaluated yet only its name)."""
+    """A running trial as `raysys status` lists it: its name and what its last report said of `CURRENT` (a trial
+    that has not reported yet: its name alone)."""
     last = trial.last_result or {}
-    return {"name": str(trial), **{k: last[k] for k in CURRENT if isinstance(last.get(k), (int, float))}}
+    return {"name": str(trial), **{k: last[k] for k in CURRENT if isinstance(last.get(k), (int, float, str))}}

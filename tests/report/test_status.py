@@ -79,3 +79,17 @@ def test_the_plan_counts_every_replicate_chain(tmp_path):
 def test_durations_read_as_seconds_minutes_or_hours():
     assert [status.duration(s) for s in (0, 42.4, 59.6, 61, 3599, 3600, 7620, 90061)] == \
         ["0s", "42s", "1m 00s", "1m 01s", "59m 59s", "1h 00m", "2h 07m", "25h 01m"]
+
+
+def test_running_trials_show_where_their_last_report_stood():
+    from raysys.report.status import SHOWN_TRIALS, running_trials_lines
+
+    lines = running_trials_lines([
+        {"name": "pretrain-a177f_00000", "chain": "main", "link": 2, "step": 1200, "loss": 4.21875},
+        {"name": "tuning-main-1-d1_rel-lora-20-b2c3d_00004", "step": 90, "dev_accuracy": 0.71289, "train_loss": 0.4125},
+        {"name": "methods-x_00001"}])
+    assert lines == ["    pretrain-a177f_00000: main link 2, step 1200, masked-LM loss 4.219",
+                     "    tuning-main-1-d1_rel-lora-20-b2c3d_00004: step 90, dev accuracy 71.3%, train loss 0.412",
+                     "    methods-x_00001: starting"]
+    many = running_trials_lines([{"name": f"t{i}"} for i in range(SHOWN_TRIALS + 3)])
+    assert len(many) == SHOWN_TRIALS + 1 and many[-1] == "    ... and 3 more running"
