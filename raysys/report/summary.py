@@ -17,8 +17,9 @@ REPLICATION_TITLE = "PLM-seed replication: the findings of each main chain (pret
 
 
 def summary(scope: StudyRows) -> str:
-    """The console summary: which rows, the findings (beside the other regime's, when the storage holds it), then
-    every table."""
+    """The console summary: which rows, the findings (beside the other regime's, when the storage holds it), and
+    the report's tables by title and size — the tables themselves are report.md's and report.html's (at the paper's
+    scale they run to hundreds of lines)."""
     claims = findings.findings(scope, methods_table(scope))
     title = "Findings: the paper's claims against this study's data"
     parts = ["\n".join(scope.describe()), f"{title}\n{findings.text(claims)}"]
@@ -28,7 +29,11 @@ def summary(scope: StudyRows) -> str:
     judged = regimes.judged(scope, claims)
     if len(judged) > 1:
         parts.append(f"{REGIMES_TITLE}\n{regimes.text(judged)}")
-    return "\n\n".join(parts + [section.text() for section in table_sections(scope)])
+    sections = table_sections(scope)
+    width = max((len(section.title) for section in sections), default=0)
+    index = [f"  {section.title:<{width}}  {len(section.rows):>5} rows" for section in sections]
+    return "\n\n".join(parts + ["The report's tables (in full: report.md and report.html below; `raysys results "
+                                 "STORAGE` lists the result tables)\n" + "\n".join(index)])
 
 
 def write_report(scope: StudyRows, out_dir) -> Path:
