@@ -26,7 +26,7 @@ import pyarrow as pa
 from raysys.config import ConfigError, ReportConfig, apply_override, build, to_dict
 from raysys.report import query, summary
 from raysys.report.scope import StudyRows
-from raysys.report.status import failures, failures_text, running_sweep, status_summary
+from raysys.report.status import failures, failures_text, status_summary
 from raysys.storage import results
 from raysys.storage.store import Store
 from raysys.storage.study import load_saved_study, load_version
@@ -146,21 +146,24 @@ def rejudged(study, overrides: list[str]):
     return dataclasses.replace(study, report=build(ReportConfig, data["report"], "report"))
 
 
-def print_status(store: Store) -> int:
-    text, failed = status_summary(store)
+def print_status(store: Store) -> tuple[int, bool]:
+    """Print the status; (how many planned cells failed, whether a sweep was running)."""
+    text, failed, running = status_summary(store)
     print(text, flush=True)
-    return failed
+    return failed, running
 
 
 def watch(store: Store, every: float) -> int:
-    """`status --watch`: the status every `every` seconds while a sweep runs on the storage, then a last time."""
+    """`status --watch`: the status every `every` seconds while a sweep runs on the storage, and once more when it
+    has ended (the text that says so is the last one printed)."""
     if every <= 0:
         raise ValueError(f"--watch {every:g}: SECONDS must be more than 0")
-    while running_sweep(store) is not None:
-        print_status(store)
+    while True:
+        failed, running = print_status(store)
+        if not running:
+            return failed
         print(flush=True)
         time.sleep(every)
-    return print_status(store)
 
 
 def version() -> str:
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if not store.exists():
             raise FileNotFoundError(f"{store.shown}: no such storage")
         if args.command == "status":
-            failed = print_status(store) if args.watch is None else watch(store, args.watch)
+            failed = print_status(store)[0] if args.watch is None else watch(store, args.watch)
             if failed:
                 return 1  # a script (or CI) watching a sweep learns of failed cells from the exit status
         elif args.command == "results":

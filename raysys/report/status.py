@@ -168,8 +168,9 @@ def status_text(store: Store) -> str:
     return status_summary(store)[0]
 
 
-def status_summary(store: Store) -> tuple[str, int]:
-    """(the `raysys status` text, how many planned cells failed)."""
+def status_summary(store: Store) -> tuple[str, int, bool]:
+    """(the `raysys status` text, how many planned cells failed, whether it shows a running sweep) — one reading of
+    the progress file, so that a watcher's last text and its decision to stop agree."""
     study = load_saved_study(store)
     status = stage_status(study, store)
     running = running_sweep(store)
@@ -195,4 +196,4 @@ def status_summary(store: Store) -> tuple[str, int]:
     failed = sum(counts["failed"] for counts in status.values())
     if failed:
         lines.append(f"{failed} cells failed (their errors above); a rerun retries them")
-    return "\n".join(lines), failed
+    return "\n".join(lines), failed, running is not None
