@@ -12,7 +12,6 @@ from plotly.subplots import make_subplots
 
 from raysys.config import RECYCLING_METHODS
 from raysys.report import figures
-from raysys.report.figures import grouped_means
 from raysys.report.scope import StudyRows
 from raysys.report.tables import method_knobs, method_setting
 
@@ -48,9 +47,9 @@ def compatibility_heatmaps(scope: StudyRows) -> go.Figure | None:
     if not compat:
         return None
     tuned = [r for r in scope.ok_rows("tuning_runs") if r["chain"] == "main"]
-    applied = grouped_means(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"],
-                                            r["target_plm_index"]), "test_accuracy")
-    own = grouped_means(tuned, lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
+    applied = figures.grouped_means(compat, lambda r: (r["task"], r["tuning_type"], r["source_plm_index"],
+                                                       r["target_plm_index"]), "test_accuracy")
+    own = figures.grouped_means(tuned, lambda r: (r["task"], r["tuning_type"], r["plm_index"]), "test_accuracy")
     settings = sorted({k[:2] for k in applied})
     n = 1 + max(max(k[2], k[3]) for k in applied)
     columns = min(3, len(settings))
@@ -80,8 +79,9 @@ def interpolation_curves(scope: StudyRows) -> go.Figure | None:
     fig = make_subplots(1, len(types), subplot_titles=types, shared_yaxes=True)
     for b, kind in enumerate(types):
         for pair, dash in PAIR_STYLES.items():
-            curve = sorted(grouped_means([r for r in rows if r["tuning_type"] == kind and r["pair_kind"] == pair],
-                                      lambda r: r["alpha"], "test_accuracy").items())
+            curve = sorted(figures.grouped_means(
+                [r for r in rows if r["tuning_type"] == kind and r["pair_kind"] == pair], lambda r: r["alpha"],
+                "test_accuracy").items())
             if not curve:
                 continue
             fig.add_trace(go.Scatter(
@@ -104,8 +104,8 @@ def head_similarity_heatmaps(scope: StudyRows) -> go.Figure | None:
     lines = (len(settings) + columns - 1) // columns
     fig = make_subplots(lines, columns, subplot_titles=[f"{p} · {t}" for p, t in settings])
     for index, (pair, kind) in enumerate(settings):
-        means = grouped_means([r for r in rows if r["pair_kind"] == pair and r["tuning_type"] == kind],
-                           lambda r: (r["layer"], r["head"]), "similarity_corresponding")
+        means = figures.grouped_means([r for r in rows if r["pair_kind"] == pair and r["tuning_type"] == kind],
+                                      lambda r: (r["layer"], r["head"]), "similarity_corresponding")
         z = [[means[(layer, head)][0] if (layer, head) in means else None for head in range(heads)]
              for layer in range(layers)]
         fig.add_trace(go.Heatmap(
@@ -129,7 +129,7 @@ def convergence_curves(scope: StudyRows, best_knobs: dict) -> go.Figure | None:
         for method in RECYCLING_METHODS:
             knobs = best_knobs.get((*s, method))
             chosen = [r for r in rows if method_setting(r) == s and r["method"] == method and method_knobs(r) == knobs]
-            curve = sorted(grouped_means(chosen, lambda r: r["step"], "dev_accuracy").items())
+            curve = sorted(figures.grouped_means(chosen, lambda r: r["step"], "dev_accuracy").items())
             if not curve:
                 continue
             fig.add_trace(go.Scatter(
