@@ -536,6 +536,68 @@ class TrainingFreeConfig:
         _check(0.0 <= self.kd_weight <= 1.0, "methods.training_free.kd_weight", "must be in [0, 1]")
 
 
+# The training-free transfer methods (docs/transfer.md; raysys.core.transfer registers the same names). `copy` is
+# plain copying (λ = 1): the reference every other method is compared with.
+TRANSFER_METHODS = ("copy", "scaled", "dare", "ties", "svd", "subspace", "multi_version")
+# each method's grid axes: the setting's name (the function's argument) -> the TransferConfig field of its values
+TRANSFER_AXES: dict[str, dict[str, str]] = {
+    "copy": {}, "scaled": {"scale": "scales"}, "dare": {"drop": "dare_drops"}, "ties": {"density": "ties_densities"},
+    "svd": {"rank": "svd_ranks"}, "subspace": {"rank": "subspace_ranks", "null_space": "null_space"},
+    "multi_version": {"density": "merge_densities"},
+}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Training-free transfer of Δ_i onto M_j by the methods published since the paper (issue 21; definitions in
+    docs/transfer.md), on the compatibility matrix's pairs (i, j) with j − i in `hops` (None: every pair). Each
+    method's setting is chosen on the full dev set per (task, type, seed, pair); `copy` is the reference."""
+
+    enabled: bool = True
+    names: tuple[str, ...] = TRANSFER_METHODS
+    hops: tuple[int, ...] | None = None
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # λ of `scaled`
+    dare_drops: tuple[float, ...] = (0.3, 0.5, 0.9)  # DARE's drop rate p
+    ties_densities: tuple[float, ...] = (0.1, 0.2, 0.5)  # TIES's top-k fraction, one Δ
+    svd_ranks: tuple[int, ...] = (8, 32, 128)
+    subspace_ranks: tuple[int, ...] = (8, 32, 128)
+    null_space: tuple[bool, ...] = (True, False)
+    merge_densities: tuple[float, ...] = (0.2, 0.5)  # TIES's density over Δ_0 … Δ_i (multi_version)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self):
+        _check(len(self.names) >= 1, "transfer.names", "name at least one method")
+        _check_distinct(self.names, "transfer.names")
+        for name in self.names:
+            _check(name in TRANSFER_METHODS, "transfer.names", f"unknown method '{name}'; known: {list(TRANSFER_METHODS)}")
+        _check(self.hops is None or (len(self.hops) >= 1 and all(h >= 1 for h in self.hops)), "transfer.hops",
+               "hops must be >= 1 (or leave it out: every pair)")
+        for field_name in ("hops", "scales", "dare_drops", "ties_densities", "svd_ranks", "subspace_ranks",
+                           "null_space", "merge_densities"):
+            values = getattr(self, field_name) or ()
+            _check_distinct(values, f"transfer.{field_name}")
+        for method in self.names:
+            for axis in TRANSFER_AXES[method].values():
+                _check(len(getattr(self, axis)) >= 1, f"transfer.{axis}", f"method '{method}' needs at least one value")
+        _check(all(s >= 0 for s in self.scales), "transfer.scales", "every λ must be >= 0")
+        _check(all(0.0 <= p < 1.0 for p in self.dare_drops), "transfer.dare_drops", "every drop rate must be in [0, 1)")
+        for field_name in ("ties_densities", "merge_densities"):
+            _check(all(0.0 < k <= 1.0 for k in getattr(self, field_name)), f"transfer.{field_name}",
+                   "every density must be in (0, 1]")
+        for field_name in ("svd_ranks", "subspace_ranks"):
+            _check(all(r >= 1 for r in getattr(self, field_name)), f"transfer.{field_name}", "every rank must be >= 1")
+        _check(self.cpus_per_trial > 0, "transfer.cpus_per_trial", "must be > 0")
+        _check_gpus(self.gpus_per_trial, "transfer.gpus_per_trial")
+
+    def grid(self, method: str) -> list[dict]:
+        """The settings of `method` (its axes' product, in config order): the keyword arguments of its function."""
+        settings = [{}]
+        for arg, axis in TRANSFER_AXES[method].items():
+            settings = [{**s, arg: v} for s in settings for v in getattr(self, axis)]
+        return settings
+
+
 SEARCH_ALGORITHMS = ("grid", "optuna")
 
 
@@ -652,13 +714,14 @@ class ReportConfig:
     auc_margin: float = 0.02  # init over vanilla: area under the dev curve from the first evaluation on
     distill_margin: float = 0.01  # distill over vanilla, K-shot test accuracy
     combined_margin: float = 0.0  # combined over the best other method, test accuracy
+    transfer_margin: float = 0.01  # a transfer method over plain copying, test accuracy (issue 21's claim)
 
     def __post_init__(self):
         _check(0.5 <= self.confidence < 1.0, "report.confidence", "must be in [0.5, 1), e.g. 0.95")
         _check(self.interval in ("t", "bootstrap"), "report.interval", "'t' or 'bootstrap'")
         _check(self.bootstrap_resamples >= 100, "report.bootstrap_resamples", "must be >= 100")
         for name in ("learned_margin", "compat_margin", "lmc_max_drop", "head_margin", "auc_margin",
-                     "distill_margin", "combined_margin"):
+                     "distill_margin", "combined_margin", "transfer_margin"):
             _check(0.0 <= getattr(self, name) < 1.0, f"report.{name}", "must be in [0, 1)")
 
 
@@ -676,6 +739,7 @@ class StudyConfig:
     tuning: TuningConfig = TuningConfig()
     pilot: PilotConfig = PilotConfig()
     methods: MethodsConfig = MethodsConfig()
+    transfer: TransferConfig = TransferConfig()
     report: ReportConfig = ReportConfig()
     seeds: tuple[int, ...] = (20, 30)
     tune_plms: tuple[int, ...] | None = None
@@ -777,6 +841,13 @@ class StudyConfig:
         tuned = set(self.plms_to_tune)
         return tuple((i, i + h) for h in self.pilot.hops for i in range(len(self.corpora))
                      if i in tuned and i + h in tuned)
+
+    @property
+    def transfer_pairs(self) -> tuple[tuple[int, int], ...]:
+        """(i, j) of the compatibility matrix the transfer methods run on: tuned M_i and M_j, j − i in
+        `transfer.hops` (None: every such pair)."""
+        tuned, hops = sorted(self.plms_to_tune), self.transfer.hops
+        return tuple((i, j) for i in tuned for j in tuned if j > i and (hops is None or j - i in hops))
 
     @property
     def training_free_tasks(self) -> tuple[TaskConfig, ...]:

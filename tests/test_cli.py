@@ -149,7 +149,7 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
     assert cli.main(["report", str(store.root), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     for title in ("Pre-training chains", "Tuning: test accuracy", "Compatibility", "Linear mode connectivity",
-                  "Attention-head similarity", "Recycling methods", "Training-free recycling"):
+                  "Attention-head similarity", "Recycling methods", "Training-free recycling", "Training-free transfer"):
         assert f"## {title}" in text
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     # the tables are Markdown tables (a header, its rule, rows of as many cells), not text in code fences
@@ -160,7 +160,7 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
     # Every claim gets a verdict from the micro study's data; compatibility and connectivity may lack a qualifying
     # setting (the micro models barely learn): then the claim is not shown, and the evidence says why.
     claims = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(claims) == 6 and not any("**no data**" in line for line in claims)
+    assert len(claims) == 7 and not any("**no data**" in line for line in claims)
     assert "**not shown**" not in claims[0] or "old models learned the task" in claims[0]
     assert "**not shown**" not in claims[1] or "an end did not beat its floor" in claims[1]
     assert all("95% Student's t interval" in line for line in claims)  # every rule names its statistics

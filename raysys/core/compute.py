@@ -92,3 +92,11 @@ def peak_tflops(device: torch.device | str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a run's device was, for the cost ledger: the GPU's model (e.g. "NVIDIA H200"), or "cpu (N threads)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type

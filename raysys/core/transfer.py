@@ -13,7 +13,8 @@ weights; `raysys.core.recycle` adds it.
 - `multi_version` — TIES over the Δ of one task tuned on every earlier PLM of the chain (Δ_0 … Δ_i), a raysys
   choice: no paper merges the versions of one chain.
 
-Definitions (and where the papers leave them open) are in docs/transfer.md.
+`METHODS` registers them under the names of `raysys.config.TRANSFER_METHODS`, each method's settings coming from
+`TransferConfig.grid`. Definitions (and where the papers leave them open) are in docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
+
+from raysys.config import TRANSFER_METHODS
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -149,3 +153,68 @@ def relative_change(before: StateDict, after: StateDict) -> float:
     num = sum(float((after[k].double() - v.double()).pow(2).sum()) for k, v in before.items() if v.is_floating_point())
     den = sum(float(v.double().pow(2).sum()) for v in before.values() if v.is_floating_point())
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class TransferInputs:
+    """What a method may use, all on one set of names (a LoRA model's merged, `merge_lora`): `delta` = Δ_i, the tuned
+    model's update against its own start (the entries tuning changed, the head and whatever else is carried aside);
+    `old_start` / `new_start` the start weights on M_i / M_j (the PLM, the seeded module, for the SVD methods'
+    backbone weights); `history` Δ_0 … Δ_{i-1} of the same task, type and seed (multi-version); `seed` for DARE."""
+
+    delta: StateDict
+    old_start: StateDict
+    new_start: StateDict
+    history: tuple[StateDict, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TransferMethod:
+    """One registered method: `fn(inputs, **setting)` gives the delta to add to M_j's start. `backbone_svd`: it
+    projects ΔW onto a backbone weight's subspaces (a type whose module has no backbone weight under it — the
+    bottleneck adapter — cannot use it); `needs_history`: it merges Δ_0 … Δ_i (M_0's weights have no past)."""
+
+    fn: Callable[..., dict[str, torch.Tensor]]
+    backbone_svd: bool = False
+    needs_history: bool = False
+
+
+def _svd(inputs: TransferInputs, rank: int) -> dict[str, torch.Tensor]:
+    return per_linear_layer(inputs.delta, lambda name, d: svd_project(d, inputs.new_start[name], rank), heads=())
+
+
+def _subspace(inputs: TransferInputs, rank: int, null_space: bool) -> dict[str, torch.Tensor]:
+    return per_linear_layer(inputs.delta, lambda name, d: subspace_transfer(
+        d, inputs.old_start[name], inputs.new_start[name], rank, null_space), heads=())
+
+
+METHODS: dict[str, TransferMethod] = {
+    "copy": TransferMethod(lambda x: scaled(x.delta, 1.0)),
+    "scaled": TransferMethod(lambda x, scale: scaled(x.delta, scale)),
+    "dare": TransferMethod(lambda x, drop: dare(x.delta, drop, x.seed)),
+    "ties": TransferMethod(lambda x, density: ties([x.delta], density)),
+    "svd": TransferMethod(_svd, backbone_svd=True),
+    "subspace": TransferMethod(_subspace, backbone_svd=True),
+    "multi_version": TransferMethod(lambda x, density: multi_version([*x.history, x.delta], density),
+                                    needs_history=True),
+}
+
+
+def not_applicable(method: str, has_backbone_weights: bool, versions: int) -> str | None:
+    """Why `method` cannot run on a Δ (None: it can): `has_backbone_weights` whether its update sits on backbone
+    linear weights (fine-tuning, LoRA) rather than in a separate module (the adapter); `versions` how many Δ of the
+    task the chain has up to M_i."""
+    spec = METHODS[method]
+    if spec.backbone_svd and not has_backbone_weights:
+        return "the adapter's module has no backbone weight whose subspaces it could be projected onto"
+    if spec.needs_history and versions < 2:
+        return "needs Δ of at least two PLM versions (M_0 has no earlier one)"
+    return None
+
+
+if set(METHODS) != set(TRANSFER_METHODS):  # a registered method without its config axes, or the reverse
+    raise RuntimeError(f"transfer methods registered {sorted(METHODS)} != configured {sorted(TRANSFER_METHODS)}")

@@ -244,4 +244,19 @@ def table_sections(scope: StudyRows) -> list[Section]:
     """Every summary table."""
     return [_pretrain_summary(scope), _tuning_summary(scope), _retention_summary(scope), _compatibility_summary(scope),
             _path_summary(scope), _head_summary(scope), _distance_summary(scope), _methods_summary(scope),
-            _grid_summary(scope), _search_summary(scope), _training_free_summary(scope)]
+            _grid_summary(scope), _search_summary(scope), _training_free_summary(scope), _transfer_summary(scope),
+            _ledger_summary(scope)]
+
+
+def _transfer_summary(scope: StudyRows) -> Section:
+    from raysys.report import transfer
+    from raysys.report.findings import statistics_of
+
+    return transfer.transfer_section(scope, statistics_of(scope))
+
+
+def _ledger_summary(scope: StudyRows) -> Section:
+    from raysys.report import ledger
+    from raysys.report.findings import statistics_of
+
+    return ledger.ledger_section(scope, methods_table(scope), statistics_of(scope))

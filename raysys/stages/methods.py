@@ -308,6 +308,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
         "full_dev_target_accuracy": conv[full_dev]["target"], "full_dev_steps_to_target": conv[full_dev]["steps"],
         "full_dev_seconds_to_target": conv[full_dev]["seconds"], "teacher": teacher,
         "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
+        "device": compute.device_name(ctx.device),
         "config": json.dumps({**tuning_identity(cfg, cell.tuning_type), **moved,
                               "teacher_dropout": study.methods.teacher_dropout, "target_fraction": fraction}),
     }

@@ -13,12 +13,14 @@ from raysys.stages import (
     search,
     similarity,
     training_free,
+    transfer,
     tuning,
 )
 from raysys.stages.base import Stage
 
 STAGES: tuple[Stage, ...] = (pretrain.STAGE, tuning.STAGE, compatibility.STAGE, interpolation.STAGE, similarity.STAGE,
-                             methods.STAGE, search.STAGE, training_free.STAGE)
+                             methods.STAGE, search.STAGE, training_free.STAGE,
+                             transfer.STAGE)
 NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -98,6 +98,7 @@ class TuningStage(Stage):
             "best_step": best.best_step, "best_dev_accuracy": best.best_dev_accuracy,
             "best_dev_loss": best.best_dev_loss, "test_accuracy": best.test_accuracy, "test_loss": best.test_loss,
             "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
+            "device": compute.device_name(ctx.device),
             "config": json.dumps(tuning_identity(study.tuning, cell.tuning_type)),
         }])
         if checkpointer:

@@ -124,10 +124,11 @@ def load_tuned(store: Store, tuned_hash: str, on_plm: str | None = None, pet_nor
     return model.eval(), meta
 
 
-def tuning_start(store: Store, meta: dict):
+def tuning_start(store: Store, meta: dict, on_plm: str | None = None):
     """The model a tuned model's run started from (`meta`: its raysys.json): its PLM with the seeded head and,
-    for PET, the seeded module — what the run learned is its weights minus these."""
-    return _start_on(store, meta, meta["plm_hash"])
+    for PET, the seeded module — what the run learned is its weights minus these; `on_plm`: the same start on
+    another PLM (where a transfer method adds what it made of that update)."""
+    return _start_on(store, meta, on_plm or meta["plm_hash"])
 
 
 def _start_on(store: Store, meta: dict, plm_hash: str):

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from raysys.storage.store import QUARANTINE, Store  # quarantine/<the file's path>: result files that do not parse
 
-SCHEMA_VERSION = 7  # 6: attempts, repeated_failures; 7: the pair tables' seed_b (older files read them null)
+SCHEMA_VERSION = 8  # 6: attempts, repeated_failures; 7: the pair tables' seed_b; 8: the training tables' device
+# (older files read the new columns null)
 
 _COMMON = [
     ("cell_hash", pa.string()),
@@ -76,6 +77,7 @@ _TABLE_FIELDS = {
         ("best_dev_accuracy", pa.float64()), ("best_dev_loss", pa.float64()), ("test_accuracy", pa.float64()),
         ("test_loss", pa.float64()), ("train_seconds", pa.float64()), ("config", pa.string()),
         ("resumed_from_step", pa.int64()),
+        ("device", pa.string()),  # the device it trained on: a GPU's model, or "cpu (N threads)" (the cost ledger)
     ],
     "tuning_curves": _CURVE_COMMON + [
         ("chain", pa.string()), ("plm_index", pa.int32()), ("task", pa.string()), ("tuning_type", pa.string()),
@@ -123,6 +125,7 @@ _TABLE_FIELDS.update({
         ("full_dev_seconds_to_target", pa.float64()),
         ("teacher", pa.string()),  # "cache-hit" | "cache-miss" | "live" | null (no teacher)
         ("train_seconds", pa.float64()), ("config", pa.string()), ("resumed_from_step", pa.int64()),
+        ("device", pa.string()),  # as in tuning_runs
     ],
     "methods_curves": _CURVE_COMMON + _METHOD + [
         ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()),
@@ -138,6 +141,15 @@ _TABLE_FIELDS.update({
         ("mapped_dev_accuracy", pa.float64()), ("mapped_test_accuracy", pa.float64()),
         ("direct_dev_accuracy", pa.float64()), ("direct_test_accuracy", pa.float64()),
     ],
+    # one row per setting of a transfer method's grid on one pair (raysys.stages.transfer); a method that does not
+    # apply writes one row, applicable false, with the reason; test_* only on the setting chosen on dev
+    "transfer": _COMMON + [
+        ("method", pa.string()), ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()),
+        ("source_plm_index", pa.int32()), ("target_plm_index", pa.int32()), ("source_tuned_hash", pa.string()),
+        ("target_plm_hash", pa.string()), ("applicable", pa.bool_()), ("reason", pa.string()),
+        ("setting", pa.string()),  # JSON: the method's arguments, e.g. {"rank": 8, "null_space": true}
+        ("selected", pa.bool_()), ("num_versions", pa.int32()), ("relative_change", pa.float64()),
+    ] + _METRICS,
 })
 # One row per trial of an Optuna search (`--search optuna`): a methods row with its own lr, under its search.
 _TABLE_FIELDS["methods_search"] = _TABLE_FIELDS["methods_runs"] + [("search_hash", pa.string())]

@@ -217,6 +217,6 @@ def test_margins_come_from_the_report_config(tmp_path):
 def test_report_carries_the_findings_table(tmp_path):
     scope = StudyRows(load_study("tiny"), Store(tmp_path / "store"))
     table = findings.markdown(findings.findings(scope, tables.methods_table(scope)))
-    assert table.count("\n") == 7  # header, rule, six claims
-    assert table.count("**no data**") == 6
+    assert table.count("\n") == 8  # header, rule, seven claims
+    assert table.count("**no data**") == 7
     assert "pooled effect [interval], n" in table

@@ -69,7 +69,7 @@ def test_chromium_renders_every_table_and_figure_without_a_console_message(repor
     assert dom.count('class="dt-container') == tables and dom.count('class="dt-search"') == tables
     assert len(re.findall(r'class="plot-container plotly"', dom)) == FIGURES
     findings = dom[dom.index('id="findings"'):]
-    assert findings[:findings.index("</tbody>")].count("<tr") == 1 + 6  # the header row and the six claims
+    assert findings[:findings.index("</tbody>")].count("<tr") == 1 + 7  # the header row and the seven claims
     console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []
 

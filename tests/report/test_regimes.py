@@ -54,7 +54,7 @@ def test_the_report_puts_the_regimes_side_by_side_when_the_storage_holds_both(tm
     header, rows = regimes.side_by_side(regimes.judged(current, findings.findings(current, tables.methods_table(current))))
     assert header == ["claim", "replay 0.5", "replay 0"]
     assert rows[-1][1:] == ["92%", "10%"]  # (80 − 25) / 60 and (31 − 25) / 60
-    assert len(rows) == 7  # six claims and the retention
+    assert len(rows) == 8  # seven claims and the retention
     path = summary.write_report(StudyRows(forgetting, store), tmp_path / "report")
     assert "## The findings under each regime of forgetting" in path.read_text()
     alone = StudyRows(other, store)

@@ -1,0 +1,92 @@
+"""The report's reading of the `transfer` table: each method's dev-chosen setting against plain copying on the same
+pair, paired by task, type, seed and pair; and the claim of the 2026 evaluation that plain copying is as good as
+the elaborate transfer schemes, judged on this study's rows."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+from raysys.config import TRANSFER_METHODS
+from raysys.report.scope import StudyRows
+from raysys.report.stats import Effect, Statistics, paired
+from raysys.report.tables import Section, fmt
+
+REFERENCE = TRANSFER_METHODS[0]  # "copy": λ = 1, the compatibility test
+CLAIM = "Plain copying is as good as the elaborate transfer schemes (PortLLM-style copying vs DARE, TIES, SVD, ...)"
+
+
+def chosen_rows(scope: StudyRows) -> dict[str, dict[tuple, dict]]:
+    """method → (task, type, seed, i, j) → its row on the setting chosen on dev (applicable methods only)."""
+    out: dict[str, dict[tuple, dict]] = defaultdict(dict)
+    for r in scope.ok_rows("transfer"):
+        if r["applicable"] and r["selected"]:
+            key = (r["task"], r["tuning_type"], r["seed"], r["source_plm_index"], r["target_plm_index"])
+            out[r["method"]][key] = r
+    return out
+
+
+def not_applicable(scope: StudyRows) -> dict[tuple[str, str], str]:
+    """(method, type) → why the method did not run there (one reason per pair, as its rows give it)."""
+    return {(r["method"], r["tuning_type"]): r["reason"] for r in scope.ok_rows("transfer") if not r["applicable"]}
+
+
+def _test(rows: dict[tuple, dict]) -> dict[tuple, float]:
+    return {k: r["test_accuracy"] for k, r in rows.items()}
+
+
+def method_effects(scope: StudyRows, stats: Statistics) -> dict[str, Effect]:
+    """Per method other than copying: its test accuracy minus copying's, paired over every pair both ran on."""
+    chosen = chosen_rows(scope)
+    copy = _test(chosen.get(REFERENCE, {}))
+    return {m: stats.effect(paired(_test(chosen[m]), copy)) for m in TRANSFER_METHODS if m != REFERENCE and m in chosen}
+
+
+def transfer_section(scope: StudyRows, stats: Statistics) -> Section:
+    chosen, skipped = chosen_rows(scope), not_applicable(scope)
+    copy = _test(chosen.get(REFERENCE, {}))
+    groups = defaultdict(list)  # (method, type, hop) → its pairs' keys
+    for method, rows in chosen.items():
+        for key in rows:
+            groups[(method, key[1], key[4] - key[3])].append(key)
+    out = []
+    for method in TRANSFER_METHODS:
+        for tuning_type in scope.study.tuning.types:
+            if (method, tuning_type) in skipped and not any(m == method and t == tuning_type for m, t, _ in groups):
+                out.append([method, tuning_type, "—", 0, "n/a", "—", skipped[(method, tuning_type)], "—"])
+            for (m, t, hop), keys in sorted(groups.items()):
+                if m != method or t != tuning_type:
+                    continue
+                rows = {k: chosen[m][k] for k in keys}
+                diff = "—" if m == REFERENCE else stats.effect(paired(_test(rows), copy)).text()
+                setting = Counter(rows[k]["setting"] for k in keys).most_common(1)[0][0]
+                out.append([m, t, hop, len(keys), fmt(_mean(_test(rows).values()), 100),
+                            fmt(_mean(copy[k] for k in keys if k in copy), 100), diff, _setting(setting)])
+    return Section("Training-free transfer of Δ_i onto M_j (setting chosen on dev per pair): test accuracy %, and "
+                   f"the method minus plain copying on the same pairs ({stats.describe()})",
+                   ["method", "type", "hops", "pairs", "test", "copy", "method − copy", "most chosen setting"], out)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _setting(text: str) -> str:
+    values = json.loads(text)
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "—"
+
+
+def copying_verdict(effects: dict[str, Effect], margin: float) -> str:
+    """'holds' when every method's gain over copying is ruled out at `margin` (its interval lies below it); 'does
+    not hold' when some method is shown better by the margin; 'partly (k/n)' when only some gains are ruled out;
+    'not shown' when none is either way."""
+    if not effects:
+        return "no data"
+    better = sorted(m for m, e in effects.items() if e.shown(margin))
+    if better:
+        return f"does not hold ({', '.join(better)} better)"
+    ruled_out = sum(e.ruled_out(margin) for e in effects.values())
+    if ruled_out == len(effects):
+        return "holds"
+    return f"partly ({ruled_out}/{len(effects)})" if ruled_out else "not shown"

@@ -1,0 +1,74 @@
+"""The report's transfer table and the claim that plain copying is as good as the transfer schemes, on hand-made
+rows written as real Parquet files: the verdict follows the paired intervals, a method that did not apply says so."""
+
+import dataclasses
+import json
+
+from raysys.config import ReportConfig, load_study
+from raysys.report import findings, transfer
+from raysys.report.scope import StudyRows
+from raysys.storage import results
+from raysys.storage.store import Store
+
+SEEDS = (20, 30, 40, 50, 60)
+
+
+def _scope(store, **report):
+    study = load_study("tiny")
+    return StudyRows(dataclasses.replace(study, report=dataclasses.replace(ReportConfig(), **report)), store,
+                     everything=True)
+
+
+def _rows(method, accs, tuning_type="finetune", setting=None, pair=(1, 2)):
+    return [{"status": "ok", "method": method, "task": "t", "tuning_type": tuning_type, "seed": s,
+             "source_plm_index": pair[0], "target_plm_index": pair[1], "applicable": True, "selected": True,
+             "setting": json.dumps(setting or {}), "test_accuracy": a, "dev_accuracy": a} for s, a in zip(SEEDS, accs)]
+
+
+def _write(store, rows):
+    for n, row in enumerate(rows):
+        results.write_rows(store, "transfer", f"{row['method']}-{n}", [row])
+
+
+COPY = [0.60, 0.62, 0.58, 0.61, 0.59]
+
+
+def test_copying_holds_when_every_methods_gain_is_ruled_out(tmp_path):
+    store = Store(tmp_path)
+    _write(store, _rows("copy", COPY) + _rows("dare", [a - 0.001 for a in COPY], setting={"drop": 0.5}) +
+           _rows("ties", [a + d for a, d in zip(COPY, (0.002, -0.002, 0.001, -0.001, 0.0))], setting={"density": 0.2}))
+    f = findings.copying_is_enough(_scope(store))
+    assert f.verdict == "holds"
+    assert "dare − copy -0.1 points" in f.evidence and "n=5" in f.effect
+
+
+def test_a_method_clearly_better_than_copying_breaks_the_claim(tmp_path):
+    store = Store(tmp_path)
+    better = [a + d for a, d in zip(COPY, (0.05, 0.06, 0.04, 0.05, 0.055))]
+    _write(store, _rows("copy", COPY) + _rows("svd", better, setting={"rank": 8}) +
+           _rows("dare", [a - 0.001 for a in COPY]))
+    f = findings.copying_is_enough(_scope(store))
+    assert f.verdict == "does not hold (svd better)"
+    assert f.effect.startswith("+5.1 points")  # the method with the largest gain
+    section = transfer.transfer_section(_scope(store), findings.statistics_of(_scope(store)))
+    svd = next(r for r in section.rows if r[0] == "svd")
+    assert svd[3:6] == [5, "65.1", "60.0"] and svd[7] == "rank=8"
+
+
+def test_noise_around_copying_is_neither_shown_nor_ruled_out(tmp_path):
+    store = Store(tmp_path)
+    _write(store, _rows("copy", COPY) + _rows("scaled", [a + d for a, d in zip(COPY, (0.08, -0.07, 0.09, -0.06, 0.0))]))
+    assert findings.copying_is_enough(_scope(store)).verdict == "not shown"
+    # a wider margin rules the same gain out
+    assert findings.copying_is_enough(_scope(store, transfer_margin=0.2)).verdict == "holds"
+
+
+def test_a_method_that_did_not_apply_is_a_row_that_says_why(tmp_path):
+    store = Store(tmp_path)
+    reason = "the adapter's module has no backbone weight whose subspaces it could be projected onto"
+    _write(store, _rows("copy", COPY, "adapter") + [
+        {"status": "ok", "method": "svd", "task": "t", "tuning_type": "adapter", "seed": 20, "source_plm_index": 1,
+         "target_plm_index": 2, "applicable": False, "reason": reason}])
+    section = transfer.transfer_section(_scope(store), findings.statistics_of(_scope(store)))
+    assert ["svd", "adapter", "—", 0, "n/a", "—", reason, "—"] in section.rows
+    assert findings.copying_is_enough(_scope(store)).verdict == "no data"  # nothing but copying ran
