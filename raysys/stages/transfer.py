@@ -24,21 +24,15 @@ from raysys.config import StudyConfig
 from raysys.identity import config_hash, recycling_identity, tuned_hash
 from raysys.stages.base import Artifact, Context, Resources, Rows, Stage, View, cell_columns, run_guarded
 from raysys.stages.chain import ChainPlan, task_grid
+from raysys.stages.compatibility import CompatibilityCell
 from raysys.storage import results
 
 
 @dataclass(frozen=True)
-class TransferCell:
-    cell_hash: str
+class TransferCell(CompatibilityCell):
+    """A transfer method on one compatibility pair."""
+
     method: str
-    task: str
-    tuning_type: str
-    seed: int
-    source_plm_index: int
-    target_plm_index: int
-    source_tuned_hash: str
-    source_plm_hash: str
-    target_plm_hash: str
     history: tuple[str, ...]  # the task's tuned hashes on M_k for k < i (tuned PLMs only), oldest first
 
 
@@ -62,8 +56,8 @@ class TransferStage(Stage):
                     uses = history if method == "multi_version" else ()
                     cell_hash = config_hash("transfer", method, config.grid(method), tuned[i], uses, plms[i], plms[j],
                                             *moved)
-                    cells.append(TransferCell(cell_hash, method, task.name, tuning_type, seed, i, j, tuned[i],
-                                              plms[i], plms[j], history))
+                    cells.append(TransferCell(cell_hash, task.name, tuning_type, seed, i, j, tuned[i], plms[i],
+                                              plms[j], method, history))
         return cells
 
     def outputs(self, cell: TransferCell):
