@@ -11,7 +11,7 @@ from collections import Counter
 
 from raysys.config import REFERENCE_METHOD
 from raysys.report.scope import StudyRows
-from raysys.report.stats import Statistics, paired
+from raysys.report.stats import Statistics, mean, paired
 from raysys.report.tables import Section, fmt
 
 
@@ -48,15 +48,11 @@ def ledger_rows(scope: StudyRows, methods_table: list[dict], stats: Statistics) 
             saved = "—" if name == REFERENCE_METHOD else stats.effect(paired(base, own)).text(1.0, " s", 1)
             devices = Counter(run.get("device") or "unrecorded" for run in entry["by_seed"].values())
             rows.append([task, tuning_type, upgrade, regime, name, f"{reached}/{len(timed)}",
-                         fmt(_mean(own.values()), digits=1), fmt(_mean(base.values()), digits=1), saved,
+                         fmt(mean(own.values()), digits=1), fmt(mean(base.values()), digits=1), saved,
                          fmt(sum(run["train_seconds"] or 0.0 for run in entry["by_seed"].values()), digits=0),
                          ", ".join(sorted(devices))])
     return rows
 
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
 
 
 def ledger_section(scope: StudyRows, methods_table: list[dict], stats: Statistics) -> Section:

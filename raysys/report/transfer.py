@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 from raysys.config import TRANSFER_METHODS
 from raysys.report.scope import StudyRows
-from raysys.report.stats import Effect, Statistics, paired
+from raysys.report.stats import Effect, Statistics, mean, paired
 from raysys.report.tables import Section, fmt
 
 REFERENCE = TRANSFER_METHODS[0]  # "copy": λ = 1, the compatibility test
@@ -60,16 +60,12 @@ def transfer_section(scope: StudyRows, stats: Statistics) -> Section:
                 rows = {k: chosen[m][k] for k in keys}
                 diff = "—" if m == REFERENCE else stats.effect(paired(_test(rows), copy)).text()
                 setting = Counter(rows[k]["setting"] for k in keys).most_common(1)[0][0]
-                out.append([m, t, hop, len(keys), fmt(_mean(_test(rows).values()), 100),
-                            fmt(_mean(copy[k] for k in keys if k in copy), 100), diff, _setting(setting)])
+                out.append([m, t, hop, len(keys), fmt(mean(_test(rows).values()), 100),
+                            fmt(mean(copy[k] for k in keys if k in copy), 100), diff, _setting(setting)])
     return Section("Training-free transfer of Δ_i onto M_j (setting chosen on dev per pair): test accuracy %, and "
                    f"the method minus plain copying on the same pairs ({stats.describe()})",
                    ["method", "type", "hops", "pairs", "test", "copy", "method − copy", "most chosen setting"], out)
 
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _setting(text: str) -> str:
