@@ -1,12 +1,20 @@
 """One Ray cluster per test session (starting Ray costs seconds), and one micro study run shared by the stage
-tests: it goes through every stage with real Ray Tune/Train, real HF models and real Parquet files."""
+tests: it goes through every stage with real Ray Tune/Train, real HF models and real Parquet files.
 
+Under pytest-xdist (README command 2 runs two workers) each worker is a session with its own Ray; the micro study
+is run once for all of them (the first worker to ask runs it, under a file lock) and each worker gets its own copy,
+so that a test changing its store in place cannot race another worker's. Modules that start clusters of their own
+on fixed ports, or move the machine's `ray start` address file, share one xdist group and so never overlap."""
+
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -64,16 +72,21 @@ def write_paper_data(root):
             (root / "data" / "tasks" / task / f"{split}.jsonl").write_text('{"text": "x", "label": "a"}\n')
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
+def start_test_ray():
+    """A new local Ray for the tests, even when `ray start` runs a cluster on this machine (address="local")."""
     import ray
 
-    # address="local": a new Ray for the tests even when `ray start` runs a cluster on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2,
              configure_logging=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in (
                  "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_VERBOSITY",
                  "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_USAGE_STATS_ENABLED")}})
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = start_test_ray()
     yield ray
     ray.shutdown()
 
@@ -83,15 +96,109 @@ def micro_study():
     return load_study("tiny", MICRO_OVERRIDES)
 
 
+# Modules that start Ray clusters of their own (fixed ports, `ray start`'s address file, `ray up`): one xdist group
+MACHINE_WIDE = {"test_ray_up.py", "test_multinode.py", "test_cluster.py", "test_driver.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every module is one xdist group (its module-scoped fixtures are built once, on one worker), and the modules
+    in MACHINE_WIDE share one."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("machine-wide" if name in MACHINE_WIDE else str(item.path)))
+
+
+def _shared_temp(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (each worker's base temp is a child of it); the base temp
+    itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def session_workers(marker: str):
+    """This session's Ray worker processes whose title holds `marker`: children of this session's raylet only, so
+    that a test killing trials (as the OOM killer would) leaves another session's Ray alone."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        if proc.info["ppid"] == raylet and marker in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+REPO = Path(__file__).resolve().parents[1]
+_BUILDS: list[subprocess.Popen] = []  # the micro study's build, where this process started it
+
+
+def _start_micro_build(shared: Path) -> None:
+    """Start tests/micro_build.py into `shared` unless a process of this run already did (or it is done)."""
+    from filelock import FileLock
+
+    with FileLock(str(shared / "micro.lock")):
+        if (shared / "micro-build.pid").is_file():
+            return
+        with open(shared / "micro-build.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.micro_build", str(shared)], cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        (shared / "micro-build.pid").write_text(str(proc.pid))
+        _BUILDS.append(proc)
+
+
+def pytest_collection_finish(session):
+    """As soon as a collected test needs the micro study, build it in the background, in a process with a Ray of
+    its own: the tests that do not need it run meanwhile (on every xdist worker) instead of waiting for it."""
+    if any("micro_run" in getattr(item, "fixturenames", ()) for item in session.items):
+        _start_micro_build(_shared_temp(session.config._tmp_path_factory))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A build this process started outlives its tests only while another worker may still need it: wait for it,
+    unless the run was interrupted."""
+    for proc in _BUILDS:
+        if proc.poll() is None:
+            if exitstatus == pytest.ExitCode.INTERRUPTED:
+                proc.terminate()
+            proc.wait(timeout=1800)
+
+
+def _built_micro_study(shared: Path) -> dict:
+    """Wait for the background build; what run_study reported. Its failure fails the tests needing it, with its
+    log."""
+    _start_micro_build(shared)
+    counts, log = shared / "micro-ran.json", shared / "micro-build.log"
+    pid, deadline = int((shared / "micro-build.pid").read_text()), time.time() + 1800
+    while not counts.is_file():
+        try:
+            os.kill(pid, 0)
+            alive = not (shared / "micro-failed.txt").is_file()
+        except OSError:
+            alive = False
+        if not alive or time.time() > deadline:
+            time.sleep(0.5)  # a build that just finished writes its counts before it exits
+            if counts.is_file():
+                break
+            raise RuntimeError(f"the micro study's build ({'failed' if not alive else 'still running after 30 min'})"
+                               f", its log {log}:\n{log.read_text()[-4000:] if log.is_file() else ''}")
+        time.sleep(0.5)
+    return json.loads(counts.read_text())
+
+
 @pytest.fixture(scope="session")
 def micro_run(ray_cluster, micro_study, tmp_path_factory):
-    """The whole micro study, run once: (study, store, what run_study reported)."""
+    """The whole micro study, run once per test run (tests/micro_build.py): (study, store, what run_study
+    reported). Under xdist each worker holds its own copy of the run's store."""
     from raysys.storage.store import Store
-    from raysys.sweep.driver import run_study
 
-    store = Store(tmp_path_factory.mktemp("micro"))
-    ran = run_study(micro_study, store, log=lambda *_: None)
-    return micro_study, store, ran
+    shared = _shared_temp(tmp_path_factory)
+    ran = _built_micro_study(shared)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return micro_study, Store(shared / "micro"), ran
+    mine = tmp_path_factory.mktemp("micro")
+    shutil.copytree(shared / "micro", mine, dirs_exist_ok=True, symlinks=True)
+    return micro_study, Store(mine), ran
 
 
 @pytest.fixture(scope="session")

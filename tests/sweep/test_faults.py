@@ -18,7 +18,7 @@ from raysys.stages.compatibility import CompatibilityCell
 from raysys.stages.registry import stage
 from raysys.storage import results
 from raysys.storage.store import Store
-from tests.conftest import MICRO_OVERRIDES
+from tests.conftest import MICRO_OVERRIDES, session_workers
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "sweeps" / "full_paper.py"
@@ -50,7 +50,8 @@ def _values(store: Store, table: str) -> dict[str, tuple]:
 
 
 class _Reaper:
-    """SIGKILLs every process of one stage's trials as soon as it appears, as the OOM killer would."""
+    """SIGKILLs every process of one stage's trials as soon as it appears, as the OOM killer would (this session's
+    Ray only)."""
 
     def __init__(self, name: str):
         self.name, self.killed, self._stop = name, 0, threading.Event()
@@ -58,13 +59,12 @@ class _Reaper:
 
     def _run(self):
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["cmdline"]):
-                if self.name in " ".join(proc.info["cmdline"] or []):
-                    try:
-                        proc.send_signal(signal.SIGKILL)
-                        self.killed += 1
-                    except psutil.Error:
-                        pass
+            for proc in session_workers(self.name):
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    self.killed += 1
+                except psutil.Error:
+                    pass
             self._stop.wait(0.05)
 
     def __enter__(self):

@@ -20,7 +20,7 @@ from raysys.stages.registry import stage
 from raysys.storage import checkpoint, results
 from raysys.storage.store import Store
 from raysys.sweep import driver as sweep
-from tests.conftest import MICRO_OVERRIDES
+from tests.conftest import MICRO_OVERRIDES, session_workers
 
 SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
 # the killed study: the micro study's main chain (the control chain's links, tuning runs and pairs are cells of the
@@ -104,7 +104,7 @@ def _artifact_times(store: Store) -> dict[tuple[str, str], int]:
 def _busy_workers() -> dict[int, str]:
     """pid -> title of the Ray worker processes doing something (a task or an actor)."""
     found = {}
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in session_workers("ray::"):
         title = " ".join(proc.info["cmdline"] or []).strip()  # Ray pads the titles it sets
         if title.startswith("ray::") and title not in RAY_HELPERS:
             found[proc.pid] = title
@@ -240,12 +240,8 @@ def test_a_killed_driver_resumes_without_retraining(killed_then_resumed, killed_
 
 
 def _trial_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ImplicitFunc" in cmdline or "_tuning_trainable" in cmdline:
-            found.append(proc)
-    return found
+    return [p for p in session_workers("") if any(name in " ".join(p.info["cmdline"] or [])
+                                                  for name in ("ImplicitFunc", "_tuning_trainable"))]
 
 
 LONG, EVERY = 60, 4  # steps of the added cells; the micro study evaluates every 4 steps
@@ -331,7 +327,7 @@ def _pretrain_command(storage: Path, address: str) -> list[str]:
 
 
 def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    return session_workers("RayTrainWorker")
 
 
 def _plm_weights(store: Store) -> dict[str, bytes]:
