@@ -206,6 +206,27 @@ def task_files(spec: TaskConfig) -> dict[str, DataFile]:
     return {split: task_file(spec, name) for split, name in zip(SPLITS, spec.splits)}
 
 
+def split_examples(spec: TaskConfig, split: str, world_split_sizes: dict[str, int]) -> int | None:
+    """How many examples split `split` of a task holds, without parsing it (the `--dry-run` evaluation estimate):
+    the world's config for built-in tasks, non-blank lines of a jsonl file, a Parquet file's row count from its
+    footer. None for a hub task (learning its size means downloading it) or a file not there."""
+    if spec.source == "builtin":
+        return world_split_sizes[split]
+    if spec.source == "hf":
+        return None
+    try:
+        file = task_file(spec, spec.splits[("train", "dev", "test").index(split)])
+    except DataError:
+        return None
+    if spec.source == "parquet":
+        import pyarrow.parquet as pq
+
+        with file.fs.open_input_file(file.path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    with file.fs.open_input_stream(file.path) as raw:
+        return sum(1 for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace") if line.strip())
+
+
 def fingerprint(spec: CorpusConfig | TaskConfig, cache: DigestCache) -> str | None:
     """The identity of a source's data (None for built-in data: the world's config is its identity)."""
     if spec.source == "builtin":

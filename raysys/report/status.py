@@ -100,22 +100,60 @@ def training_flops(study: StudyConfig, planned: dict[str, list] | None = None) -
     return flops
 
 
+def evaluation_flops(study: StudyConfig, planned: dict[str, list] | None = None) -> tuple[dict[str, float], set]:
+    """The compute of the stages that only evaluate, per stage, 2 · layer weights · tokens of the forward passes
+    their cells make (examples counted at tuning.max_length), and the tasks left out: a hub task's size is not
+    known without downloading it, nor a file's that is not there."""
+    from raysys.core.sources import split_examples
+
+    planned, per_token, sizes = planned or plans(study), 2 * _layer_parameters(study), {}
+    world = {"dev": study.world.task_dev, "test": study.world.task_test}
+    tasks = {t.name: t for t in study.tasks}
+    flops, unknown = {}, set()
+    for stage in STAGES:
+        tokens = 0
+        for cell in planned[stage.name]:
+            for split, passes in stage.eval_passes(study, cell).items():
+                if (cell.task, split) not in sizes:
+                    sizes[cell.task, split] = split_examples(tasks[cell.task], split, world)
+                if sizes[cell.task, split] is None:
+                    unknown.add(cell.task)
+                else:
+                    tokens += passes * sizes[cell.task, split] * study.tuning.max_length
+        if tokens:
+            flops[stage.name] = per_token * tokens
+    return flops, unknown
+
+
 def plan_text(study: StudyConfig, store: Store, tflops: float) -> str:
-    """The `--dry-run` plan: per stage the cells planned, done, failed and to do, and the training compute."""
+    """The `--dry-run` plan: per stage the cells planned, done, failed and to do, the training compute and that
+    of the stages that only evaluate, and the device-hours of both."""
     planned = plans(study)
     status, flops = stage_status(study, store, planned), training_flops(study, planned)
-    lines = [f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to run':>7} {'train PFLOP':>12}"]
+    evals, unknown = evaluation_flops(study, planned)
+    header = f"{'stage':<14} {'planned':>8} {'done':>8} {'failed':>7} {'to run':>7} {'train PFLOP':>12} "
+    lines = [header + f"{'eval PFLOP':>11}"]
     for stage in STAGES:
-        counts, pflop = status[stage.name], flops.get(stage.name)
+        counts, pflop, eflop = status[stage.name], flops.get(stage.name), evals.get(stage.name)
         note = stage.plan_note(study, planned[stage.name])
         lines.append(f"{stage.name:<14} {counts['planned']:>8} {counts['done']:>8} {counts['failed']:>7} "
-                     f"{counts['planned'] - counts['done']:>7} {'—' if pflop is None else f'{pflop / 1e15:.3g}':>12}"
+                     f"{counts['planned'] - counts['done']:>7} {_pflop(pflop):>12} {_pflop(eflop):>11}"
                      + (f"   {note}" if note else ""))
-    total = sum(flops.values())
-    hours = total / (tflops * 1e12) / 3600
+    total, evaluated = sum(flops.values()), sum(evals.values())
     lines.append(f"training compute ≈ {total / 1e15:.3g} PFLOP (upper bound, evaluation not counted): "
-                 f"{hours:.3g} device-hours at a sustained {tflops:g} TFLOP/s (--assume-tflops)")
+                 f"{_hours(total, tflops)} device-hours at a sustained {tflops:g} TFLOP/s (--assume-tflops)")
+    left_out = f"; tasks of unknown size not counted: {', '.join(sorted(unknown))}" if unknown else ""
+    lines.append(f"evaluation-only stages ≈ {evaluated / 1e15:.3g} PFLOP (examples at tuning.max_length{left_out}): "
+                 f"{_hours(evaluated, tflops)} device-hours at the same rate")
     return "\n".join(lines)
+
+
+def _pflop(flops: float | None) -> str:
+    return "—" if flops is None else f"{flops / 1e15:.3g}"
+
+
+def _hours(flops: float, tflops: float) -> str:
+    return f"{flops / (tflops * 1e12) / 3600:.3g}"
 
 
 def running_sweep(store: Store) -> dict | None:

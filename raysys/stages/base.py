@@ -240,6 +240,11 @@ class Stage:
         """Tokens a cell trains on (the `--dry-run` compute estimate); 0 for evaluation-only cells."""
         return 0
 
+    def eval_passes(self, study: StudyConfig, cell) -> dict[str, int]:
+        """Forward passes a cell makes over each split of its task ({"dev": n, "test": m}) outside training (the
+        `--dry-run` evaluation estimate, for the stages that only evaluate); none by default."""
+        return {}
+
     def plan_note(self, study: StudyConfig, cells: list) -> str:
         """A remark beside the stage's line in the `--dry-run` plan."""
         return ""

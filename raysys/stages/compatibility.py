@@ -68,6 +68,9 @@ class CompatibilityStage(Stage):
     def resources(self, study: StudyConfig) -> Resources:
         return Resources.per_trial(study.pilot)
 
+    def eval_passes(self, study: StudyConfig, cell) -> dict[str, int]:
+        return {"dev": 1, "test": 1}  # a baseline's majority class costs nothing; its untrained head one pass
+
     def run(self, ctx: Context, cell) -> None:
         from raysys.stages.recipe import Evaluator
         from raysys.storage import artifacts

@@ -25,6 +25,41 @@ def test_training_flops_scale_with_the_steps():
     assert set(base) == {"pretrain", "tuning", "methods", "training_free"}  # the stages that train
 
 
+def test_evaluation_flops_count_every_forward_pass_of_the_stages_that_only_evaluate():
+    study = load_study("tiny")
+    planned = status.plans(study)
+    flops, unknown = status.evaluation_flops(study, planned)
+    m, w = study.model, study.world
+    per_example = 2 * m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size) \
+        * study.tuning.max_length
+    transfer = planned["transfer"]
+    by_hand = sum(len(study.transfer.grid(c.method)) * w.task_dev + w.task_test for c in transfer) * per_example
+    assert flops["transfer"] == by_hand and not unknown
+    assert flops["compatibility"] == len(planned["compatibility"]) * (w.task_dev + w.task_test) * per_example
+    assert set(flops) == {"compatibility", "interpolation", "transfer"}
+
+
+def test_a_task_files_size_is_counted_from_the_files_and_a_hub_tasks_is_unknown(tmp_path):
+    import dataclasses
+
+    from raysys.config import TaskConfig
+    from raysys.core.sources import split_examples
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "dev.jsonl").write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n')
+    jsonl = TaskConfig(name="t", domain="d", source="jsonl", path=str(tmp_path))
+    assert split_examples(jsonl, "dev", {}) == 2  # the blank line is not an example
+    assert split_examples(jsonl, "test", {}) is None  # not there (yet): the plan says it is not counted
+    hub = TaskConfig(name="t", domain="d", source="hf", path="org/t")
+    assert split_examples(hub, "dev", {}) is None
+    study = load_study("tiny")
+    hubbed = dataclasses.replace(study, tasks=(dataclasses.replace(study.tasks[0], source="hf", path="org/t",
+                                                                   fingerprint="hf:stand-in"), *study.tasks[1:]))
+    flops, unknown = status.evaluation_flops(hubbed)
+    assert unknown == {study.tasks[0].name} and flops["transfer"] < status.evaluation_flops(study)[0]["transfer"]
+
+
 def test_dry_run_prints_the_plan_without_starting_ray(tmp_path, monkeypatch):
     storage = tmp_path / "plan"
     write_paper_data(tmp_path)
@@ -39,6 +74,9 @@ def test_dry_run_prints_the_plan_without_starting_ray(tmp_path, monkeypatch):
     assert line.split()[1:5] == [str(planned), "0", "0", str(planned)]
     assert [x.split()[0] for x in out.stdout.splitlines()[2:2 + len(NAMES)]] == list(NAMES)
     assert "device-hours" in out.stdout and "PFLOP" in out.stdout
+    transfer = next(x for x in out.stdout.splitlines() if x.startswith("transfer")).split()
+    assert transfer[5] == "—" and float(transfer[6]) > 0  # evaluation only: no training, its passes counted
+    assert re.search(r"evaluation-only stages ≈ \S+ PFLOP .*: \S+ device-hours", out.stdout)
     assert not storage.exists()  # nothing written, no Ray session under it
 
 
