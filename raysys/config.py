@@ -454,12 +454,13 @@ class PilotConfig:
 @dataclass(frozen=True)
 class RecyclingMethod:
     """What a method of the methods stage is made of. `start`: where tuning M_j begins — "fresh" (a new seeded
-    head, and PET module, on M_j) or "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
-    PET: the old module and head on M_j, LayerNorms by `tuning.pet_norms`). `objective`: "cross_entropy", or
-    "distillation" — (1 − a)·CE + a·T²·KL + β·½·MSE against the old model on the old PLM, over the T × a × β grid
-    (or an Optuna search)."""
+    head, and PET module, on M_j), "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
+    PET: the old module and head on M_j, LayerNorms by `tuning.pet_norms`) or "transferred" (the weights a
+    training-free transfer method of the transfer stage made for M_j, its setting chosen there on dev; one run per
+    method of `methods.transfer_starts`). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE + a·T²·KL +
+    β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search)."""
 
-    start: Literal["fresh", "old_weights"]
+    start: Literal["fresh", "old_weights", "transferred"]
     objective: Literal["cross_entropy", "distillation"]
 
     @property
@@ -469,17 +470,20 @@ class RecyclingMethod:
     @property
     def recycles(self) -> bool:
         """Does the method need the outdated tuned model (as its start or its teacher)?"""
-        return self.start == "old_weights" or self.distils
+        return self.start != "fresh" or self.distils
 
 
 # The registry of recycling methods: adding one is one entry (report, figures and search read this table). The
-# first is the reference every other method is measured against (convergence targets, the findings).
+# first is the reference every other method is measured against (convergence targets, the findings); the paper's
+# are the first four, `transfer_init` is issue 21's generalisation of `init` (docs/transfer.md).
 RECYCLING_METHODS = {
     "vanilla": RecyclingMethod("fresh", "cross_entropy"),
     "init": RecyclingMethod("old_weights", "cross_entropy"),
     "distill": RecyclingMethod("fresh", "distillation"),
     "combined": RecyclingMethod("old_weights", "distillation"),
+    "transfer_init": RecyclingMethod("transferred", "cross_entropy"),
 }
+PAPER_METHODS = ("vanilla", "init", "distill", "combined")  # what the paper's claims compare
 METHODS = tuple(RECYCLING_METHODS)
 REFERENCE_METHOD = METHODS[0]
 REGIMES = ("full", "kshot")
@@ -639,7 +643,8 @@ class MethodsConfig:
     """Recycling the outdated Δ_i when tuning M_{i+h} with the methods `names` of RECYCLING_METHODS: `vanilla`
     (fresh start, cross-entropy), `init` (start from the old delta / module and head), `distill` (fresh start;
     teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init
-    start, distillation loss). The grid: temperatures (T), kd_weights (a) and betas (β) multiply only the
+    start, distillation loss), and beyond the paper `transfer_init` (start from the weights a transfer method of
+    `transfer_starts` made, its setting chosen on dev by the transfer stage; docs/transfer.md). The grid: temperatures (T), kd_weights (a) and betas (β) multiply only the
     distilling methods; upgrades are (i, i + h) for i in `sources` (None = every tuned PLM with a successor) and
     h in `hops`; regimes `full` and `kshot` (K per class for each K in `shots`). Convergence is measured against
     the vanilla run: the first evaluation reaching `target_fraction` of its best dev accuracy."""
@@ -656,6 +661,8 @@ class MethodsConfig:
     betas: tuple[float, ...] = (0.0, 5.0, 10.0, 50.0, 100.0)
     teacher_dropout: bool = False
     target_fraction: float = 0.95
+    # `transfer_init` starts: one run per transfer method here (copy is `init` itself)
+    transfer_starts: tuple[str, ...] = ("scaled", "dare", "ties", "svd", "subspace", "multi_version")
     kshot: KShotConfig = KShotConfig()
     training_free: TrainingFreeConfig = TrainingFreeConfig()
     search: SearchConfig = SearchConfig()
@@ -676,8 +683,13 @@ class MethodsConfig:
                "every task)")
         _check(self.sources is None or len(self.sources) >= 1, "methods.sources",
                "name at least one PLM index (or leave it out: every tuned PLM)")
-        for name in ("hops", "tasks", "types", "sources", "regimes", "shots", "temperatures", "kd_weights", "betas"):
+        for name in ("hops", "tasks", "types", "sources", "regimes", "shots", "temperatures", "kd_weights", "betas",
+                     "transfer_starts"):
             _check_distinct(getattr(self, name) or (), f"methods.{name}")
+        for name in self.transfer_starts:
+            _check(name in TRANSFER_METHODS and name != TRANSFER_METHODS[0], "methods.transfer_starts",
+                   f"unknown transfer method '{name}'; known: {list(TRANSFER_METHODS[1:])} ('{TRANSFER_METHODS[0]}' "
+                   "is `init` itself)")
         _check(len(self.regimes) >= 1, "methods.regimes", f"name at least one of {list(REGIMES)}")
         for r in self.regimes:
             _check(r in REGIMES, "methods.regimes", f"unknown regime '{r}'; known: {list(REGIMES)}")
@@ -826,6 +838,10 @@ class StudyConfig:
             _check(any(i + h < len(self.corpora) for h in self.methods.hops), "methods.sources",
                    f"M{i} has no successor M{i}+h for h in {list(self.methods.hops)} in a chain of "
                    f"{len(self.corpora)}")
+        if "transfer_init" in self.methods.names and self.transfer.enabled:
+            for name in self.methods.transfer_starts:
+                _check(name in self.transfer.names, "methods.transfer_starts", f"'{name}' is not in transfer.names "
+                       f"({list(self.transfer.names)}): the transfer stage would not choose its setting")
 
     @property
     def upgrades(self) -> tuple[tuple[int, int], ...]:

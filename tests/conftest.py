@@ -47,7 +47,7 @@ MICRO_OVERRIDES = [
     "pilot.alphas=[0.0,0.5,1.0]", "seeds=[20]", "pilot.similarity_examples=16",
     'methods.tasks=["d1_rel","d2_rel"]', "methods.shots=[4]", "methods.temperatures=[5.0]",
     "methods.kd_weights=[0.9]", "methods.betas=[10.0]", "methods.training_free.steps=6",
-    'methods.training_free.tasks=["d1_rel","d2_rel"]',
+    'methods.training_free.tasks=["d1_rel","d2_rel"]', 'methods.transfer_starts=["ties"]',
 ]
 
 

@@ -84,6 +84,16 @@ def _digest(hashes) -> str:
     return hashlib.sha256(",".join(sorted(hashes)).encode()).hexdigest()[:16]
 
 
+def _pinned(each, study, chain) -> list:
+    """A stage's cells as pinned: the methods stage's without transfer_init (issue 21 added it beside the paper's
+    methods, whose cells keep their hashes; its own cells are pinned apart, as `transfer_init`)."""
+    return [c for c in each.plan(study, chain) if getattr(c, "method", None) != "transfer_init"]
+
+
+def _transfer_starts(study, chain) -> list:
+    return [c for c in stage("methods").plan(study, chain) if c.method == "transfer_init"]
+
+
 def _study(name, *overrides):
     return paper_with_fixed_data(*overrides) if STUDIES[name] is None else _tiny([*STUDIES[name], *overrides])
 
@@ -96,7 +106,7 @@ def test_every_planned_cell_keeps_its_hash(name, before):
     chain = plan_chain(study)
     for each in STAGES:
         if each.name in expected:
-            cells = each.plan(study, chain)
+            cells = _pinned(each, study, chain)
             assert (len(cells), _digest(c.cell_hash for c in cells)) == expected[each.name], each.name
 
 
@@ -106,7 +116,7 @@ def _moved(cell) -> bool:
     tuning_type = getattr(cell, "tuning_type", None)  # PLMs have none
     if tuning_type == "adapter":
         return isinstance(cell, (CompatibilityCell, TrainingFreeCell, TransferCell)) or (
-            isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start == "old_weights")
+            isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start != "fresh")  # moved or transferred
     return tuning_type == "lora" and isinstance(cell, (PathPoint, PathSummary))
 
 
@@ -148,10 +158,10 @@ def test_speed_fields_leave_existing_hashes_alone_and_only_precision_and_bucketi
     assert [link.plm_hash for link in chain.links] == TINY_PLM_HASHES
     tuning = stage("tuning").plan(study, chain)
     assert (tuning[0].cell_hash, tuning[-1].cell_hash) == ("19d186c9d2203189", "8958a4aeb63c5e92")
-    cells = stage("methods").plan(study, chain)  # the last: an adapter's combined cell, new under "delta"
+    cells = _pinned(stage("methods"), study, chain)  # the last: an adapter's combined cell, new under "delta"
     assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "9b5e6a3e2a534cb9")
     before = _tiny(BEFORE_POLICIES)
-    cells = stage("methods").plan(before, plan_chain(before))
+    cells = _pinned(stage("methods"), before, plan_chain(before))
     assert (cells[0].cell_hash, cells[-1].cell_hash) == ("ee04e443ec8edc81", "89a0bc33a6d2b566")
 
     def hashes(*overrides):
@@ -247,16 +257,18 @@ def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
 
 # The current presets' plans (issue 20: the tiny preset replays, tunes longer, walks 11 path points and selects
 # on 512 dev examples; the micro study, built on it, replays too): measured at the commit that set them; the
-# transfer stage's (issue 21) at the commit that added it.
+# transfer stage's (issue 21) at the commit that added it; the methods' transfer_init cells (issue 21) apart.
 CURRENT = {
     "tiny": {"pretrain": (6, "289099be2ed96748"), "tuning": (90, "dd5a9ffce6c237c7"),
              "compatibility": (132, "09452988b9c81950"), "interpolation": (1188, "13f6778974fe65d1"),
              "similarity": (99, "182a2f718c093a9d"), "methods": (120, "a429da333c04f2b7"),
-             "training_free": (12, "7a58f2294dfb7e2c"), "transfer": (378, "a9a5456fba2512e1")},
+             "training_free": (12, "7a58f2294dfb7e2c"), "transfer": (378, "a9a5456fba2512e1"),
+             "transfer_init": (24, "0ae83157bdd00523")},
     "micro": {"pretrain": (7, "04179f44cabe8da5"), "tuning": (54, "88a183ab86eaa1df"),
               "compatibility": (66, "2f195f216bfc4bc3"), "interpolation": (288, "1829b3b8ecd314cf"),
               "similarity": (72, "51596808fcb70b29"), "methods": (48, "28326fdd90f8d7ae"),
-              "training_free": (4, "1c8f810a1687cf71"), "transfer": (189, "16a4ac6f1aa19d08")},
+              "training_free": (4, "1c8f810a1687cf71"), "transfer": (189, "16a4ac6f1aa19d08"),
+              "transfer_init": (12, "54e81dae443fc393")},
 }
 
 
@@ -266,8 +278,10 @@ def test_the_current_tiny_and_micro_studies_plan_these_cells(name):
     chain = plan_chain(study)
     for each in STAGES:
         if each.name in CURRENT[name]:
-            cells = each.plan(study, chain)
+            cells = _pinned(each, study, chain)
             assert (len(cells), _digest(c.cell_hash for c in cells)) == CURRENT[name][each.name], each.name
+    starts = _transfer_starts(study, chain)
+    assert (len(starts), _digest(c.cell_hash for c in starts)) == CURRENT[name]["transfer_init"]
     # M0, M1 have no earlier domain to replay: the same PLMs in the forgetting regime
     forgetting = load_study("tiny", [*(MICRO_OVERRIDES if name == "micro" else []), "pretrain.replay=0"])
     assert plan_chain(forgetting).plm_hashes[:2] == chain.plm_hashes[:2]

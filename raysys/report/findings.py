@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from raysys.config import PAPER_METHODS
 from raysys.report.evidence import Baselines, Curves, describe_spread, tuned_accuracy
 from raysys.report.scope import StudyRows
 from raysys.report.stats import Effect, Statistics, judge, mean, paired, verdict
@@ -282,9 +283,9 @@ def distillation_kshot(scope: StudyRows, methods_table: list[dict]) -> Finding:
 
 def combined_best(scope: StudyRows, methods_table: list[dict]) -> Finding:
     def pick(setting, m):
-        if "combined" not in m or len(m) < 2:
+        others = {name: mean(e["test"]) for name, e in m.items() if name != "combined" and name in PAPER_METHODS}
+        if "combined" not in m or not others:  # the paper's claim is among its methods (transfer_init aside)
             return None
-        others = {name: mean(e["test"]) for name, e in m.items() if name != "combined"}
         rival = max(others, key=others.get)  # the strongest other method by its mean: the hardest comparison
         return "combined", rival, (f"combined {_pct(mean(m['combined']['test']))}, best other {rival} "
                                    f"{_pct(others[rival])}")

@@ -145,13 +145,14 @@ def method_setting(r: dict) -> tuple:
 
 
 def method_knobs(r: dict) -> tuple:
-    return r["temperature"], r["kd_weight"], r["beta"]
+    """(T, a, β, transfer method): what tells a method's variants apart in one setting."""
+    return r["temperature"], r["kd_weight"], r["beta"], r.get("transfer")
 
 
 def methods_table(scope: StudyRows) -> list[dict]:
     """Per setting (task, type, upgrade, regime) and method: test accuracy, steps to target and area under the dev
     curve over seeds; for the distilling methods the (T, a, β) with the best mean dev accuracy (K-shot dev in the
-    few-shot regime, as the paper selects) stands for the method."""
+    few-shot regime, as the paper selects) stands for the method, and for transfer_init the transfer method."""
     runs = defaultdict(lambda: defaultdict(list))
     for r in scope.ok_rows("methods_runs"):
         runs[method_setting(r)][(r["method"], method_knobs(r))].append(r)
@@ -174,6 +175,8 @@ def methods_table(scope: StudyRows) -> list[dict]:
 
 
 def _knob_text(knobs: tuple) -> str:
+    if knobs[3] is not None:
+        return f"from {knobs[3]}"
     return "" if knobs[0] is None else f"T={knobs[0]:g} a={knobs[1]:g} β={knobs[2]:g}"
 
 
@@ -187,11 +190,12 @@ def _methods_summary(scope: StudyRows) -> Section:
                      fmt(mean(r["steps_to_target"]), digits=0) + f" ({r['reached']})", _mean_std(r["auc"]),
                      _mean_std(r["start"]),
                      "—" if None in flat else f"{sum(flat)}/{len(flat)}"])
-    return Section("Recycling methods: test accuracy % (dev selection / full-dev selection), steps to 95% of "
+    return Section("Recycling methods (for distill and combined the best T, a, β on dev; for transfer_init the best "
+                   "transfer method on dev): test accuracy % (dev selection / full-dev selection), steps to 95% of "
                    "vanilla's best dev (runs that reached it), area under the dev curve %, dev accuracy % at step 0 "
                    "(mean±std over seeds), "
                    "runs at their plateau (last 3 full-dev evaluations within 2 points of the best)",
-                   ["task", "type", "upgrade", "regime", "method", "best T, a, β", "test", "test (full dev)",
+                   ["task", "type", "upgrade", "regime", "method", "best knobs", "test", "test (full dev)",
                     "steps to target", "dev AUC", "start", "plateau"], rows)
 
 
@@ -201,7 +205,7 @@ def _grid_summary(scope: StudyRows) -> Section:
         if r["temperature"] is not None:
             groups[(r["tuning_type"], method_setting(r)[3], r["method"]) + method_knobs(r)].append(r)
     rows = [[t, regime, m, f"{temp:g}", f"{a:g}", f"{beta:g}", len(v), _mean_std([r["best_dev_accuracy"] for r in v]),
-             _mean_std([r["test_accuracy"] for r in v])] for (t, regime, m, temp, a, beta), v in sorted(groups.items())]
+             _mean_std([r["test_accuracy"] for r in v])] for (t, regime, m, temp, a, beta, _), v in sorted(groups.items())]
     return Section("Distillation grid: dev / test accuracy % (means over tasks, upgrades and seeds)",
                    ["type", "regime", "method", "T", "a", "β", "runs", "best dev", "test"], rows)
 
@@ -245,7 +249,7 @@ def table_sections(scope: StudyRows) -> list[Section]:
     return [_pretrain_summary(scope), _tuning_summary(scope), _retention_summary(scope), _compatibility_summary(scope),
             _path_summary(scope), _head_summary(scope), _distance_summary(scope), _methods_summary(scope),
             _grid_summary(scope), _search_summary(scope), _training_free_summary(scope), _transfer_summary(scope),
-            _ledger_summary(scope)]
+            _transfer_start_summary(scope), _ledger_summary(scope)]
 
 
 def _transfer_summary(scope: StudyRows) -> Section:
@@ -253,6 +257,13 @@ def _transfer_summary(scope: StudyRows) -> Section:
     from raysys.report.findings import statistics_of
 
     return transfer.transfer_section(scope, statistics_of(scope))
+
+
+def _transfer_start_summary(scope: StudyRows) -> Section:
+    from raysys.report import transfer
+    from raysys.report.findings import statistics_of
+
+    return transfer.start_section(scope, statistics_of(scope))
 
 
 def _ledger_summary(scope: StudyRows) -> Section:

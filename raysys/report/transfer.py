@@ -67,6 +67,43 @@ def transfer_section(scope: StudyRows, stats: Statistics) -> Section:
                    ["method", "type", "hops", "pairs", "test", "copy", "method − copy", "most chosen setting"], out)
 
 
+def _method_runs(scope: StudyRows) -> dict[tuple, dict[tuple, dict]]:
+    """(start, type) → (task, upgrade, regime, shots, seed) → the methods run: `init` (the paper's copy start) and
+    each transferred start of `transfer_init`."""
+    out: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
+    for r in scope.ok_rows("methods_runs"):
+        if r["method"] in ("init", "transfer_init"):
+            start = r["transfer"] if r["method"] == "transfer_init" else REFERENCE
+            key = (r["task"], r["source_plm_index"], r["target_plm_index"], r["regime"], r["shots"], r["seed"])
+            out[(start, r["tuning_type"])][key] = r
+    return out
+
+
+def start_section(scope: StudyRows, stats: Statistics) -> Section:
+    """Each transfer method as the start of tuning (the methods' transfer_init) against the paper's init, which
+    starts from the copy: test accuracy and late area under the dev curve, paired by setting and seed."""
+    from raysys.report.evidence import Curves
+
+    runs, curves, out = _method_runs(scope), Curves(scope), []
+    for (start, tuning_type), rows in sorted(runs.items(), key=lambda kv: (TRANSFER_METHODS.index(kv[0][0]),
+                                                                          kv[0][1])):
+        if start == REFERENCE:
+            continue
+        init = runs.get((REFERENCE, tuning_type), {})
+        auc = {k: curves.convergence(r)["auc"] for k, r in rows.items()}
+        init_auc = {k: curves.convergence(r)["auc"] for k, r in init.items() if k in rows}
+        test = {k: r["test_accuracy"] for k, r in rows.items()}
+        out.append([start, tuning_type, len(rows), fmt(mean(r["start_dev_accuracy"] for r in rows.values()), 100),
+                    fmt(mean(test.values()), 100),
+                    stats.effect(paired(test, {k: r["test_accuracy"] for k, r in init.items()})).text(),
+                    stats.effect(paired(auc, init_auc)).text()])
+    return Section("Transfer methods as the start of tuning (transfer_init; its transfer setting chosen on dev) "
+                   "against init (the copy start): dev accuracy % at step 0, test accuracy %, and the start minus "
+                   f"init on test and on the late area under the dev curve, paired by setting and seed "
+                   f"({stats.describe()})",
+                   ["start", "type", "runs", "start dev", "test", "test − init", "late AUC − init"], out)
+
+
 
 def _setting(text: str) -> str:
     values = json.loads(text)

@@ -53,6 +53,8 @@ class MethodCell(MethodSetting):
     temperature: float | None = None  # the distillation knobs (None unless distilling)
     kd_weight: float | None = None
     beta: float | None = None
+    transfer: str | None = None  # a transferred start: the transfer method (transfer_init only)
+    transfer_hash: str | None = None  # ... and the transfer cell whose dev-chosen setting it starts from
 
 
 def method_tuning_config(study: StudyConfig, tuning_type: str, regime: str) -> TuningConfig:
@@ -83,19 +85,40 @@ def distillation_grid(study: StudyConfig) -> list[dict]:
 
 def _variants(study: StudyConfig) -> list[tuple[str, dict]]:
     """(method, knobs) of one setting: each method once, the distilling ones once per grid point (none when an
-    Optuna search chooses their knobs: the search stage)."""
+    Optuna search chooses their knobs: the search stage), a transferred start once per transfer method."""
     grid = distillation_grid(study) if study.methods.search.algorithm == "grid" else []
     out = []
     for name, method in RECYCLING_METHODS.items():
-        if name in study.methods.names:
-            out += [(name, knobs) for knobs in grid] if method.distils else [(name, {})]
+        if name not in study.methods.names:
+            continue
+        if method.distils:
+            out += [(name, knobs) for knobs in grid]
+        elif method.start == "transferred":
+            out += [(name, {"transfer": t}) for t in study.methods.transfer_starts]
+        else:
+            out.append((name, {}))
     return out
+
+
+def _transfer_cells(study: StudyConfig, chain: ChainPlan) -> dict[tuple, object]:
+    """(task, type, seed, i, j, method) -> the transfer stage's cell, where it applies: what a transferred start
+    starts from. None planned (no `transfer_init` cell) where the stage is off or the upgrade is not one of its
+    pairs (`transfer.hops`)."""
+    from raysys.config import FULL_FINETUNING
+    from raysys.core.transfer import not_applicable
+    from raysys.stages.transfer import STAGE as TRANSFER
+
+    if "transfer_init" not in study.methods.names:
+        return {}
+    return {(c.task, c.tuning_type, c.seed, c.source_plm_index, c.target_plm_index, c.method): c
+            for c in TRANSFER.plan(study, chain)
+            if not not_applicable(c.method, c.tuning_type in (FULL_FINETUNING, "lora"), len(c.history) + 1)}
 
 
 def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
     """Every method cell, per (upgrade, task, tuning type, seed, regime)."""
     has_reference = REFERENCE_METHOD in study.methods.names
-    cells = []
+    transfers, cells = _transfer_cells(study, chain), []
     for i, j in study.upgrades:
         source_plm, target_plm = chain.plm_hashes[i], chain.plm_hashes[j]
         for task in study.method_tasks:
@@ -109,6 +132,11 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                                               regime, shots, *reference_identity(study))
                         for method, knobs in _variants(study):
                             reference = method == REFERENCE_METHOD
+                            if "transfer" in knobs:
+                                source = transfers.get((task.name, tuning_type, seed, i, j, knobs["transfer"]))
+                                if source is None:
+                                    continue
+                                knobs = {**knobs, "transfer_hash": source.cell_hash}  # the start is its row's
                             cell_hash = vanilla if reference else config_hash(
                                 "method", method, vanilla, old, knobs, study.methods.teacher_dropout,
                                 study.methods.target_fraction, *start_identity(study, method, tuning_type))
@@ -143,6 +171,8 @@ class MethodsStage(Stage):
             needs.append(Artifact("tuned", cell.old_tuned_hash))
         if cell.needs_reference:
             needs.append(Rows("methods_runs", cell.vanilla_hash))
+        if cell.transfer_hash:
+            needs.append(Rows("transfer", cell.transfer_hash))
         return tuple(needs)
 
     def resources(self, study: StudyConfig) -> Resources:
@@ -231,7 +261,22 @@ def distillation(ctx: Context, cell: MethodCell, task) -> tuple:
     return DistillationObjective(**knobs, cached=outputs), "cache-hit" if hit else "cache-miss"
 
 
-STARTS = {"fresh": fresh_start, "old_weights": recycled_start}
+def transferred_start(ctx: Context, cell: MethodCell, num_labels: int):
+    """The weights the transfer stage made for M_j with method `cell.transfer` and the setting it chose on dev,
+    rebuilt from Δ_i: the run starts where that row scored. A LoRA model's transferred update is in M_j's frozen
+    base weights, with fresh factors (B = 0) to tune on top: a DARE or TIES update is not of rank r, and folding it
+    keeps the start exact."""
+    from raysys.stages.chain import plan_chain, planned_cells
+    from raysys.stages.transfer import STAGE as TRANSFER
+    from raysys.stages.transfer_run import PairWeights
+
+    source = next(c for c in planned_cells(TRANSFER, ctx.study, plan_chain(ctx.study))
+                  if c.cell_hash == cell.transfer_hash)
+    chosen = next(r for r in results.read_cell(ctx.store, "transfer", cell.transfer_hash) if r["selected"])
+    return PairWeights(ctx, source).transferred(source, json.loads(chosen["setting"])).train()
+
+
+STARTS = {"fresh": fresh_start, "old_weights": recycled_start, "transferred": transferred_start}
 OBJECTIVES = {"cross_entropy": cross_entropy, "distillation": distillation}
 
 
@@ -259,7 +304,7 @@ def _reference_best(store: Store, cell: MethodCell, result) -> dict[str, float |
 
 
 KEY_COLUMNS = ("method", "task", "tuning_type", "seed", "source_plm_index", "target_plm_index", "regime", "shots",
-               "temperature", "kd_weight", "beta")
+               "temperature", "kd_weight", "beta", "transfer")
 
 
 def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: str = "methods_runs",
@@ -288,7 +333,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
     fraction = study.methods.target_fraction
     conv = {name: convergence(result.curve, name, reference[name], fraction) for name in {"dev", full_dev}}
     key = {k: getattr(cell, k) for k in KEY_COLUMNS}
-    recycles_norms = recipe.start == "old_weights" and study.tuning.trains_norms(cell.tuning_type)
+    recycles_norms = recipe.start != "fresh" and study.tuning.trains_norms(cell.tuning_type)
     moved = {"pet_norms": study.tuning.pet_norms} if recycles_norms else {}  # in the row's config, either policy
     if table == "methods_runs":
         curve = [{**key, **row, "full_dev_accuracy": row.get(f"{full_dev}_accuracy"),

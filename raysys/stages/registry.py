@@ -18,9 +18,9 @@ from raysys.stages import (
 )
 from raysys.stages.base import Stage
 
+# transfer before methods: a transferred start (transfer_init) begins from the setting the transfer stage chose
 STAGES: tuple[Stage, ...] = (pretrain.STAGE, tuning.STAGE, compatibility.STAGE, interpolation.STAGE, similarity.STAGE,
-                             methods.STAGE, search.STAGE, training_free.STAGE,
-                             transfer.STAGE)
+                             transfer.STAGE, methods.STAGE, search.STAGE, training_free.STAGE)
 NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -59,8 +59,10 @@ class SearchStage(Stage):
         # The budget is not part of a search's identity (a larger one continues the same search), nor its pace.
         space = {k: v for k, v in dataclasses.asdict(search).items() if k not in ("algorithm", "trials", "parallel")}
         cells = []
+        # a transferred start is the transfer stage's dev choice: not searched (its lr is the grid's)
+        searched = [m for m in study.methods.names if RECYCLING_METHODS[m].start != "transferred"]
         for ref in (c for c in plan_methods(study, chain) if c.cell_hash == c.vanilla_hash):
-            for method in study.methods.names:
+            for method in searched:
                 search_hash = config_hash("search", method, ref.vanilla_hash, ref.old_tuned_hash, space,
                                           study.methods.teacher_dropout, study.methods.target_fraction,
                                           *start_identity(study, method, ref.tuning_type))

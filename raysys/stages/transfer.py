@@ -77,6 +77,9 @@ class TransferStage(Stage):
     def resources(self, study: StudyConfig) -> Resources:
         return Resources.per_trial(study.transfer)
 
+    def eval_passes(self, study: StudyConfig, cell) -> dict[str, int]:
+        return {"dev": len(study.transfer.grid(cell.method)), "test": 1}  # every setting on dev, the chosen on test
+
     def plan_note(self, study: StudyConfig, cells: list) -> str:
         """Evaluation only: how many weight sets the grids score on dev (each cell's chosen one on test too)."""
         if not cells:

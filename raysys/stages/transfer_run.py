@@ -81,11 +81,22 @@ class PairWeights:
         backbone = self.meta["tuning_type"] in (FULL_FINETUNING, "lora")
         return transfer.not_applicable(cell.method, backbone, len(cell.history) + 1)
 
+    def _inputs(self, cell) -> transfer.TransferInputs:
+        _, new_start, delta, old_start, _, _ = self._loaded
+        history = self.history if cell.method == "multi_version" else ()
+        return transfer.TransferInputs(delta, old_start, new_start, history, cell.seed)
+
+    def transferred(self, cell, setting: dict):
+        """The model `cell`'s method makes for M_j with `setting` (a tuning start: the methods' transfer_init)."""
+        skeleton, new_start, _, _, _, kept = self._loaded
+        self._load(skeleton, new_start, transfer.METHODS[cell.method].fn(self._inputs(cell), **setting), kept)
+        return skeleton
+
     def score(self, cell) -> list[Scored]:
         """Every setting of the method's grid on dev; the best also on test."""
-        skeleton, new_start, delta, old_start, _, kept = self._loaded
-        history = self.history if cell.method == "multi_version" else ()
-        inputs = transfer.TransferInputs(delta, old_start, new_start, history, cell.seed)
+        skeleton, new_start, delta, _, _, kept = self._loaded
+        inputs = self._inputs(cell)
+        history = inputs.history
         method = transfer.METHODS[cell.method]
         rows = []
         for setting in self.ctx.study.transfer.grid(cell.method):

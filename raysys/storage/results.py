@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from raysys.storage.store import QUARANTINE, Store  # quarantine/<the file's path>: result files that do not parse
 
-SCHEMA_VERSION = 8  # 6: attempts, repeated_failures; 7: the pair tables' seed_b; 8: the training tables' device
+SCHEMA_VERSION = 9  # 6: attempts, repeated_failures; 7: the pair tables' seed_b; 8: the training tables' device;
+# 9: the method tables' transfer
 # (older files read the new columns null)
 
 _COMMON = [
@@ -50,11 +51,12 @@ _METRICS = [("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()), ("test_a
             ("test_loss", pa.float64())]
 
 _METHOD = [
-    ("method", pa.string()),  # vanilla | init | distill | combined
+    ("method", pa.string()),  # vanilla | init | distill | combined | transfer_init
     ("task", pa.string()), ("tuning_type", pa.string()), ("seed", pa.int64()), ("source_plm_index", pa.int32()),
     ("target_plm_index", pa.int32()), ("regime", pa.string()),  # "full" | "kshot"
     ("shots", pa.int32()),  # K per class (null for full data)
     ("temperature", pa.float64()), ("kd_weight", pa.float64()), ("beta", pa.float64()),  # null unless distilling
+    ("transfer", pa.string()),  # transfer_init: the transfer method its start came from (null otherwise)
 ]
 
 _TABLE_FIELDS = {

@@ -72,3 +72,22 @@ def test_a_method_that_did_not_apply_is_a_row_that_says_why(tmp_path):
     section = transfer.transfer_section(_scope(store), findings.statistics_of(_scope(store)))
     assert ["svd", "adapter", "—", 0, "n/a", "—", reason, "—"] in section.rows
     assert findings.copying_is_enough(_scope(store)).verdict == "no data"  # nothing but copying ran
+
+
+def _method_rows(method, accs, transfer_name=None, start=0.5):
+    return [{"status": "ok", "method": method, "transfer": transfer_name, "task": "t", "tuning_type": "lora",
+             "seed": s, "source_plm_index": 1, "target_plm_index": 2, "regime": "full", "shots": None,
+             "test_accuracy": a, "start_dev_accuracy": start, "target_dev_accuracy": 0.5, "max_steps": 4}
+            for s, a in zip(SEEDS, accs)]
+
+
+def test_a_transferred_start_is_paired_with_init_by_setting_and_seed(tmp_path):
+    store = Store(tmp_path)
+    rows = (_method_rows("init", COPY) + _method_rows("transfer_init", [a + 0.03 for a in COPY], "ties", start=0.7)
+            + _method_rows("transfer_init", [a - 0.001 for a in COPY], "scaled"))
+    for n, row in enumerate(rows):
+        results.write_rows(store, "methods_runs", f"m{n}", [row])
+    section = transfer.start_section(_scope(store), findings.statistics_of(_scope(store)))
+    assert [r[:5] for r in section.rows] == [["scaled", "lora", 5, "50.0", "59.9"], ["ties", "lora", 5, "70.0", "63.0"]]
+    assert section.rows[1][5].startswith("+3.0 points") and "n=5" in section.rows[1][5]
+    assert section.rows[1][6] == "n=0"  # no curves written: no AUC to pair

@@ -33,8 +33,10 @@ def test_the_grid_multiplies_only_distilling_methods():
         len(m.shots) + 1)
     grid = len(m.temperatures) * len(m.kd_weights) * len(m.betas)
     by_method = {name: [c for c in cells if c.method == name] for name in METHODS}
+    starts = len(m.transfer_starts) * len(study.seeds) * (len(m.shots) + 1)  # per type where the method applies
     assert {k: len(v) for k, v in by_method.items()} == {"vanilla": combos, "init": combos,
-                                                        "distill": combos * grid, "combined": combos * grid}
+                                                        "distill": combos * grid, "combined": combos * grid,
+                                                        "transfer_init": len(study.method_types) * starts}
     assert len({c.cell_hash for c in cells}) == len(cells)
     assert all(c.temperature is None for c in by_method["vanilla"] + by_method["init"])
     vanilla = {c.cell_hash for c in by_method["vanilla"]}
@@ -47,7 +49,31 @@ def test_a_method_is_a_start_and_an_objective_the_stage_implements():
     for method in RECYCLING_METHODS.values():
         assert method.start in methods.STARTS and method.objective in methods.OBJECTIVES
     assert DISTILLING == ["distill", "combined"]
-    assert [m for m, r in RECYCLING_METHODS.items() if r.recycles] == ["init", "distill", "combined"]
+    assert [m for m, r in RECYCLING_METHODS.items() if r.recycles] == ["init", "distill", "combined", "transfer_init"]
+
+
+def test_a_transferred_start_is_planned_where_its_transfer_cell_is_and_waits_for_its_row():
+    """One transfer_init cell per transfer method that applies to the type and upgrade (SVD projection needs
+    backbone weights; multi-version merging an earlier version), naming the transfer cell it starts from."""
+    study, cells = _plan('methods.transfer_starts=["svd","multi_version","ties"]')
+    transfer = {c.cell_hash: c for c in stage("transfer").plan(study, plan_chain(study))}
+    starts = [c for c in cells if c.method == "transfer_init"]
+    assert {(c.tuning_type, c.transfer) for c in starts} == {
+        ("finetune", "svd"), ("lora", "svd"), *((t, m) for t in study.tuning.types for m in ("ties", "multi_version"))}
+    _, later = _plan('methods.transfer_starts=["svd","multi_version","ties"]', "tune_plms=[1,2,3]")
+    assert {c.transfer for c in later if c.method == "transfer_init"} == {"svd", "ties"}  # M0 untuned: one version
+    for c in starts:
+        source = transfer[c.transfer_hash]
+        assert (source.method, source.source_tuned_hash, source.target_plm_hash) == (
+            c.transfer, c.old_tuned_hash, c.target_plm_hash)
+        assert methods.STAGE.inputs(c)[-1] == methods.Rows("transfer", c.transfer_hash)
+    assert len({c.cell_hash for c in starts}) == len(starts)
+    _, off = _plan("transfer.enabled=false")
+    assert not [c for c in off if c.method == "transfer_init"]  # no transfer stage: nothing to start from
+    with pytest.raises(ConfigError, match="methods.transfer_starts: 'ties' is not in transfer.names"):
+        load_study("tiny", ['transfer.names=["copy","scaled"]'])
+    with pytest.raises(ConfigError, match="methods.transfer_starts: unknown transfer method 'copy'"):
+        load_study("tiny", ['methods.transfer_starts=["copy"]'])
 
 
 def test_without_the_reference_nothing_waits_for_it():
@@ -104,7 +130,7 @@ def test_every_method_cell_ran_measured_against_its_reference(micro_run):
     chain = plan_chain(study)
     planned = methods.plan_methods(study, chain)
     rows = results.ok_rows(store, "methods_runs")
-    assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 4
+    assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 5  # transfer_init from TIES alone
     curves = results.read_table(store, "methods_curves").to_pylist()
     assert {r["step"] for r in curves} == {0, 4, 8, 12}  # the start point is on every curve
     for row in rows:
@@ -134,6 +160,25 @@ def test_init_start_scores_the_compatibility_of_the_old_weights(micro_run):
             assert row["start_dev_accuracy"] == ref["dev_accuracy"]
             checked += 1
     assert checked == 2 * 3
+
+
+def test_a_transferred_start_scores_what_the_transfer_stage_chose(micro_run):
+    """Step 0 of a transfer_init run is the transfer stage's dev-chosen weights: its row's dev accuracy (full
+    data), on the full dev set in the K-shot regime; and it trains from there."""
+    _, store, _ = micro_run
+    chosen = {r["cell_hash"]: r for r in results.ok_rows(store, "transfer") if r["selected"]}
+    planned = {c.cell_hash: c for c in methods.plan_methods(micro_run[0], plan_chain(micro_run[0]))}
+    curves = results.read_table(store, "methods_curves").to_pylist()
+    checked = set()
+    for row in results.ok_rows(store, "methods_runs"):
+        if row["method"] != "transfer_init":
+            continue
+        source = chosen[planned[row["cell_hash"]].transfer_hash]
+        first = next(c for c in curves if c["cell_hash"] == row["cell_hash"] and c["step"] == 0)
+        assert first["full_dev_accuracy"] == pytest.approx(source["dev_accuracy"], abs=1e-12), row["tuning_type"]
+        assert row["transfer"] == "ties" and row["test_accuracy"] is not None
+        checked.add((row["tuning_type"], row["regime"]))
+    assert len(checked) == 3 * 2
 
 
 @pytest.mark.parametrize("tuning_type", ["finetune", "lora"])
