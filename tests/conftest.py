@@ -48,6 +48,7 @@ MICRO_OVERRIDES = [
     'methods.tasks=["d1_rel","d2_rel"]', "methods.shots=[4]", "methods.temperatures=[5.0]",
     "methods.kd_weights=[0.9]", "methods.betas=[10.0]", "methods.training_free.steps=6",
     'methods.training_free.tasks=["d1_rel","d2_rel"]', 'methods.transfer_starts=["ties"]',
+    "methods.text_distill.sentences=64", "methods.text_distill.steps=8", "methods.text_distill.eval_every_steps=4",
 ]
 
 
@@ -100,12 +101,28 @@ def micro_study():
 MACHINE_WIDE = {"test_ray_up.py", "test_multinode.py", "test_cluster.py", "test_driver.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(config, items):
     """Every module is one xdist group (its module-scoped fixtures are built once, on one worker), and the modules
-    in MACHINE_WIDE share one."""
+    in MACHINE_WIDE share one. The order keeps workers busy while the micro study builds: the machine-wide group
+    first (the longest), then the modules that do not need the micro study, then those that do; within a module
+    (and the machine-wide group) the tests that need it last. Sorting is stable and the same on every worker."""
+    needs = {item: "micro_run" in getattr(item, "fixturenames", ()) for item in items}
+    module_needs = {}
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("machine-wide" if name in MACHINE_WIDE else str(item.path)))
+        module_needs[item.path] = module_needs.get(item.path, False) or needs[item]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+    def rank(item):
+        machine_wide = _group(item) == "machine-wide"
+        return (0 if machine_wide else 1 + module_needs[item.path], needs[item] if machine_wide else 0)
+
+    items.sort(key=rank)
+
+
+def _group(item) -> str:
+    return "machine-wide" if item.path.name in MACHINE_WIDE else str(item.path)
 
 
 def _shared_temp(tmp_path_factory) -> Path:
@@ -150,6 +167,8 @@ def _start_micro_build(shared: Path) -> None:
 def pytest_collection_finish(session):
     """As soon as a collected test needs the micro study, build it in the background, in a process with a Ray of
     its own: the tests that do not need it run meanwhile (on every xdist worker) instead of waiting for it."""
+    if session.config.option.collectonly:
+        return
     if any("micro_run" in getattr(item, "fixturenames", ()) for item in session.items):
         _start_micro_build(_shared_temp(session.config._tmp_path_factory))
 
