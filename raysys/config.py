@@ -457,10 +457,11 @@ class RecyclingMethod:
     head, and PET module, on M_j), "old_weights" (Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head;
     PET: the old module and head on M_j, LayerNorms by `tuning.pet_norms`) or "transferred" (the weights a
     training-free transfer method of the transfer stage made for M_j, its setting chosen there on dev; one run per
-    method of `methods.transfer_starts`). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE + a·T²·KL +
+    method of `methods.transfer_starts`) or "distilled_on_text" (a fresh start taught by the old model on
+    unlabeled text of M_j's domain, `methods.text_distill`; K-shot only). `objective`: "cross_entropy", or "distillation" — (1 − a)·CE + a·T²·KL +
     β·½·MSE against the old model on the old PLM, over the T × a × β grid (or an Optuna search)."""
 
-    start: Literal["fresh", "old_weights", "transferred"]
+    start: Literal["fresh", "old_weights", "transferred", "distilled_on_text"]
     objective: Literal["cross_entropy", "distillation"]
 
     @property
@@ -475,13 +476,15 @@ class RecyclingMethod:
 
 # The registry of recycling methods: adding one is one entry (report, figures and search read this table). The
 # first is the reference every other method is measured against (convergence targets, the findings); the paper's
-# are the first four, `transfer_init` is issue 21's generalisation of `init` (docs/transfer.md).
+# are the first four; `transfer_init` (issue 21's generalisation of `init`, docs/transfer.md) and `text_distill`
+# (distillation on unlabeled text, then the K-shot fine-tune) are beyond it.
 RECYCLING_METHODS = {
     "vanilla": RecyclingMethod("fresh", "cross_entropy"),
     "init": RecyclingMethod("old_weights", "cross_entropy"),
     "distill": RecyclingMethod("fresh", "distillation"),
     "combined": RecyclingMethod("old_weights", "distillation"),
     "transfer_init": RecyclingMethod("transferred", "cross_entropy"),
+    "text_distill": RecyclingMethod("distilled_on_text", "cross_entropy"),
 }
 PAPER_METHODS = ("vanilla", "init", "distill", "combined")  # what the paper's claims compare
 METHODS = tuple(RECYCLING_METHODS)
@@ -538,6 +541,33 @@ class TrainingFreeConfig:
         _check(self.batch_size >= 1, "methods.training_free.batch_size", "must be >= 1")
         _check(self.temperature > 0, "methods.training_free.temperature", "must be > 0")
         _check(0.0 <= self.kd_weight <= 1.0, "methods.training_free.kd_weight", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TextDistillConfig:
+    """Distillation without task labels (Trans-LoRA's idea; issue 21): the methods' `text_distill` starts a fresh
+    model on M_j, teaches it the old adapted model's outputs (T²·KL, and β·½·MSE of first-token states) on
+    `sentences` unlabeled documents of M_j's own domain corpus — the first ones, no task data — for `steps` steps,
+    keeping the state best on the K-shot dev set; then the K-shot fine-tune starts from it. K-shot regime only.
+    Unset `batch_size` and `lr` inherit the K-shot tuning's."""
+
+    sentences: int = 4096
+    steps: int = 500
+    batch_size: int | None = None
+    lr: float | None = None
+    temperature: float = 5.0
+    beta: float = 0.0
+    eval_every_steps: int = 100
+
+    def __post_init__(self):
+        _check(self.sentences >= 1, "methods.text_distill.sentences", "must be >= 1")
+        _check(self.steps >= 1, "methods.text_distill.steps", "must be >= 1")
+        _check(self.batch_size is None or self.batch_size >= 1, "methods.text_distill.batch_size", "must be >= 1")
+        _check(self.lr is None or self.lr > 0, "methods.text_distill.lr", "must be > 0")
+        _check(self.temperature > 0, "methods.text_distill.temperature", "must be > 0")
+        _check(self.beta >= 0, "methods.text_distill.beta", "must be >= 0")
+        _check(1 <= self.eval_every_steps <= self.steps, "methods.text_distill.eval_every_steps",
+               "must be in 1..steps")
 
 
 # The training-free transfer methods (docs/transfer.md; raysys.core.transfer registers the same names). `copy` is
@@ -644,7 +674,8 @@ class MethodsConfig:
     (fresh start, cross-entropy), `init` (start from the old delta / module and head), `distill` (fresh start;
     teacher = the old tuned model on the old PLM; loss (1 − a)·CE + a·T²·KL + β·½·MSE), `combined` (init
     start, distillation loss), and beyond the paper `transfer_init` (start from the weights a transfer method of
-    `transfer_starts` made, its setting chosen on dev by the transfer stage; docs/transfer.md). The grid: temperatures (T), kd_weights (a) and betas (β) multiply only the
+    `transfer_starts` made, its setting chosen on dev by the transfer stage; docs/transfer.md) and `text_distill`
+    (K-shot only: distillation on unlabeled text of M_j's domain, then the K-shot fine-tune). The grid: temperatures (T), kd_weights (a) and betas (β) multiply only the
     distilling methods; upgrades are (i, i + h) for i in `sources` (None = every tuned PLM with a successor) and
     h in `hops`; regimes `full` and `kshot` (K per class for each K in `shots`). Convergence is measured against
     the vanilla run: the first evaluation reaching `target_fraction` of its best dev accuracy."""
@@ -665,6 +696,7 @@ class MethodsConfig:
     transfer_starts: tuple[str, ...] = ("scaled", "dare", "ties", "svd", "subspace", "multi_version")
     kshot: KShotConfig = KShotConfig()
     training_free: TrainingFreeConfig = TrainingFreeConfig()
+    text_distill: TextDistillConfig = TextDistillConfig()
     search: SearchConfig = SearchConfig()
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0

@@ -149,7 +149,8 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
     assert cli.main(["report", str(store.root), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
     for title in ("Pre-training chains", "Tuning: test accuracy", "Compatibility", "Linear mode connectivity",
-                  "Attention-head similarity", "Recycling methods", "Training-free recycling", "Training-free transfer"):
+                  "Attention-head similarity", "Recycling methods", "Training-free recycling", "Training-free transfer",
+                  "Transfer methods as the start of tuning", "Distillation without task labels", "Cost ledger"):
         assert f"## {title}" in text
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     # the tables are Markdown tables (a header, its rule, rows of as many cells), not text in code fences
@@ -164,7 +165,8 @@ def test_report_is_regenerated_from_the_tables(micro_run, tmp_path, capsys):
     assert "**not shown**" not in claims[0] or "old models learned the task" in claims[0]
     assert "**not shown**" not in claims[1] or "an end did not beat its floor" in claims[1]
     assert all("95% Student's t interval" in line for line in claims)  # every rule names its statistics
-    for name in ("pretrain_curves", "compatibility", "interpolation", "head_similarity", "convergence"):
+    for name in ("pretrain_curves", "compatibility", "interpolation", "head_similarity", "convergence",
+                 "transfer_hops"):
         png = tmp_path / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"](figures/{name}.png)" in text

@@ -84,14 +84,17 @@ def _digest(hashes) -> str:
     return hashlib.sha256(",".join(sorted(hashes)).encode()).hexdigest()[:16]
 
 
+BEYOND_THE_PAPER = ("transfer_init", "text_distill")  # methods issue 21 added beside the paper's
+
+
 def _pinned(each, study, chain) -> list:
-    """A stage's cells as pinned: the methods stage's without transfer_init (issue 21 added it beside the paper's
-    methods, whose cells keep their hashes; its own cells are pinned apart, as `transfer_init`)."""
-    return [c for c in each.plan(study, chain) if getattr(c, "method", None) != "transfer_init"]
+    """A stage's cells as pinned: the methods stage's without the methods issue 21 added (the paper's methods'
+    cells keep their hashes; the new ones are pinned apart, by method name)."""
+    return [c for c in each.plan(study, chain) if getattr(c, "method", None) not in BEYOND_THE_PAPER]
 
 
-def _transfer_starts(study, chain) -> list:
-    return [c for c in stage("methods").plan(study, chain) if c.method == "transfer_init"]
+def _cells_of(method, study, chain) -> list:
+    return [c for c in stage("methods").plan(study, chain) if c.method == method]
 
 
 def _study(name, *overrides):
@@ -116,7 +119,7 @@ def _moved(cell) -> bool:
     tuning_type = getattr(cell, "tuning_type", None)  # PLMs have none
     if tuning_type == "adapter":
         return isinstance(cell, (CompatibilityCell, TrainingFreeCell, TransferCell)) or (
-            isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start != "fresh")  # moved or transferred
+            isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start in ("old_weights", "transferred"))
     return tuning_type == "lora" and isinstance(cell, (PathPoint, PathSummary))
 
 
@@ -257,18 +260,19 @@ def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
 
 # The current presets' plans (issue 20: the tiny preset replays, tunes longer, walks 11 path points and selects
 # on 512 dev examples; the micro study, built on it, replays too): measured at the commit that set them; the
-# transfer stage's (issue 21) at the commit that added it; the methods' transfer_init cells (issue 21) apart.
+# transfer stage's (issue 21) at the commit that added it; the methods issue 21 added (transfer_init, text_distill)
+# apart.
 CURRENT = {
     "tiny": {"pretrain": (6, "289099be2ed96748"), "tuning": (90, "dd5a9ffce6c237c7"),
              "compatibility": (132, "09452988b9c81950"), "interpolation": (1188, "13f6778974fe65d1"),
              "similarity": (99, "182a2f718c093a9d"), "methods": (120, "a429da333c04f2b7"),
              "training_free": (12, "7a58f2294dfb7e2c"), "transfer": (378, "a9a5456fba2512e1"),
-             "transfer_init": (24, "0ae83157bdd00523")},
+             "transfer_init": (24, "0ae83157bdd00523"), "text_distill": (6, "9976f2008052a970")},
     "micro": {"pretrain": (7, "04179f44cabe8da5"), "tuning": (54, "88a183ab86eaa1df"),
               "compatibility": (66, "2f195f216bfc4bc3"), "interpolation": (288, "1829b3b8ecd314cf"),
               "similarity": (72, "51596808fcb70b29"), "methods": (48, "28326fdd90f8d7ae"),
               "training_free": (4, "1c8f810a1687cf71"), "transfer": (189, "16a4ac6f1aa19d08"),
-              "transfer_init": (12, "54e81dae443fc393")},
+              "transfer_init": (12, "54e81dae443fc393"), "text_distill": (6, "9571cdbbbe07529e")},
 }
 
 
@@ -280,8 +284,9 @@ def test_the_current_tiny_and_micro_studies_plan_these_cells(name):
         if each.name in CURRENT[name]:
             cells = _pinned(each, study, chain)
             assert (len(cells), _digest(c.cell_hash for c in cells)) == CURRENT[name][each.name], each.name
-    starts = _transfer_starts(study, chain)
-    assert (len(starts), _digest(c.cell_hash for c in starts)) == CURRENT[name]["transfer_init"]
+    for method in BEYOND_THE_PAPER:
+        cells = _cells_of(method, study, chain)
+        assert (len(cells), _digest(c.cell_hash for c in cells)) == CURRENT[name][method], method
     # M0, M1 have no earlier domain to replay: the same PLMs in the forgetting regime
     forgetting = load_study("tiny", [*(MICRO_OVERRIDES if name == "micro" else []), "pretrain.replay=0"])
     assert plan_chain(forgetting).plm_hashes[:2] == chain.plm_hashes[:2]

@@ -17,12 +17,14 @@ from raysys.report.tables import Section, fmt
 
 def time_to_target(run: dict) -> tuple[float, bool] | None:
     """(device seconds to vanilla's target, reached); the whole training time when it never got there; None for a
-    run without timings (resumed, or written before they were recorded)."""
+    run without timings (resumed, or written before they were recorded). A start that trained (text_distill's
+    text phase) is charged its seconds too."""
     if run.get("resumed_from_step") is not None or run.get("train_seconds") is None:
         return None
+    before = run.get("start_train_seconds") or 0.0
     if run.get("seconds_to_target") is not None:
-        return run["seconds_to_target"], True
-    return run["train_seconds"], False
+        return before + run["seconds_to_target"], True
+    return before + run["train_seconds"], False
 
 
 def _seconds(entry: dict) -> dict[int, float]:
@@ -49,7 +51,8 @@ def ledger_rows(scope: StudyRows, methods_table: list[dict], stats: Statistics) 
             devices = Counter(run.get("device") or "unrecorded" for run in entry["by_seed"].values())
             rows.append([task, tuning_type, upgrade, regime, name, f"{reached}/{len(timed)}",
                          fmt(mean(own.values()), digits=1), fmt(mean(base.values()), digits=1), saved,
-                         fmt(sum(run["train_seconds"] or 0.0 for run in entry["by_seed"].values()), digits=0),
+                         fmt(sum((run["train_seconds"] or 0.0) + (run.get("start_train_seconds") or 0.0)
+                                 for run in entry["by_seed"].values()), digits=0),
                          ", ".join(sorted(devices))])
     return rows
 

@@ -45,22 +45,21 @@ def method_effects(scope: StudyRows, stats: Statistics) -> dict[str, Effect]:
 def transfer_section(scope: StudyRows, stats: Statistics) -> Section:
     chosen, skipped = chosen_rows(scope), not_applicable(scope)
     copy = _test(chosen.get(REFERENCE, {}))
-    groups = defaultdict(list)  # (method, type, hop) → its pairs' keys
+    by_hop: dict[tuple, dict[int, list]] = defaultdict(lambda: defaultdict(list))  # (method, type) → hop → keys
     for method, rows in chosen.items():
         for key in rows:
-            groups[(method, key[1], key[4] - key[3])].append(key)
+            by_hop[(method, key[1])][key[4] - key[3]].append(key)
     out = []
     for method in TRANSFER_METHODS:
         for tuning_type in scope.study.tuning.types:
-            if (method, tuning_type) in skipped and not any(m == method and t == tuning_type for m, t, _ in groups):
+            hops = by_hop.get((method, tuning_type), {})
+            if not hops and (method, tuning_type) in skipped:
                 out.append([method, tuning_type, "—", 0, "n/a", "—", skipped[(method, tuning_type)], "—"])
-            for (m, t, hop), keys in sorted(groups.items()):
-                if m != method or t != tuning_type:
-                    continue
-                rows = {k: chosen[m][k] for k in keys}
-                diff = "—" if m == REFERENCE else stats.effect(paired(_test(rows), copy)).text()
+            for hop, keys in sorted(hops.items()):
+                rows = {k: chosen[method][k] for k in keys}
+                diff = "—" if method == REFERENCE else stats.effect(paired(_test(rows), copy)).text()
                 setting = Counter(rows[k]["setting"] for k in keys).most_common(1)[0][0]
-                out.append([m, t, hop, len(keys), fmt(mean(_test(rows).values()), 100),
+                out.append([method, tuning_type, hop, len(keys), fmt(mean(_test(rows).values()), 100),
                             fmt(mean(copy[k] for k in keys if k in copy), 100), diff, _setting(setting)])
     return Section("Training-free transfer of Δ_i onto M_j (setting chosen on dev per pair): test accuracy %, and "
                    f"the method minus plain copying on the same pairs ({stats.describe()})",
@@ -123,3 +122,26 @@ def copying_verdict(effects: dict[str, Effect], margin: float) -> str:
     if ruled_out == len(effects):
         return "holds"
     return f"partly ({ruled_out}/{len(effects)})" if ruled_out else "not shown"
+
+
+def text_distill_section(scope: StudyRows, stats: Statistics, methods_table: list[dict]) -> Section:
+    """Distillation on unlabeled text of the new domain, then the K-shot fine-tune (text_distill), against the
+    paper's K-shot distillation (its best T, a, β on K-shot dev) and against vanilla: test accuracy paired by seed
+    per setting, pooled per tuning type."""
+    by_setting: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for entry in methods_table:
+        by_setting[(entry["task"], entry["tuning_type"], entry["upgrade"], entry["regime"])][entry["method"]] = entry
+    pooled: dict[tuple[str, str], list] = defaultdict(list)
+    for (task, tuning_type, upgrade, regime), methods in sorted(by_setting.items()):
+        if "text_distill" not in methods:
+            continue
+        ours = {seed: r["test_accuracy"] for seed, r in methods["text_distill"]["by_seed"].items()}
+        for rival in ("distill", "vanilla"):
+            if rival in methods:
+                theirs = {seed: r["test_accuracy"] for seed, r in methods[rival]["by_seed"].items()}
+                pooled[(tuning_type, rival)] += paired(ours, theirs)
+    rows = [[tuning_type, rival, stats.effect(diffs).text()] for (tuning_type, rival), diffs in sorted(pooled.items())]
+    return Section("Distillation without task labels (text_distill: the old model teaches on unlabeled text of the "
+                   "new domain, then the K-shot fine-tune): its test accuracy minus the paper's K-shot distillation "
+                   f"and minus vanilla, paired by setting and seed ({stats.describe()})",
+                   ["type", "against", "text_distill − it"], rows)

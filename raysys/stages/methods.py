@@ -1,7 +1,7 @@
 """Stage `methods`: recycling the outdated Δ_i, tuned on M_i, when tuning the upgraded M_j.
 
 Every method of `config.RECYCLING_METHODS` is one run of the one classifier loop; what differs is where it starts
-(`STARTS`) and what it minimises (`OBJECTIVES`), in the full-data and K-shot regimes. The T × a × β grid multiplies
+and what it minimises (raysys.stages.method_starts), in the full-data and K-shot regimes. The T × a × β grid multiplies
 only the distilling methods; every other cell names its reference (vanilla) run, which runs first: convergence is
 measured against it. The teacher's outputs on a training set are computed once and cached in the store for every
 cell that shares them.
@@ -132,6 +132,9 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                                               regime, shots, *reference_identity(study))
                         for method, knobs in _variants(study):
                             reference = method == REFERENCE_METHOD
+                            start = RECYCLING_METHODS[method].start
+                            if start == "distilled_on_text" and regime != "kshot":
+                                continue  # taught without labels, then the K-shot fine-tune
                             if "transfer" in knobs:
                                 source = transfers.get((task.name, tuning_type, seed, i, j, knobs["transfer"]))
                                 if source is None:
@@ -139,18 +142,29 @@ def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
                                 knobs = {**knobs, "transfer_hash": source.cell_hash}  # the start is its row's
                             cell_hash = vanilla if reference else config_hash(
                                 "method", method, vanilla, old, knobs, study.methods.teacher_dropout,
-                                study.methods.target_fraction, *start_identity(study, method, tuning_type))
+                                study.methods.target_fraction, *start_identity(study, method, tuning_type, j))
                             cells.append(MethodCell(cell_hash, method, task.name, tuning_type, seed, i, j, regime,
                                                     shots, old, target_plm, vanilla, not reference and has_reference,
                                                     **knobs))
     return cells
 
 
-def start_identity(study: StudyConfig, method: str, tuning_type: str) -> tuple:
+def start_identity(study: StudyConfig, method: str, tuning_type: str, target: int | None = None) -> tuple:
     """What a method's start adds to its hash: a start from the old weights moves them onto M_j, so how their
-    LayerNorms move counts (`recycling_identity`); a fresh start, and the teacher on the old PLM, move nothing."""
-    recycles = RECYCLING_METHODS[method].start == "old_weights"
-    return recycling_identity(study.tuning, tuning_type) if recycles else ()
+    LayerNorms move counts (`recycling_identity`); a fresh start, and the teacher on the old PLM, move nothing; a
+    start taught on text adds that text (M_j's corpus, `target`) and how it was taught."""
+    start = RECYCLING_METHODS[method].start
+    if start == "distilled_on_text":
+        corpus = study.corpora[target]
+        return (text_distill_config(study), data_spec(corpus), world_if_builtin(study, corpus.source))
+    return recycling_identity(study.tuning, tuning_type) if start == "old_weights" else ()
+
+
+def text_distill_config(study: StudyConfig) -> dict:
+    """The label-free phase's settings, unset batch size and lr filled from the K-shot tuning's."""
+    text, kshot = study.methods.text_distill, study.methods.kshot
+    return {**dataclasses.asdict(text), "batch_size": text.batch_size or kshot.batch_size or study.tuning.batch_size,
+            "lr": text.lr}
 
 
 class MethodsStage(Stage):
@@ -216,70 +230,6 @@ def check_old_weights(study: StudyConfig, store: Store, needed: set[str], tuning
     return labels
 
 
-# --------------------------------------------------------------------------------------- starts, objectives
-
-
-def fresh_start(ctx: Context, cell: MethodCell, num_labels: int):
-    """A fresh seeded head (and PET module) on M_j."""
-    from raysys.storage import artifacts
-
-    return artifacts.adapted_classifier(ctx.store, cell.target_plm_hash, num_labels, cell.tuning_type,
-                                        ctx.study.tuning.pet_spec(cell.tuning_type), cell.seed)
-
-
-def recycled_start(ctx: Context, cell: MethodCell, num_labels: int):
-    """Δ_i recycled onto M_j: θ_j + (θ_i^τ − θ_i) with the old head; PET: the old module and head on M_j."""
-    from raysys.storage import artifacts
-
-    model, _ = artifacts.load_tuned(ctx.store, cell.old_tuned_hash, on_plm=cell.target_plm_hash,
-                                    pet_norms=ctx.study.tuning.pet_norms)
-    return model.train()
-
-
-def cross_entropy(ctx: Context, cell: MethodCell, task) -> tuple:
-    return None, None  # the loop's default objective; no teacher
-
-
-def distillation(ctx: Context, cell: MethodCell, task) -> tuple:
-    """(objective, teacher column): the old model on the old PLM as a frozen teacher, its outputs on the training
-    set cached once for every cell (and β) of the grid — or run live, in train mode, with `teacher_dropout`."""
-    from raysys.core.objectives import DistillationObjective
-    from raysys.storage import artifacts
-
-    study = ctx.study
-    knobs = {"temperature": cell.temperature, "a": cell.kd_weight, "beta": cell.beta}
-
-    def load_teacher():
-        return artifacts.load_tuned(ctx.store, cell.old_tuned_hash)[0].to(ctx.device)
-
-    if study.methods.teacher_dropout:
-        return DistillationObjective(**knobs, live_teacher=load_teacher()), "live"
-    with_hidden = max(study.methods.betas) > 0  # one cache entry serves every β of the grid
-    outputs, hit = artifacts.teacher_cache(ctx.store).get(cell.old_tuned_hash, task.data_key, with_hidden,
-                                                          load_teacher, task.encoded["train"][0],
-                                                          study.pilot.eval_batch_size, task.pad_id)
-    return DistillationObjective(**knobs, cached=outputs), "cache-hit" if hit else "cache-miss"
-
-
-def transferred_start(ctx: Context, cell: MethodCell, num_labels: int):
-    """The weights the transfer stage made for M_j with method `cell.transfer` and the setting it chose on dev,
-    rebuilt from Δ_i: the run starts where that row scored. A LoRA model's transferred update is in M_j's frozen
-    base weights, with fresh factors (B = 0) to tune on top: a DARE or TIES update is not of rank r, and folding it
-    keeps the start exact."""
-    from raysys.stages.chain import plan_chain, planned_cells
-    from raysys.stages.transfer import STAGE as TRANSFER
-    from raysys.stages.transfer_run import PairWeights
-
-    source = next(c for c in planned_cells(TRANSFER, ctx.study, plan_chain(ctx.study))
-                  if c.cell_hash == cell.transfer_hash)
-    chosen = next(r for r in results.read_cell(ctx.store, "transfer", cell.transfer_hash) if r["selected"])
-    return PairWeights(ctx, source).transferred(source, json.loads(chosen["setting"])).train()
-
-
-STARTS = {"fresh": fresh_start, "old_weights": recycled_start, "transferred": transferred_start}
-OBJECTIVES = {"cross_entropy": cross_entropy, "distillation": distillation}
-
-
 # ------------------------------------------------------------------------------------------------------ run
 
 
@@ -313,6 +263,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
     An Optuna trial passes its own `lr`, its table and the columns naming its search (`extra`)."""
     from raysys.core import compute
     from raysys.core.classifier_loop import train_classifier
+    from raysys.stages.method_starts import OBJECTIVES, STARTS
     from raysys.stages.recipe import encoded_task
 
     study, store = ctx.study, ctx.store
@@ -323,7 +274,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
         cfg = dataclasses.replace(cfg, lr=lr)
     recipe = RECYCLING_METHODS[cell.method]
     compute.seed_all(cell.seed)
-    model = STARTS[recipe.start](ctx, cell, len(task.task.labels))
+    model, start_seconds = STARTS[recipe.start](ctx, cell, len(task.task.labels))
     objective, teacher = OBJECTIVES[recipe.objective](ctx, cell, task)
     compute.seed_all(cell.seed)
     result = train_classifier(model, task.encoded, cfg, cell.seed, task.pad_id, objective, device=ctx.device,
@@ -333,7 +284,7 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
     fraction = study.methods.target_fraction
     conv = {name: convergence(result.curve, name, reference[name], fraction) for name in {"dev", full_dev}}
     key = {k: getattr(cell, k) for k in KEY_COLUMNS}
-    recycles_norms = recipe.start != "fresh" and study.tuning.trains_norms(cell.tuning_type)
+    recycles_norms = recipe.start in ("old_weights", "transferred") and study.tuning.trains_norms(cell.tuning_type)
     moved = {"pet_norms": study.tuning.pet_norms} if recycles_norms else {}  # in the row's config, either policy
     if table == "methods_runs":
         curve = [{**key, **row, "full_dev_accuracy": row.get(f"{full_dev}_accuracy"),
@@ -352,7 +303,8 @@ def run_method_cell(ctx: Context, cell: MethodCell, checkpointer=None, table: st
         "full_dev_test_accuracy": full.test_accuracy, "full_dev_auc": conv[full_dev]["auc"],
         "full_dev_target_accuracy": conv[full_dev]["target"], "full_dev_steps_to_target": conv[full_dev]["steps"],
         "full_dev_seconds_to_target": conv[full_dev]["seconds"], "teacher": teacher,
-        "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from_step,
+        "train_seconds": result.train_seconds, "start_train_seconds": start_seconds,
+        "resumed_from_step": result.resumed_from_step,
         "device": compute.device_name(ctx.device),
         "config": json.dumps({**tuning_identity(cfg, cell.tuning_type), **moved,
                               "teacher_dropout": study.methods.teacher_dropout, "target_fraction": fraction}),

@@ -41,6 +41,31 @@ def encoded_task(ctx: Context, task_name: str, regime: str = "full", shots: int 
     return EncodedTask(task, data.encode_task(task, tokenizer, study.tuning.max_length), tokenizer.pad_token_id, key)
 
 
+@dataclass
+class EncodedText:
+    """Unlabeled documents with the chain's tokenizer; `data_key` as an EncodedTask's (the teacher cache's key)."""
+
+    ids: list[list[int]]
+    data_key: str
+
+
+def unlabeled_text(ctx: Context, plm_index: int, documents: int) -> EncodedText:
+    """The first `documents` non-blank documents of the corpus that made M_{plm_index} (its domain), truncated to
+    `tuning.max_length`: text with no task and no labels, what label-free distillation teaches on."""
+    import itertools
+
+    study = ctx.study
+    spec = study.corpora[plm_index]
+    texts = list(itertools.islice((d for d in data.corpus_documents(spec, study.world) if d.strip()), documents))
+    if not texts:
+        raise data.DataError(f"corpus {spec.name}: no documents to distil on (methods.text_distill)")
+    tokenizer = artifacts.load_tokenizer(ctx.store, ctx.chain.tokenizer_hash)
+    ids = tokenizer(texts, truncation=True, max_length=study.tuning.max_length)["input_ids"]
+    key = config_hash("text", data_spec(spec), world_if_builtin(study, spec.source), documents,
+                      study.tuning.max_length, ctx.chain.tokenizer_hash)
+    return EncodedText(ids, key)
+
+
 def data_key(study: StudyConfig, spec, regime: str, shots: int | None, seed: int, tokenizer_hash: str) -> str:
     """The identity of an encoded task split (what teacher outputs are cached under): its data's fingerprint, the
     regime's sample, the truncation and the tokenizer."""

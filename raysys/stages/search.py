@@ -59,8 +59,9 @@ class SearchStage(Stage):
         # The budget is not part of a search's identity (a larger one continues the same search), nor its pace.
         space = {k: v for k, v in dataclasses.asdict(search).items() if k not in ("algorithm", "trials", "parallel")}
         cells = []
-        # a transferred start is the transfer stage's dev choice: not searched (its lr is the grid's)
-        searched = [m for m in study.methods.names if RECYCLING_METHODS[m].start != "transferred"]
+        # the paper's starts only: a transferred start is the transfer stage's dev choice, a start taught on text
+        # its own phase (their lr is the grid's)
+        searched = [m for m in study.methods.names if RECYCLING_METHODS[m].start in ("fresh", "old_weights")]
         for ref in (c for c in plan_methods(study, chain) if c.cell_hash == c.vanilla_hash):
             for method in searched:
                 search_hash = config_hash("search", method, ref.vanilla_hash, ref.old_tuned_hash, space,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from raysys.storage.store import QUARANTINE, Store  # quarantine/<the file's path>: result files that do not parse
 
 SCHEMA_VERSION = 9  # 6: attempts, repeated_failures; 7: the pair tables' seed_b; 8: the training tables' device;
-# 9: the method tables' transfer
+# 9: the method tables' transfer, methods_runs' start_train_seconds
 # (older files read the new columns null)
 
 _COMMON = [
@@ -128,6 +128,7 @@ _TABLE_FIELDS.update({
         ("teacher", pa.string()),  # "cache-hit" | "cache-miss" | "live" | null (no teacher)
         ("train_seconds", pa.float64()), ("config", pa.string()), ("resumed_from_step", pa.int64()),
         ("device", pa.string()),  # as in tuning_runs
+        ("start_train_seconds", pa.float64()),  # training the start itself took (text_distill's text phase) or null
     ],
     "methods_curves": _CURVE_COMMON + _METHOD + [
         ("step", pa.int64()), ("train_loss", pa.float64()), ("dev_accuracy", pa.float64()),

@@ -91,3 +91,34 @@ def test_a_transferred_start_is_paired_with_init_by_setting_and_seed(tmp_path):
     assert [r[:5] for r in section.rows] == [["scaled", "lora", 5, "50.0", "59.9"], ["ties", "lora", 5, "70.0", "63.0"]]
     assert section.rows[1][5].startswith("+3.0 points") and "n=5" in section.rows[1][5]
     assert section.rows[1][6] == "n=0"  # no curves written: no AUC to pair
+
+
+def test_label_free_distillation_is_paired_with_k_shot_distillation_and_vanilla(tmp_path):
+    from raysys.report.tables import methods_table
+
+    store = Store(tmp_path)
+    knobs = {"temperature": 5.0, "kd_weight": 0.9, "beta": 10.0}
+    rows = [{**r, "regime": "kshot", "shots": 8, "best_dev_accuracy": r["test_accuracy"], "steps_to_target": None,
+             "dev_auc": 0.5, "full_dev_test_accuracy": r["test_accuracy"], "temperature": None, "kd_weight": None,
+             "beta": None} for r in _method_rows("vanilla", COPY) + _method_rows("text_distill", [a + 0.04 for a in COPY])]
+    rows += [{**r, **knobs} for r in [{**x, "method": "distill", "test_accuracy": x["test_accuracy"] + 0.01,
+                                       "best_dev_accuracy": x["test_accuracy"] + 0.01} for x in rows[:5]]]
+    for n, row in enumerate(rows):
+        results.write_rows(store, "methods_runs", f"m{n}", [row])
+    scope = _scope(store)
+    section = transfer.text_distill_section(scope, findings.statistics_of(scope), methods_table(scope))
+    assert [r[:2] for r in section.rows] == [["lora", "distill"], ["lora", "vanilla"]]
+    assert section.rows[0][2].startswith("+3.0 points") and section.rows[1][2].startswith("+4.0 points")
+
+
+def test_the_hop_figure_draws_each_methods_mean_per_hop(tmp_path):
+    from raysys.report import figures, interactive
+
+    store = Store(tmp_path / "store")
+    _write(store, _rows("copy", COPY) + _rows("copy", [a - 0.1 for a in COPY], pair=(1, 3)) +
+           _rows("ties", [a - 0.02 for a in COPY]))
+    scope = _scope(store)
+    assert figures.transfer_hops(scope, tmp_path / "fig").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    traces = {t.name: (list(t.x), [round(y, 4) for y in t.y]) for t in interactive.transfer_hops(scope).data}
+    assert traces == {"finetune · copy": ([1, 2], [0.6, 0.5]), "finetune · ties": ([1], [0.58])}
+    assert figures.transfer_hops(_scope(Store(tmp_path / "empty")), tmp_path / "fig2") is None

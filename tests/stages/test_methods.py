@@ -2,6 +2,7 @@
 micro study's real checkpoints, the teacher cache, initialization with Δ = 0, training-free maps, bad input."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from raysys.config import METHODS, RECYCLING_METHODS, ConfigError, load_study
 from raysys.core import compute
 from raysys.core.recycle import WeightMismatchError
-from raysys.stages import methods
+from raysys.stages import method_starts, methods
 from raysys.stages.base import Context, MissingInputError, View
 from raysys.stages.chain import plan_chain
 from raysys.stages.recipe import encoded_task
@@ -36,7 +37,8 @@ def test_the_grid_multiplies_only_distilling_methods():
     starts = len(m.transfer_starts) * len(study.seeds) * (len(m.shots) + 1)  # per type where the method applies
     assert {k: len(v) for k, v in by_method.items()} == {"vanilla": combos, "init": combos,
                                                         "distill": combos * grid, "combined": combos * grid,
-                                                        "transfer_init": len(study.method_types) * starts}
+                                                        "transfer_init": len(study.method_types) * starts,
+                                                        "text_distill": combos // (len(m.shots) + 1) * len(m.shots)}
     assert len({c.cell_hash for c in cells}) == len(cells)
     assert all(c.temperature is None for c in by_method["vanilla"] + by_method["init"])
     vanilla = {c.cell_hash for c in by_method["vanilla"]}
@@ -47,9 +49,39 @@ def test_the_grid_multiplies_only_distilling_methods():
 def test_a_method_is_a_start_and_an_objective_the_stage_implements():
     assert list(RECYCLING_METHODS) == list(METHODS) and METHODS[0] == "vanilla"
     for method in RECYCLING_METHODS.values():
-        assert method.start in methods.STARTS and method.objective in methods.OBJECTIVES
+        assert method.start in method_starts.STARTS and method.objective in method_starts.OBJECTIVES
     assert DISTILLING == ["distill", "combined"]
-    assert [m for m, r in RECYCLING_METHODS.items() if r.recycles] == ["init", "distill", "combined", "transfer_init"]
+    assert [m for m, r in RECYCLING_METHODS.items() if r.recycles] == ["init", "distill", "combined", "transfer_init",
+                                                                       "text_distill"]
+
+
+def test_label_free_distillation_is_planned_for_k_shot_and_named_by_its_text():
+    """text_distill: K-shot cells only (its fine-tune is the K-shot one); its hash holds what it was taught on —
+    M_j's corpus and the phase's settings — so another corpus or budget is another cell, the rest is untouched."""
+    _, cells = _plan()
+    texts = [c for c in cells if c.method == "text_distill"]
+    assert texts and {c.regime for c in texts} == {"kshot"} and all(c.needs_reference for c in texts)
+    _, longer = _plan("methods.text_distill.steps=200")
+    _, other_text = _plan("world.domain_sentences=3000")
+    assert {c.cell_hash for c in longer if c.method == "text_distill"}.isdisjoint(c.cell_hash for c in texts)
+    assert {c.cell_hash for c in longer if c.method != "text_distill"} == {
+        c.cell_hash for c in cells if c.method != "text_distill"}
+    assert {c.cell_hash for c in other_text if c.method == "text_distill"}.isdisjoint(c.cell_hash for c in texts)
+    with pytest.raises(ConfigError, match="methods.text_distill.eval_every_steps: must be in 1..steps"):
+        load_study("tiny", ["methods.text_distill.steps=5"])
+
+
+def test_without_labels_the_distillation_loss_reads_no_label():
+    import torch
+
+    from raysys.core.objectives import distillation_loss
+
+    student, teacher = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[0.5, 0.5, 3.0]])
+    one, _ = distillation_loss(student, torch.tensor([0]), teacher, 5.0, 1.0, 0.0)
+    other, _ = distillation_loss(student, torch.tensor([2]), teacher, 5.0, 1.0, 0.0)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student / 5, -1), torch.log_softmax(teacher / 5, -1),
+                                    log_target=True, reduction="batchmean")
+    assert one == other == 25 * kl
 
 
 def test_a_transferred_start_is_planned_where_its_transfer_cell_is_and_waits_for_its_row():
@@ -130,7 +162,8 @@ def test_every_method_cell_ran_measured_against_its_reference(micro_run):
     chain = plan_chain(study)
     planned = methods.plan_methods(study, chain)
     rows = results.ok_rows(store, "methods_runs")
-    assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 5  # transfer_init from TIES alone
+    # 5: the paper's four and transfer_init (from TIES alone); text_distill in the K-shot regime only
+    assert ran["methods"]["ran"] == len(rows) == len(planned) == 2 * 3 * 2 * 5 + 2 * 3
     curves = results.read_table(store, "methods_curves").to_pylist()
     assert {r["step"] for r in curves} == {0, 4, 8, 12}  # the start point is on every curve
     for row in rows:
@@ -179,6 +212,28 @@ def test_a_transferred_start_scores_what_the_transfer_stage_chose(micro_run):
         assert row["transfer"] == "ties" and row["test_accuracy"] is not None
         checked.add((row["tuning_type"], row["regime"]))
     assert len(checked) == 3 * 2
+
+
+def test_label_free_distillation_starts_the_k_shot_fine_tune_from_what_it_taught(micro_run):
+    """The text phase ran (the teacher's outputs on the corpus's first 64 documents are cached once per old
+    model), and the K-shot run starts from its result, not from vanilla's fresh start."""
+    _, store, _ = micro_run
+    rows = results.ok_rows(store, "methods_runs")
+    curves = {(c["cell_hash"], c["step"]): c for c in results.read_table(store, "methods_curves").to_pylist()}
+    texts = [r for r in rows if r["method"] == "text_distill"]
+    assert len(texts) == 2 * 3 and {r["regime"] for r in texts} == {"kshot"}
+    for r in texts:
+        vanilla = curves[(r["vanilla_hash"], 0)]
+        assert curves[(r["cell_hash"], 0)]["full_dev_loss"] != vanilla["full_dev_loss"]
+        assert r["test_accuracy"] is not None and r["target_dev_accuracy"] is not None
+    from safetensors.torch import load_file
+
+    taught_on = {}  # old model -> sizes of the sets its outputs were cached on
+    for key in store.list_dirs("artifacts/teacher"):
+        folder = store.local / "artifacts" / "teacher" / key
+        teacher = json.loads((folder / "raysys.json").read_text())["teacher"]
+        taught_on.setdefault(teacher, set()).add(len(load_file(str(folder / "outputs.safetensors"))["logits"]))
+    assert all(64 in taught_on[r["old_tuned_hash"]] for r in texts)  # the 64 documents (K-shot train: 16)
 
 
 @pytest.mark.parametrize("tuning_type", ["finetune", "lora"])
