@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster heads and CI
 import matplotlib.pyplot as plt
 
-from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD
+from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, TRANSFER_METHODS
 from raysys.report.scope import StudyRows
 from raysys.report.tables import method_knobs, method_setting
 
@@ -45,6 +45,35 @@ def grouped_means(rows: list[dict], key, value: str) -> dict:
 def _mean_by(rows: list[dict], key, value: str) -> dict:
     """key(row) -> the mean of `value`."""
     return {k: mean for k, (mean, _) in grouped_means(rows, key, value).items()}
+
+
+def transfer_rows(scope: StudyRows) -> list[dict]:
+    """The transfer table's rows of each pair's dev-chosen setting, with its hop count: what the hop figure draws."""
+    return [{**r, "hops": r["target_plm_index"] - r["source_plm_index"]} for r in scope.ok_rows("transfer")
+            if r["applicable"] and r["selected"]]
+
+
+def transfer_hops(scope: StudyRows, out: Path) -> Path | None:
+    """Test accuracy of each transfer method's dev-chosen setting against the upgrade's hop count, mean over pairs
+    (task, seed, source), per tuning type: how far each method carries Δ_i down the chain."""
+    rows = transfer_rows(scope)
+    if not rows:
+        return None
+    types = sorted({r["tuning_type"] for r in rows})
+    fig, axes = plt.subplots(1, len(types), figsize=(3.6 * len(types), 3.2), squeeze=False, sharey=True,
+                             layout="constrained")
+    for b, tuning_type in enumerate(types):
+        ax = axes[0][b]
+        for method in TRANSFER_METHODS:
+            curve = sorted(_mean_by([r for r in rows if r["tuning_type"] == tuning_type and r["method"] == method],
+                                    lambda r: r["hops"], "test_accuracy").items())
+            if curve:
+                ax.plot([h for h, _ in curve], [y for _, y in curve], "o-", label=method,
+                        color="tab:gray" if method == TRANSFER_METHODS[0] else None)
+        ax.set(title=tuning_type, xlabel="hops (j − i)", ylabel="test accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    return _save(fig, out / "transfer_hops.png")
 
 
 def pretrain_curves(scope: StudyRows, out: Path) -> Path | None:

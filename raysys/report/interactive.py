@@ -10,7 +10,7 @@ from collections import defaultdict
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from raysys.config import RECYCLING_METHODS
+from raysys.config import RECYCLING_METHODS, TRANSFER_METHODS
 from raysys.report import figures
 from raysys.report.scope import StudyRows
 from raysys.report.tables import method_knobs, method_setting
@@ -94,6 +94,28 @@ def interpolation_curves(scope: StudyRows) -> go.Figure | None:
     return fig
 
 
+def transfer_hops(scope: StudyRows) -> go.Figure | None:
+    rows = figures.transfer_rows(scope)
+    if not rows:
+        return None
+    types = sorted({r["tuning_type"] for r in rows})
+    fig = make_subplots(1, len(types), subplot_titles=types, shared_yaxes=True)
+    for b, kind in enumerate(types):
+        for method in TRANSFER_METHODS:
+            curve = sorted(figures.grouped_means([r for r in rows if r["tuning_type"] == kind and r["method"] == method],
+                                                 lambda r: r["hops"], "test_accuracy").items())
+            if not curve:
+                continue
+            fig.add_trace(go.Scatter(
+                x=[h for h, _ in curve], y=[m for _, (m, _) in curve], name=f"{kind} · {method}", mode="lines+markers",
+                customdata=[[len(v), _seeds(v)] for _, (_, v) in curve],
+                hovertemplate=f"{kind} · {method}<br>hops %{{x}}<br>test accuracy %{{y:.3f}}<br>%{{customdata[0]}} "
+                              "pairs, seeds %{customdata[1]}<extra></extra>"), 1, b + 1)
+    fig.update_layout(title="Transfer methods: test accuracy of the dev-chosen setting against the hop count")
+    fig.update_xaxes(title_text="hops (j − i)", dtick=1)
+    return fig
+
+
 def head_similarity_heatmaps(scope: StudyRows) -> go.Figure | None:
     rows = scope.ok_rows("head_similarity")
     if not rows:
@@ -157,4 +179,5 @@ def report_figures(best_knobs: dict) -> list[tuple]:
         ("Head similarity", figures.head_similarity_heatmaps, head_similarity_heatmaps),
         ("Convergence of the recycling methods", functools.partial(figures.convergence_curves, best_knobs=best_knobs),
          functools.partial(convergence_curves, best_knobs=best_knobs)),
+        ("Transfer methods across hops", figures.transfer_hops, transfer_hops),
     ]

@@ -25,6 +25,17 @@ class Scored:
     relative_change: float  # ‖method's delta − Δ‖ / ‖Δ‖
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """One pair's weights as the methods see them."""
+
+    skeleton: torch.nn.Module  # the tuned model's start on M_j: what every method's weights are loaded into
+    new_start: dict  # its state (a LoRA model's merged)
+    delta: dict  # Δ_i: the tuned model's update against its own start on M_i, on the updated names
+    old_start: dict  # the start on M_i
+    kept: dict  # the entries carried as tuned (the head; LayerNorms under pet_norms "absolute")
+
+
 def _merged(state: dict, meta: dict) -> dict:
     """A LoRA model's state with its update folded into the base weights (other types as they are)."""
     return pet.merge_lora(state, pet.lora_scaling(meta["pet"])) if meta["tuning_type"] == "lora" else state
@@ -42,17 +53,15 @@ class PairWeights:
         return artifacts.tuned_meta(self.ctx.store, self.cell.source_tuned_hash)
 
     @cached_property
-    def _loaded(self) -> tuple:
-        """(skeleton on M_j, its start state, Δ_i, M_i's start state, the names carried as tuned, the tuned values)."""
+    def _loaded(self) -> Loaded:
         store, meta = self.ctx.store, self.meta
         tuned, _ = artifacts.load_tuned(store, self.cell.source_tuned_hash)
         tuned_state = _merged(clone_state(tuned), meta)
         old_start = _merged(clone_state(artifacts.tuning_start(store, meta)), meta)
         skeleton = artifacts.tuning_start(store, meta, on_plm=self.cell.target_plm_hash).eval()
-        new_start = _merged(clone_state(skeleton), meta)
         carried = self._carried(tuned)
-        delta = update_of(tuned_state, old_start, carried)
-        return skeleton, new_start, delta, old_start, carried, {k: tuned_state[k] for k in carried}
+        return Loaded(skeleton, _merged(clone_state(skeleton), meta), update_of(tuned_state, old_start, carried),
+                      old_start, {k: tuned_state[k] for k in carried})
 
     def _carried(self, model) -> set[str]:
         """The entries every method keeps as tuned: the head, and trained LayerNorms under pet_norms "absolute"."""
@@ -65,7 +74,7 @@ class PairWeights:
     @cached_property
     def history(self) -> tuple[dict, ...]:
         """Δ_0 … Δ_{i-1}: each earlier version's update against its own start, on the same names."""
-        carried = self._loaded[4]
+        carried = set(self._loaded.kept)
         out = []
         for tuned_hash in self.cell.history:
             model, meta = artifacts.load_tuned(self.ctx.store, tuned_hash)
@@ -82,38 +91,38 @@ class PairWeights:
         return transfer.not_applicable(cell.method, backbone, len(cell.history) + 1)
 
     def _inputs(self, cell) -> transfer.TransferInputs:
-        _, new_start, delta, old_start, _, _ = self._loaded
+        w = self._loaded
         history = self.history if cell.method == "multi_version" else ()
-        return transfer.TransferInputs(delta, old_start, new_start, history, cell.seed)
+        return transfer.TransferInputs(w.delta, w.old_start, w.new_start, history, cell.seed)
 
     def transferred(self, cell, setting: dict):
         """The model `cell`'s method makes for M_j with `setting` (a tuning start: the methods' transfer_init)."""
-        skeleton, new_start, _, _, _, kept = self._loaded
-        self._load(skeleton, new_start, transfer.METHODS[cell.method].fn(self._inputs(cell), **setting), kept)
-        return skeleton
+        self._load(transfer.METHODS[cell.method].fn(self._inputs(cell), **setting))
+        return self._loaded.skeleton
 
     def score(self, cell) -> list[Scored]:
-        """Every setting of the method's grid on dev; the best also on test."""
-        skeleton, new_start, delta, _, _, kept = self._loaded
-        inputs = self._inputs(cell)
+        """Every setting of the method's grid on dev; the best (dev accuracy, then dev loss, then grid order) also
+        on test, its weights made again (every method is deterministic given the cell's seed): holding the best
+        setting's weights beside the current ones would double the pair's memory at the paper's scale."""
+        w, inputs, method = self._loaded, self._inputs(cell), transfer.METHODS[cell.method]
         history = inputs.history
-        method = transfer.METHODS[cell.method]
         rows = []
         for setting in self.ctx.study.transfer.grid(cell.method):
             moved = method.fn(inputs, **setting)
-            self._load(skeleton, new_start, moved, kept)
-            rows.append((setting, self._split(skeleton, "dev"), transfer.relative_change(delta, moved)))
+            self._load(moved)
+            rows.append((setting, self._split(w.skeleton, "dev"), transfer.relative_change(w.delta, moved)))
         best = max(range(len(rows)), key=lambda n: (rows[n][1][0], -rows[n][1][1], -n))
-        self._load(skeleton, new_start, method.fn(inputs, **rows[best][0]), kept)
-        test = self._split(skeleton, "test")
+        self._load(method.fn(inputs, **rows[best][0]))
+        test = self._split(w.skeleton, "test")
         return [Scored(setting, {"dev_accuracy": dev[0], "dev_loss": dev[1],
                                  **({"test_accuracy": test[0], "test_loss": test[1]} if n == best else {})},
                        n == best, len(history) + 1, change)
                 for n, (setting, dev, change) in enumerate(rows)]
 
-    def _load(self, skeleton, new_start: dict, moved: dict, kept: dict) -> None:
-        state = {**new_start, **{k: new_start[k] + v for k, v in moved.items()}, **kept}
-        skeleton.load_state_dict(state, strict=True)
+    def _load(self, moved: dict) -> None:
+        w = self._loaded
+        state = {**w.new_start, **{k: w.new_start[k] + v for k, v in moved.items()}, **w.kept}
+        w.skeleton.load_state_dict(state, strict=True)
 
     def _split(self, model, split: str) -> tuple[float, float]:
         data, device = self.data, self.ctx.device
