@@ -199,7 +199,11 @@ class MethodsStage(Stage):
 
     def train_tokens(self, study: StudyConfig, cell: MethodCell) -> int:
         cfg = method_tuning_config(study, cell.tuning_type, cell.regime)
-        return cfg.max_steps * cfg.batch_size * cfg.max_length
+        tokens = cfg.max_steps * cfg.batch_size * cfg.max_length
+        if RECYCLING_METHODS[cell.method].start == "distilled_on_text":  # its text phase trains too
+            text = text_distill_config(study)
+            tokens += text["steps"] * text["batch_size"] * cfg.max_length
+        return tokens
 
     def run(self, ctx: Context, cell: MethodCell) -> None:
         run_method_cell(ctx, cell, ctx.checkpointer(cell.cell_hash, ctx.study.tuning.checkpoint_every_seconds))

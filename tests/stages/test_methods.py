@@ -67,6 +67,10 @@ def test_label_free_distillation_is_planned_for_k_shot_and_named_by_its_text():
     assert {c.cell_hash for c in longer if c.method != "text_distill"} == {
         c.cell_hash for c in cells if c.method != "text_distill"}
     assert {c.cell_hash for c in other_text if c.method == "text_distill"}.isdisjoint(c.cell_hash for c in texts)
+    vanilla = next(c for c in cells if c.method == "vanilla" and c.cell_hash == texts[0].vanilla_hash)
+    text, length = methods.text_distill_config(load_study("tiny")), load_study("tiny").tuning.max_length
+    assert methods.STAGE.train_tokens(load_study("tiny"), texts[0]) == (
+        methods.STAGE.train_tokens(load_study("tiny"), vanilla) + text["steps"] * text["batch_size"] * length)
     with pytest.raises(ConfigError, match="methods.text_distill.eval_every_steps: must be in 1..steps"):
         load_study("tiny", ["methods.text_distill.steps=5"])
 
