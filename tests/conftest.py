@@ -3,8 +3,9 @@ tests: it goes through every stage with real Ray Tune/Train, real HF models and 
 
 Under pytest-xdist (README command 2 runs two workers) each worker is a session with its own Ray; the micro study
 is run once for all of them (the first worker to ask runs it, under a file lock) and each worker gets its own copy,
-so that a test changing its store in place cannot race another worker's. Modules that start clusters of their own
-on fixed ports, or move the machine's `ray start` address file, share one xdist group and so never overlap."""
+so that a test changing its store in place cannot race another worker's. A module runs whole on one worker; the
+modules that start clusters of their own on fixed ports, or move the machine's `ray start` address file, run as
+one unit and so never overlap (`pytest_xdist_make_scheduler`)."""
 
 import json
 import os
@@ -97,32 +98,38 @@ def micro_study():
     return load_study("tiny", MICRO_OVERRIDES)
 
 
-# Modules that start Ray clusters of their own (fixed ports, `ray start`'s address file, `ray up`): one xdist group
+# Modules that start Ray clusters of their own (fixed ports, `ray start`'s address file, `ray up`): one xdist unit
 MACHINE_WIDE = {"test_ray_up.py", "test_multinode.py", "test_cluster.py", "test_driver.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(config, items):
-    """Every module is one xdist group (its module-scoped fixtures are built once, on one worker), and the modules
-    in MACHINE_WIDE share one. The order keeps workers busy while the micro study builds: the machine-wide group
-    first (the longest), then the modules that do not need the micro study, then those that do; within a module
-    (and the machine-wide group) the tests that need it last. Sorting is stable and the same on every worker."""
+    """The order keeps both xdist workers busy while the micro study builds: the machine-wide modules first (the
+    longest unit), then the modules that do not need the micro study, then those that do; within the machine-wide
+    unit the tests that need it last. Sorting is stable and the same on every worker."""
     needs = {item: "micro_run" in getattr(item, "fixturenames", ()) for item in items}
-    module_needs = {}
+    module_needs: dict[Path, bool] = {}
     for item in items:
         module_needs[item.path] = module_needs.get(item.path, False) or needs[item]
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
     def rank(item):
-        machine_wide = _group(item) == "machine-wide"
+        machine_wide = item.path.name in MACHINE_WIDE
         return (0 if machine_wide else 1 + module_needs[item.path], needs[item] if machine_wide else 0)
 
     items.sort(key=rank)
 
 
-def _group(item) -> str:
-    return "machine-wide" if item.path.name in MACHINE_WIDE else str(item.path)
+def pytest_xdist_make_scheduler(config, log):
+    """Each module is scheduled whole, on one worker (its module-scoped fixtures are built once), and the modules
+    in MACHINE_WIDE as one unit, so that they never overlap. (xdist's own `--dist loadgroup` marks do not group
+    under pytest 9, which no longer reads the node id xdist rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "machine-wide" if Path(module).name in MACHINE_WIDE else module
+
+    return ModuleScheduling(config, log)
 
 
 def _shared_temp(tmp_path_factory) -> Path:
