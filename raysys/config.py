@@ -579,6 +579,22 @@ TRANSFER_AXES: dict[str, dict[str, str]] = {
     "svd": {"rank": "svd_ranks"}, "subspace": {"rank": "subspace_ranks", "null_space": "null_space"},
     "multi_version": {"density": "merge_densities"},
 }
+# What a method needs beyond one Δ (planning reads it without torch): "backbone" — it projects ΔW onto a backbone
+# weight's subspaces, so a type whose module has no backbone weight under it (the bottleneck adapter) cannot use it;
+# "history" — it merges Δ_0 … Δ_i, so M_0's weights (no past) cannot.
+TRANSFER_NEEDS = {"svd": "backbone", "subspace": "backbone", "multi_version": "history"}
+
+
+def transfer_not_applicable(method: str, has_backbone_weights: bool, versions: int) -> str | None:
+    """Why `method` cannot run on a Δ (None: it can): `has_backbone_weights` whether its update sits on backbone
+    linear weights (fine-tuning, LoRA) rather than in a separate module (the adapter); `versions` how many Δ of the
+    task the chain has up to M_i."""
+    need = TRANSFER_NEEDS.get(method)
+    if need == "backbone" and not has_backbone_weights:
+        return "the adapter's module has no backbone weight whose subspaces it could be projected onto"
+    if need == "history" and versions < 2:
+        return "needs Δ of at least two PLM versions (M_0 has no earlier one)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -630,6 +646,36 @@ class TransferConfig:
         for arg, axis in TRANSFER_AXES[method].items():
             settings = [{**s, arg: v} for s in settings for v in getattr(self, axis)]
         return settings
+
+
+@dataclass(frozen=True)
+class RecycleConfig:
+    """Recycling every stored Δ when a new PLM arrives (issue 21): per (task, tuning type, upgrade i → j of the
+    transfer pairs), a cheap probe — each setting of each method of `methods` scored on `probe_examples` dev
+    examples (the same seeded subset for every cell of a task) for every seed's Δ_i — picks one (method, setting)
+    by the rule: the highest mean probe accuracy over the seeds, then the lowest mean probe loss, then the order of
+    `methods` and of each grid. The chosen weights are made for M_j for every seed, scored on the full dev and
+    test sets and stored (`artifacts/recycled/`); the transfer stage's full grid is the ground truth the report
+    judges the probe against."""
+
+    enabled: bool = True
+    methods: tuple[str, ...] = ("copy", "scaled", "ties")
+    probe_examples: int = 64
+    probe_seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self):
+        _check(len(self.methods) >= 1, "recycle.methods", "name at least one transfer method")
+        _check_distinct(self.methods, "recycle.methods")
+        for name in self.methods:
+            _check(name in TRANSFER_METHODS, "recycle.methods", f"unknown method '{name}'; known: {list(TRANSFER_METHODS)}")
+            _check(name != "multi_version", "recycle.methods", "multi_version merges a task's earlier versions: "
+                   "not a probe of one Δ (the transfer stage runs it)")
+        _check(self.probe_examples >= 1, "recycle.probe_examples", "must be >= 1")
+        _check_seed(self.probe_seed, "recycle.probe_seed")
+        _check(self.cpus_per_trial > 0, "recycle.cpus_per_trial", "must be > 0")
+        _check_gpus(self.gpus_per_trial, "recycle.gpus_per_trial")
 
 
 SEARCH_ALGORITHMS = ("grid", "optuna")
@@ -784,6 +830,7 @@ class StudyConfig:
     pilot: PilotConfig = PilotConfig()
     methods: MethodsConfig = MethodsConfig()
     transfer: TransferConfig = TransferConfig()
+    recycle: RecycleConfig = RecycleConfig()
     report: ReportConfig = ReportConfig()
     seeds: tuple[int, ...] = (20, 30)
     tune_plms: tuple[int, ...] | None = None

@@ -174,13 +174,10 @@ class TransferInputs:
 
 @dataclass(frozen=True)
 class TransferMethod:
-    """One registered method: `fn(inputs, **setting)` gives the delta to add to M_j's start. `backbone_svd`: it
-    projects ΔW onto a backbone weight's subspaces (a type whose module has no backbone weight under it — the
-    bottleneck adapter — cannot use it); `needs_history`: it merges Δ_0 … Δ_i (M_0's weights have no past)."""
+    """One registered method: `fn(inputs, **setting)` gives the delta to add to M_j's start (what it needs beyond
+    one Δ: config.TRANSFER_NEEDS)."""
 
     fn: Callable[..., dict[str, torch.Tensor]]
-    backbone_svd: bool = False
-    needs_history: bool = False
 
 
 def _svd(inputs: TransferInputs, rank: int) -> dict[str, torch.Tensor]:
@@ -197,23 +194,10 @@ METHODS: dict[str, TransferMethod] = {
     "scaled": TransferMethod(lambda x, scale: scaled(x.delta, scale)),
     "dare": TransferMethod(lambda x, drop: dare(x.delta, drop, x.seed)),
     "ties": TransferMethod(lambda x, density: ties([x.delta], density)),
-    "svd": TransferMethod(_svd, backbone_svd=True),
-    "subspace": TransferMethod(_subspace, backbone_svd=True),
-    "multi_version": TransferMethod(lambda x, density: multi_version([*x.history, x.delta], density),
-                                    needs_history=True),
+    "svd": TransferMethod(_svd),
+    "subspace": TransferMethod(_subspace),
+    "multi_version": TransferMethod(lambda x, density: multi_version([*x.history, x.delta], density)),
 }
-
-
-def not_applicable(method: str, has_backbone_weights: bool, versions: int) -> str | None:
-    """Why `method` cannot run on a Δ (None: it can): `has_backbone_weights` whether its update sits on backbone
-    linear weights (fine-tuning, LoRA) rather than in a separate module (the adapter); `versions` how many Δ of the
-    task the chain has up to M_i."""
-    spec = METHODS[method]
-    if spec.backbone_svd and not has_backbone_weights:
-        return "the adapter's module has no backbone weight whose subspaces it could be projected onto"
-    if spec.needs_history and versions < 2:
-        return "needs Δ of at least two PLM versions (M_0 has no earlier one)"
-    return None
 
 
 if set(METHODS) != set(TRANSFER_METHODS):  # a registered method without its config axes, or the reverse

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, StudyConfig, TuningConfig
+from raysys.config import RECYCLING_METHODS, REFERENCE_METHOD, StudyConfig, TuningConfig, transfer_not_applicable
 from raysys.identity import (
     config_hash,
     data_spec,
@@ -23,7 +23,7 @@ from raysys.identity import (
     tuning_identity,
     world_if_builtin,
 )
-from raysys.stages.base import Artifact, Context, MissingInputError, Resources, Rows, Stage
+from raysys.stages.base import Artifact, Context, MissingInputError, Resources, Rows, Stage, View
 from raysys.stages.chain import ChainPlan
 from raysys.storage import results
 from raysys.storage.store import Store
@@ -105,14 +105,13 @@ def _transfer_cells(study: StudyConfig, chain: ChainPlan) -> dict[tuple, object]
     starts from. None planned (no `transfer_init` cell) where the stage is off or the upgrade is not one of its
     pairs (`transfer.hops`)."""
     from raysys.config import FULL_FINETUNING
-    from raysys.core.transfer import not_applicable
     from raysys.stages.transfer import STAGE as TRANSFER
 
     if "transfer_init" not in study.methods.names:
         return {}
     return {(c.task, c.tuning_type, c.seed, c.source_plm_index, c.target_plm_index, c.method): c
             for c in TRANSFER.plan(study, chain)
-            if not not_applicable(c.method, c.tuning_type in (FULL_FINETUNING, "lora"), len(c.history) + 1)}
+            if not transfer_not_applicable(c.method, c.tuning_type in (FULL_FINETUNING, "lora"), len(c.history) + 1)}
 
 
 def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:
@@ -196,6 +195,15 @@ class MethodsStage(Stage):
         super().check(study, store, chain, cells, selected)
         needed = {c.old_tuned_hash for c in cells if RECYCLING_METHODS[c.method].recycles}
         check_old_weights(study, store, needed, "tuning" in selected, "the methods")
+        if "transfer" not in selected:
+            view = View(store)
+            waiting = [c for c in cells if c.transfer_hash and not self.done(c, view)
+                       and not view.present(Rows("transfer", c.transfer_hash))]
+            if waiting:
+                raise MissingInputError(
+                    f"{len(waiting)} transfer_init cells start from the transfer stage's rows, which do not exist "
+                    f"(e.g. {store.uri('results/transfer/' + waiting[0].transfer_hash + '.parquet')}); run the "
+                    "'transfer' stage too, or set methods.transfer_starts=[]")
 
     def train_tokens(self, study: StudyConfig, cell: MethodCell) -> int:
         cfg = method_tuning_config(study, cell.tuning_type, cell.regime)

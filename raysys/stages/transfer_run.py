@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from raysys.config import FULL_FINETUNING
+from raysys.config import FULL_FINETUNING, transfer_not_applicable
 from raysys.core import architectures, pet, transfer
 from raysys.core.classifier_loop import evaluate
 from raysys.stages.base import Context
@@ -88,12 +88,17 @@ class PairWeights:
 
     def not_applicable(self, cell) -> str | None:
         backbone = self.meta["tuning_type"] in (FULL_FINETUNING, "lora")
-        return transfer.not_applicable(cell.method, backbone, len(cell.history) + 1)
+        return transfer_not_applicable(cell.method, backbone, len(cell.history) + 1)
 
     def _inputs(self, cell) -> transfer.TransferInputs:
         w = self._loaded
         history = self.history if cell.method == "multi_version" else ()
         return transfer.TransferInputs(w.delta, w.old_start, w.new_start, history, cell.seed)
+
+    def start_state(self) -> dict:
+        """The start's state on M_j that every method's weights are added to (a recycled model is stored as the
+        entries that differ from it)."""
+        return self._loaded.new_start
 
     def transferred(self, cell, setting: dict):
         """The model `cell`'s method makes for M_j with `setting` (a tuning start: the methods' transfer_init)."""

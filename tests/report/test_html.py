@@ -14,7 +14,7 @@ from raysys.report.scope import StudyRows
 from raysys.report.tables import table_sections
 from raysys.storage.study import load_saved_study, save_study
 
-FIGURES = 5  # the micro study draws all five
+FIGURES = 6  # the micro study draws all six
 
 
 @pytest.fixture(scope="module")

@@ -272,7 +272,8 @@ def test_initialization_with_a_zero_delta_reproduces_vanilla_exactly(micro_run, 
 
 def test_a_method_waits_for_its_reference_and_its_old_weights(micro_run, tmp_path):
     """The ready rule the driver launches by: in an empty store nothing is ready; with the PLM only the
-    reference runs are; with the reference rows and the outdated model, every method."""
+    reference runs are; with the reference rows and the outdated model, every method but transfer_init, which
+    also waits for its transfer row."""
     import shutil
 
     from raysys.storage.store import Store
@@ -293,7 +294,28 @@ def test_a_method_waits_for_its_reference_and_its_old_weights(micro_run, tmp_pat
     assert ready(store) == {"vanilla"}  # the outdated models are still missing
     for old in {c.old_tuned_hash for c in cells}:
         shutil.copytree(shared.artifact("tuned", old), store.local / "artifacts" / "tuned" / old)
+    assert ready(store) == set(METHODS) - {"transfer_init"}
+    for transfer_hash in {c.transfer_hash for c in cells if c.transfer_hash}:
+        results.write_rows(store, "transfer", transfer_hash, results.read_cell(shared, "transfer", transfer_hash))
     assert ready(store) == set(METHODS)
+
+
+def test_transferred_starts_without_their_transfer_rows_are_refused_before_any_trial(micro_run, tmp_path):
+    import shutil
+
+    from raysys.storage.store import Store
+
+    study, shared, _ = micro_run
+    store = Store(tmp_path / "copy")
+    shutil.copytree(shared.local, store.local, ignore=shutil.ignore_patterns("ray", "report", "transfer"))
+    for row in results.ok_rows(store, "methods_runs"):  # the transferred starts to run again
+        if row["method"] == "transfer_init":
+            (store.local / "results" / "methods_runs" / f"{row['cell_hash']}.parquet").unlink()
+    before = results.read_table(store, "methods_runs").num_rows
+    with pytest.raises(MissingInputError, match="transfer_init cells start from the transfer stage's rows.*run the "
+                                                "'transfer' stage too, or set methods.transfer_starts=\\[\\]"):
+        sweep.run_study(study, store, only=("methods",), log=lambda *_: None)
+    assert results.read_table(store, "methods_runs").num_rows == before  # refused before any trial
 
 
 def test_a_teacher_with_another_label_set_is_refused_before_any_trial(micro_run):

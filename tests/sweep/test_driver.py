@@ -212,7 +212,7 @@ def test_progress_file_records_the_last_stage(micro_run):
 
 S3_OVERRIDES = MICRO_OVERRIDES + ["pilot.control_length=0", 'tuning.types=["finetune"]',
                                   'methods.regimes=["full"]', 'methods.tasks=["d1_rel"]',
-                                  "tuning.checkpoint_every_seconds=0"]
+                                  "tuning.checkpoint_every_seconds=0", "methods.transfer_starts=[]"]
 
 
 def test_a_sweep_on_s3_keeps_everything_in_the_bucket_and_reruns_as_a_no_op(ray_cluster, s3_uri, capsys):

@@ -25,7 +25,8 @@ from tests.conftest import MICRO_OVERRIDES, session_workers
 SCRIPT = Path(__file__).resolve().parents[2] / "sweeps" / "full_paper.py"
 # the killed study: the micro study's main chain (the control chain's links, tuning runs and pairs are cells of the
 # same kinds)
-KILLED_OVERRIDES = [*MICRO_OVERRIDES, "pilot.control_length=0"]
+# no transfer_init: its cells start from the transfer stage, which the killed runs leave out (KILLED_STAGES)
+KILLED_OVERRIDES = [*MICRO_OVERRIDES, "pilot.control_length=0", "methods.transfer_starts=[]"]
 
 
 def _command(storage: Path, address: str, *extra: str) -> list[str]:
