@@ -15,6 +15,7 @@ from raysys.stages.chain import plan_chain
 from raysys.stages.compatibility import CompatibilityCell
 from raysys.stages.interpolation import PathPoint, PathSummary
 from raysys.stages.methods import MethodSetting
+from raysys.stages.recycle import RecycleCell
 from raysys.stages.registry import STAGES, stage
 from raysys.stages.training_free import TrainingFreeCell
 from raysys.stages.transfer import TransferCell
@@ -118,7 +119,7 @@ def _moved(cell) -> bool:
     the init and combined starts, training-free), or a LoRA path interpolated on the merged update?"""
     tuning_type = getattr(cell, "tuning_type", None)  # PLMs have none
     if tuning_type == "adapter":
-        return isinstance(cell, (CompatibilityCell, TrainingFreeCell, TransferCell)) or (
+        return isinstance(cell, (CompatibilityCell, TrainingFreeCell, TransferCell, RecycleCell)) or (
             isinstance(cell, MethodSetting) and RECYCLING_METHODS[cell.method].start in ("old_weights", "transferred"))
     return tuning_type == "lora" and isinstance(cell, (PathPoint, PathSummary))
 
@@ -138,7 +139,8 @@ def test_the_recycling_policies_give_new_hashes_exactly_to_the_cells_they_decide
     moved = [b.cell_hash != n.cell_hash for b, n in zip(before, now)]
     assert moved == [_moved(n) for n in now] and any(moved)
     assert {type(n).__name__ for n, m in zip(now, moved) if m} == {
-        "CompatibilityCell", "MethodCell", "TrainingFreeCell", "TransferCell", "PathPoint", "PathSummary"} | (
+        "CompatibilityCell", "MethodCell", "TrainingFreeCell", "TransferCell", "RecycleCell", "PathPoint",
+        "PathSummary"} | (
         {"SearchCell"} if overrides else set())
     one_policy = planned("tuning.pet_norms=absolute")  # LayerNorms alone: the LoRA paths stay merged
     assert [b.cell_hash != o.cell_hash for b, o in zip(before, one_policy)] == [
@@ -260,19 +262,21 @@ def test_the_layer_norm_policy_is_no_part_of_a_tuned_models_identity():
 
 # The current presets' plans (issue 20: the tiny preset replays, tunes longer, walks 11 path points and selects
 # on 512 dev examples; the micro study, built on it, replays too): measured at the commit that set them; the
-# transfer stage's (issue 21) at the commit that added it; the methods issue 21 added (transfer_init, text_distill)
-# apart.
+# transfer and recycle stages' (issue 21) at the commits that added them; the methods issue 21 added
+# (transfer_init, text_distill) apart.
 CURRENT = {
     "tiny": {"pretrain": (6, "289099be2ed96748"), "tuning": (90, "dd5a9ffce6c237c7"),
              "compatibility": (132, "09452988b9c81950"), "interpolation": (1188, "13f6778974fe65d1"),
              "similarity": (99, "182a2f718c093a9d"), "methods": (120, "a429da333c04f2b7"),
              "training_free": (12, "7a58f2294dfb7e2c"), "transfer": (378, "a9a5456fba2512e1"),
-             "transfer_init": (24, "0ae83157bdd00523"), "text_distill": (6, "9976f2008052a970")},
+             "transfer_init": (24, "0ae83157bdd00523"), "text_distill": (6, "9976f2008052a970"),
+             "recycle": (27, "bbf0966793d2575c")},
     "micro": {"pretrain": (7, "04179f44cabe8da5"), "tuning": (54, "88a183ab86eaa1df"),
               "compatibility": (66, "2f195f216bfc4bc3"), "interpolation": (288, "1829b3b8ecd314cf"),
               "similarity": (72, "51596808fcb70b29"), "methods": (48, "28326fdd90f8d7ae"),
               "training_free": (4, "1c8f810a1687cf71"), "transfer": (189, "16a4ac6f1aa19d08"),
-              "transfer_init": (12, "54e81dae443fc393"), "text_distill": (6, "9571cdbbbe07529e")},
+              "transfer_init": (12, "54e81dae443fc393"), "text_distill": (6, "9571cdbbbe07529e"),
+              "recycle": (27, "a3de235fcd1b8f0f")},
 }
 
 

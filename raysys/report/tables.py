@@ -249,7 +249,8 @@ def table_sections(scope: StudyRows) -> list[Section]:
     return [_pretrain_summary(scope), _tuning_summary(scope), _retention_summary(scope), _compatibility_summary(scope),
             _path_summary(scope), _head_summary(scope), _distance_summary(scope), _methods_summary(scope),
             _grid_summary(scope), _search_summary(scope), _training_free_summary(scope), _transfer_summary(scope),
-            _transfer_start_summary(scope), _text_distill_summary(scope), _ledger_summary(scope)]
+            _transfer_start_summary(scope), _text_distill_summary(scope), _recycle_summary(scope),
+            _ledger_summary(scope)]
 
 
 def _transfer_summary(scope: StudyRows) -> Section:
@@ -271,6 +272,13 @@ def _text_distill_summary(scope: StudyRows) -> Section:
     from raysys.report.findings import statistics_of
 
     return transfer.text_distill_section(scope, statistics_of(scope), methods_table(scope))
+
+
+def _recycle_summary(scope: StudyRows) -> Section:
+    from raysys.report import transfer
+    from raysys.report.findings import statistics_of
+
+    return transfer.recycle_section(scope, statistics_of(scope))
 
 
 def _ledger_summary(scope: StudyRows) -> Section:

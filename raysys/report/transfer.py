@@ -145,3 +145,52 @@ def text_distill_section(scope: StudyRows, stats: Statistics, methods_table: lis
                    "new domain, then the K-shot fine-tune): its test accuracy minus the paper's K-shot distillation "
                    f"and minus vanilla, paired by setting and seed ({stats.describe()})",
                    ["type", "against", "text_distill − it"], rows)
+
+
+def recycle_section(scope: StudyRows, stats: Statistics) -> Section:
+    """The recycle stage's choices against the transfer stage's full grid (the ground truth): per (task, type,
+    upgrade), the (method, setting) the probe chose, its test accuracy, each probed method's test accuracy at its
+    dev-chosen setting of the full grid, the full grid's own choice (the method best on the full dev set, per
+    seed), and what the probe's choice cost against it, paired by seed — pooled over every cell in the last row."""
+    chosen = chosen_rows(scope)
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in scope.ok_rows("recycle"):
+        if r["chosen"]:
+            cells[(r["task"], r["tuning_type"], r["source_plm_index"], r["target_plm_index"])].append(r)
+    probed = scope.study.recycle.methods
+    out, pooled, agree = [], [], 0
+    for (task, tuning_type, i, j), rows in sorted(cells.items()):
+        keys = {r["seed"]: (task, tuning_type, r["seed"], i, j) for r in rows}
+        ours = {r["seed"]: r["test_accuracy"] for r in rows}
+        grid = {seed: _grid_choice(chosen, key) for seed, key in keys.items()}
+        grid = {seed: g for seed, g in grid.items() if g is not None}
+        regret = paired({s: g[1] for s, g in grid.items()}, ours)
+        pooled += regret
+        grid_methods = Counter(g[0] for g in grid.values())
+        agree += bool(grid_methods) and grid_methods.most_common(1)[0][0] == rows[0]["method"]
+        alternatives = [fmt(mean(chosen[m][k]["test_accuracy"] for k in keys.values() if k in chosen.get(m, {})),
+                            100) for m in probed]
+        out.append([task, tuning_type, f"M{i}->M{j}", f"{rows[0]['method']} ({_setting(rows[0]['setting'])})",
+                     fmt(mean(r["probe_accuracy"] for r in rows), 100), fmt(mean(ours.values()), 100),
+                     *alternatives, ", ".join(f"{m} ×{n}" for m, n in grid_methods.most_common()) or "—",
+                     stats.effect(regret).text()])
+    if out:
+        out.append(["all", "", "", f"probe picked the grid's method in {agree}/{len(out)}", "", "",
+                    *[""] * len(probed), "", stats.effect(pooled).text()])
+    return Section("Recycling every stored Δ for a new PLM (recycle stage): the probe's choice "
+                   f"({scope.study.recycle.probe_examples} dev examples) against the transfer stage's full grid — "
+                   "test accuracy %; each probed method at its dev-chosen setting of the grid; the grid's own choice "
+                   f"(best full-dev method per seed); grid choice minus the probe's, paired by seed ({stats.describe()})",
+                   ["task", "type", "upgrade", "chosen", "probe", "test", *[f"{m} (grid)" for m in probed],
+                    "grid's choice", "grid − chosen"], out)
+
+
+def _grid_choice(chosen: dict[str, dict[tuple, dict]], key: tuple) -> tuple[str, float] | None:
+    """(method, test accuracy) of the transfer method whose dev-chosen setting scored best on the full dev set for
+    one pair and seed (dev loss, then the methods' order, break ties); None when the pair has no transfer rows."""
+    rows = [(m, chosen[m][key]) for m in TRANSFER_METHODS if key in chosen.get(m, {})]
+    if not rows:
+        return None
+    method, row = max(rows, key=lambda mr: (mr[1]["dev_accuracy"], -mr[1]["dev_loss"],
+                                            -TRANSFER_METHODS.index(mr[0])))
+    return method, row["test_accuracy"]

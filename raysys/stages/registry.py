@@ -10,6 +10,7 @@ from raysys.stages import (
     interpolation,
     methods,
     pretrain,
+    recycle,
     search,
     similarity,
     training_free,
@@ -20,7 +21,7 @@ from raysys.stages.base import Stage
 
 # transfer before methods: a transferred start (transfer_init) begins from the setting the transfer stage chose
 STAGES: tuple[Stage, ...] = (pretrain.STAGE, tuning.STAGE, compatibility.STAGE, interpolation.STAGE, similarity.STAGE,
-                             transfer.STAGE, methods.STAGE, search.STAGE, training_free.STAGE)
+                             transfer.STAGE, methods.STAGE, search.STAGE, training_free.STAGE, recycle.STAGE)
 NAMES = tuple(stage.name for stage in STAGES)
 _BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -136,6 +136,28 @@ def _start_on(store: Store, meta: dict, plm_hash: str):
     return adapted_classifier(store, plm_hash, len(meta["labels"]), meta["tuning_type"], meta.get("pet"), meta["seed"])
 
 
+def save_recycled(store: Store, key: str, changed: dict, meta: dict) -> None:
+    """Recycled weights for a new PLM (the recycle stage): the entries that differ from the tuned model's start on
+    that PLM (`meta["plm_hash"]`; its seeded head and module), so that a PET model stores its module and head and a
+    LoRA model its adapted projections, not the backbone again."""
+    with store.writing_artifact("recycled", key) as tmp:
+        save_file({k: v.contiguous() for k, v in changed.items()}, str(tmp / "weights.safetensors"))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+
+
+def load_recycled(store: Store, key: str):
+    """(model on its new PLM, in eval mode; its raysys.json): the start rebuilt, the stored entries loaded over it."""
+    meta = json.loads(store.artifact_file("recycled", key, META))
+    model = _start_on(store, meta, meta["plm_hash"])
+    state = model.state_dict()
+    changed = load_file(str(store.artifact("recycled", key) / "weights.safetensors"))
+    unknown = sorted(set(changed) - set(state))
+    if unknown:
+        raise WeightMismatchError(f"{store.artifact_uri('recycled', key)}: entries {unknown[:3]} are not in its model")
+    model.load_state_dict({**state, **changed}, strict=True)
+    return model.eval(), meta
+
+
 # --------------------------------------------------------------------------------------------- teacher cache
 
 

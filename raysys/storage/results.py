@@ -153,6 +153,17 @@ _TABLE_FIELDS.update({
         ("setting", pa.string()),  # JSON: the method's arguments, e.g. {"rank": 8, "null_space": true}
         ("selected", pa.bool_()), ("num_versions", pa.int32()), ("relative_change", pa.float64()),
     ] + _METRICS,
+    "recycle": _COMMON + [
+        ("task", pa.string()), ("tuning_type", pa.string()), ("source_plm_index", pa.int32()),
+        ("target_plm_index", pa.int32()), ("target_plm_hash", pa.string()), ("seed", pa.int64()),
+        ("source_tuned_hash", pa.string()), ("method", pa.string()),
+        ("setting", pa.string()),  # JSON, as in `transfer`
+        ("probe_examples", pa.int32()), ("probe_accuracy", pa.float64()), ("probe_loss", pa.float64()),
+        ("chosen", pa.bool_()),  # the (method, setting) the rule picked for this (task, type, upgrade)
+        ("dev_accuracy", pa.float64()), ("dev_loss", pa.float64()),  # the chosen one's, on the full dev set
+        ("test_accuracy", pa.float64()), ("test_loss", pa.float64()),
+        ("recycled_hash", pa.string()),  # the chosen weights' artifact (artifacts/recycled/)
+    ],
 })
 # One row per trial of an Optuna search (`--search optuna`): a methods row with its own lr, under its search.
 _TABLE_FIELDS["methods_search"] = _TABLE_FIELDS["methods_runs"] + [("search_hash", pa.string())]

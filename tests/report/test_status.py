@@ -36,7 +36,7 @@ def test_evaluation_flops_count_every_forward_pass_of_the_stages_that_only_evalu
     by_hand = sum(len(study.transfer.grid(c.method)) * w.task_dev + w.task_test for c in transfer) * per_example
     assert flops["transfer"] == by_hand and not unknown
     assert flops["compatibility"] == len(planned["compatibility"]) * (w.task_dev + w.task_test) * per_example
-    assert set(flops) == {"compatibility", "interpolation", "transfer"}
+    assert set(flops) == {"compatibility", "interpolation", "transfer", "recycle"}
 
 
 def test_a_task_files_size_is_counted_from_the_files_and_a_hub_tasks_is_unknown(tmp_path):

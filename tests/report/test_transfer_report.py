@@ -122,3 +122,19 @@ def test_the_hop_figure_draws_each_methods_mean_per_hop(tmp_path):
     traces = {t.name: (list(t.x), [round(y, 4) for y in t.y]) for t in interactive.transfer_hops(scope).data}
     assert traces == {"finetune · copy": ([1, 2], [0.6, 0.5]), "finetune · ties": ([1], [0.58])}
     assert figures.transfer_hops(_scope(Store(tmp_path / "empty")), tmp_path / "fig2") is None
+
+
+def test_the_recycle_table_judges_the_probes_choice_against_the_full_grid(tmp_path):
+    store = Store(tmp_path)
+    better = [a + 0.03 for a in COPY]
+    _write(store, [{**r, "dev_loss": 1.0} for r in _rows("copy", COPY) + _rows("scaled", better, setting={"scale": 1.5})])
+    recycled = [{"status": "ok", "task": "t", "tuning_type": "finetune", "source_plm_index": 1, "target_plm_index": 2,
+                 "seed": s, "method": "copy", "setting": "{}", "chosen": True, "probe_accuracy": 0.7,
+                 "test_accuracy": a} for s, a in zip(SEEDS, COPY)]
+    results.write_rows(store, "recycle", "cell", recycled)
+    section = transfer.recycle_section(_scope(store), findings.statistics_of(_scope(store)))
+    row, summary = section.rows
+    assert row[:6] == ["t", "finetune", "M1->M2", "copy (—)", "70.0", "60.0"]
+    assert row[6:9] == ["60.0", "63.0", "—"]  # copy, scaled and ties at their grid choices (no ties rows)
+    assert row[9] == "scaled ×5" and row[10].startswith("+3.0 points") and "n=5" in row[10]
+    assert summary[3] == "probe picked the grid's method in 0/1" and summary[-1].startswith("+3.0 points")
