@@ -20,9 +20,9 @@ from raysys.storage.store import Store
 
 # When and where a row was made, and how fast: never the same twice.
 PROVENANCE = {"started_at", "seconds", "host", "node_id", "code_version", "train_seconds", "seconds_to_target",
-              "full_dev_seconds_to_target", "tokens_per_second", "attempts"}
+              "full_dev_seconds_to_target", "tokens_per_second", "attempts", "start_train_seconds"}
 # Besides the cell hash, what tells one cell's rows apart.
-ROW_KEYS = ("step", "split", "layer", "head", "what", "kind", "task", "alpha")
+ROW_KEYS = ("step", "split", "layer", "head", "what", "kind", "task", "alpha", "method", "setting", "seed")
 
 
 def _rows(store: Store, table: str) -> dict[tuple, dict]:

@@ -24,7 +24,10 @@ def executed(micro_run, tmp_path_factory):
     import nbformat
     from nbclient import NotebookClient
 
-    _, store, _ = micro_run
+    from raysys.storage.study import save_study
+
+    study, store, _ = micro_run
+    save_study(study, store)  # the study the notebook loads: other tests run variants of it on this storage
     out = tmp_path_factory.mktemp("notebook") / "numbers.json"
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(f"OUT = {str(out)!r}\n{DUMP}"))

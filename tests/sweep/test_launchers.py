@@ -36,7 +36,7 @@ def test_a_trial_runs_as_many_threads_as_its_stage_reserves(tmp_path):
 
     study = paper_with_fixed_data()
     expected = {"pretrain": 1, "tuning": 4, "compatibility": 2, "interpolation": 2, "similarity": 2, "methods": 4,
-                "search": 4, "training_free": 4, "transfer": 2}
+                "search": 4, "training_free": 4, "transfer": 2, "recycle": 2}
     threads = torch.get_num_threads()
     try:
         seen = {}
