@@ -33,7 +33,7 @@ def choose(scores: list[tuple[float, float]]) -> int:
     return max(range(len(scores)), key=lambda n: (scores[n][0], -scores[n][1], -n))
 
 
-def _pair(ctx: Context, cell: RecycleCell, seed: int, method: str) -> TransferCell:
+def _pair(cell: RecycleCell, seed: int, method: str) -> TransferCell:
     """One seed's Δ_i on M_j as the transfer code sees a pair (no history: a probe is of one Δ)."""
     source = cell.source_tuned_hashes[cell.seeds.index(seed)]
     return TransferCell("", cell.task, cell.tuning_type, seed, cell.source_plm_index, cell.target_plm_index, source,
@@ -50,10 +50,10 @@ def run_recycle_cell(ctx: Context, cell: RecycleCell) -> None:
     candidates = [(m, s) for m in study.recycle.methods for s in study.transfer.grid(m)]
     probed: dict[int, list[tuple[float, float] | None]] = {}
     for seed in cell.seeds:  # one seed's weights in memory at a time
-        weights = PairWeights(ctx, _pair(ctx, cell, seed, candidates[0][0]))
+        weights = PairWeights(ctx, _pair(cell, seed, candidates[0][0]))
         probed[seed] = []
         for method, setting in candidates:
-            pair = _pair(ctx, cell, seed, method)
+            pair = _pair(cell, seed, method)
             if weights.not_applicable(pair):
                 probed[seed].append(None)
                 continue
@@ -80,7 +80,7 @@ def run_recycle_cell(ctx: Context, cell: RecycleCell) -> None:
 
 def _make(ctx: Context, cell: RecycleCell, seed: int, method: str, setting: dict, data) -> dict:
     """The chosen weights of one seed: scored on the full dev and test sets and stored; its row's columns."""
-    pair = _pair(ctx, cell, seed, method)
+    pair = _pair(cell, seed, method)
     weights = PairWeights(ctx, pair)
     model = weights.transferred(pair, setting).to(ctx.device)
     out = {}
