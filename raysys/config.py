@@ -585,12 +585,12 @@ TRANSFER_AXES: dict[str, dict[str, str]] = {
 TRANSFER_NEEDS = {"svd": "backbone", "subspace": "backbone", "multi_version": "history"}
 
 
-def transfer_not_applicable(method: str, has_backbone_weights: bool, versions: int) -> str | None:
-    """Why `method` cannot run on a Δ (None: it can): `has_backbone_weights` whether its update sits on backbone
-    linear weights (fine-tuning, LoRA) rather than in a separate module (the adapter); `versions` how many Δ of the
-    task the chain has up to M_i."""
+def transfer_not_applicable(method: str, tuning_type: str, versions: int) -> str | None:
+    """Why `method` cannot run on a Δ of `tuning_type` (None: it can): fine-tuning's and LoRA's updates sit on
+    backbone linear weights, the adapter's in a separate module; `versions` how many Δ of the task the chain has up
+    to M_i."""
     need = TRANSFER_NEEDS.get(method)
-    if need == "backbone" and not has_backbone_weights:
+    if need == "backbone" and tuning_type not in (FULL_FINETUNING, "lora"):
         return "the adapter's module has no backbone weight whose subspaces it could be projected onto"
     if need == "history" and versions < 2:
         return "needs Δ of at least two PLM versions (M_0 has no earlier one)"

@@ -17,7 +17,7 @@ from raysys.config import PAPER_METHODS
 from raysys.report.evidence import Baselines, Curves, describe_spread, tuned_accuracy
 from raysys.report.scope import StudyRows
 from raysys.report.stats import Effect, Statistics, judge, mean, paired, verdict
-from raysys.report.tables import fmt
+from raysys.report.tables import fmt, methods_by_setting
 
 
 @dataclass(frozen=True)
@@ -201,13 +201,6 @@ def head_similarity(scope: StudyRows) -> Finding:
 # ------------------------------------------------------------------------------------------ recycling methods
 
 
-def _settings(table: list[dict]) -> dict:
-    out = defaultdict(dict)
-    for r in table:
-        out[(r["task"], r["tuning_type"], r["upgrade"], r["regime"])][r["method"]] = r
-    return out
-
-
 def _label(setting: tuple) -> str:
     task, kind, upgrade, regime = setting
     return f"{kind} {regime} {upgrade} {task}"
@@ -227,7 +220,7 @@ def init_convergence(scope: StudyRows, methods_table: list[dict]) -> Finding:
     never reached it counted as its whole budget."""
     cfg, stats, curves = scope.study.report, statistics_of(scope), Curves(scope)
     parts, effects, pooled = [], [], []
-    for setting, m in sorted(_settings(methods_table).items()):
+    for setting, m in sorted(methods_by_setting(methods_table).items()):
         if "init" not in m or "vanilla" not in m:
             continue
         conv = {name: _per_seed(m[name], curves.convergence) for name in ("init", "vanilla")}
@@ -255,7 +248,7 @@ def _test_claim(scope: StudyRows, methods_table: list[dict], pick, claim: str, r
     methods compared and what to print of their means, or None to skip the setting."""
     stats = statistics_of(scope)
     parts, effects, pooled = [], [], []
-    for setting, m in sorted(_settings(methods_table).items()):
+    for setting, m in sorted(methods_by_setting(methods_table).items()):
         chosen = pick(setting, m)
         if chosen is None:
             continue

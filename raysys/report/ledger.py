@@ -12,7 +12,7 @@ from collections import Counter
 from raysys.config import REFERENCE_METHOD
 from raysys.report.scope import StudyRows
 from raysys.report.stats import Statistics, mean, paired
-from raysys.report.tables import Section, fmt
+from raysys.report.tables import Section, fmt, methods_by_setting
 
 
 def time_to_target(run: dict) -> tuple[float, bool] | None:
@@ -33,12 +33,8 @@ def _seconds(entry: dict) -> dict[int, float]:
 
 
 def ledger_rows(scope: StudyRows, methods_table: list[dict], stats: Statistics) -> list[list]:
-    by_setting: dict[tuple, dict[str, dict]] = {}
-    for entry in methods_table:
-        key = (entry["task"], entry["tuning_type"], entry["upgrade"], entry["regime"])
-        by_setting.setdefault(key, {})[entry["method"]] = entry
     rows = []
-    for (task, tuning_type, upgrade, regime), methods in sorted(by_setting.items()):
+    for (task, tuning_type, upgrade, regime), methods in sorted(methods_by_setting(methods_table).items()):
         vanilla = methods.get(REFERENCE_METHOD)
         if vanilla is None:
             continue

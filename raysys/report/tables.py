@@ -174,6 +174,15 @@ def methods_table(scope: StudyRows) -> list[dict]:
     return table
 
 
+def methods_by_setting(table: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The methods table as (task, type, upgrade, regime) → method → its entry: what every paired comparison of
+    two methods in one setting reads."""
+    out: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in table:
+        out[(r["task"], r["tuning_type"], r["upgrade"], r["regime"])][r["method"]] = r
+    return out
+
+
 def _knob_text(knobs: tuple) -> str:
     if knobs[3] is not None:
         return f"from {knobs[3]}"

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from raysys.config import TRANSFER_METHODS
 from raysys.report.scope import StudyRows
 from raysys.report.stats import Effect, Statistics, mean, paired
-from raysys.report.tables import Section, fmt
+from raysys.report.tables import Section, fmt, methods_by_setting
 
 REFERENCE = TRANSFER_METHODS[0]  # "copy": λ = 1, the compatibility test
 CLAIM = "Plain copying is as good as the elaborate transfer schemes (PortLLM-style copying vs DARE, TIES, SVD, ...)"
@@ -128,11 +128,8 @@ def text_distill_section(scope: StudyRows, stats: Statistics, methods_table: lis
     """Distillation on unlabeled text of the new domain, then the K-shot fine-tune (text_distill), against the
     paper's K-shot distillation (its best T, a, β on K-shot dev) and against vanilla: test accuracy paired by seed
     per setting, pooled per tuning type."""
-    by_setting: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for entry in methods_table:
-        by_setting[(entry["task"], entry["tuning_type"], entry["upgrade"], entry["regime"])][entry["method"]] = entry
     pooled: dict[tuple[str, str], list] = defaultdict(list)
-    for (task, tuning_type, upgrade, regime), methods in sorted(by_setting.items()):
+    for (_, tuning_type, _, _), methods in sorted(methods_by_setting(methods_table).items()):
         if "text_distill" not in methods:
             continue
         ours = {seed: r["test_accuracy"] for seed, r in methods["text_distill"]["by_seed"].items()}

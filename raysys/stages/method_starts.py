@@ -66,8 +66,7 @@ def text_distilled_start(ctx: Context, cell: MethodCell, num_labels: int):
     text = unlabeled_text(ctx, cell.target_plm_index, settings["sentences"])
     task = encoded_task(ctx, cell.task, cell.regime, cell.shots, cell.seed)
     outputs, _ = artifacts.teacher_cache(ctx.store).get(
-        cell.old_tuned_hash, text.data_key, settings["beta"] > 0,
-        lambda: artifacts.load_tuned(ctx.store, cell.old_tuned_hash)[0].to(ctx.device), text.ids,
+        cell.old_tuned_hash, text.data_key, settings["beta"] > 0, lambda: _teacher(ctx, cell), text.ids,
         study.pilot.eval_batch_size, task.pad_id)
     objective = DistillationObjective(settings["temperature"], 1.0, settings["beta"], cached=outputs)
     cfg = method_tuning_config(study, cell.tuning_type, cell.regime)
@@ -95,17 +94,20 @@ def distillation(ctx: Context, cell: MethodCell, task) -> tuple:
 
     study = ctx.study
     knobs = {"temperature": cell.temperature, "a": cell.kd_weight, "beta": cell.beta}
-
-    def load_teacher():
-        return artifacts.load_tuned(ctx.store, cell.old_tuned_hash)[0].to(ctx.device)
-
     if study.methods.teacher_dropout:
-        return DistillationObjective(**knobs, live_teacher=load_teacher()), "live"
+        return DistillationObjective(**knobs, live_teacher=_teacher(ctx, cell)), "live"
     with_hidden = max(study.methods.betas) > 0  # one cache entry serves every β of the grid
     outputs, hit = artifacts.teacher_cache(ctx.store).get(cell.old_tuned_hash, task.data_key, with_hidden,
-                                                          load_teacher, task.encoded["train"][0],
+                                                          lambda: _teacher(ctx, cell), task.encoded["train"][0],
                                                           study.pilot.eval_batch_size, task.pad_id)
     return DistillationObjective(**knobs, cached=outputs), "cache-hit" if hit else "cache-miss"
+
+
+def _teacher(ctx: Context, cell: MethodCell):
+    """The outdated tuned model on its own PLM M_i, on the trial's device: every distilling method's teacher."""
+    from raysys.storage import artifacts
+
+    return artifacts.load_tuned(ctx.store, cell.old_tuned_hash)[0].to(ctx.device)
 
 
 def _untrained(start):

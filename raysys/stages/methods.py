@@ -104,14 +104,13 @@ def _transfer_cells(study: StudyConfig, chain: ChainPlan) -> dict[tuple, object]
     """(task, type, seed, i, j, method) -> the transfer stage's cell, where it applies: what a transferred start
     starts from. None planned (no `transfer_init` cell) where the stage is off or the upgrade is not one of its
     pairs (`transfer.hops`)."""
-    from raysys.config import FULL_FINETUNING
     from raysys.stages.transfer import STAGE as TRANSFER
 
     if "transfer_init" not in study.methods.names:
         return {}
     return {(c.task, c.tuning_type, c.seed, c.source_plm_index, c.target_plm_index, c.method): c
             for c in TRANSFER.plan(study, chain)
-            if not transfer_not_applicable(c.method, c.tuning_type in (FULL_FINETUNING, "lora"), len(c.history) + 1)}
+            if not transfer_not_applicable(c.method, c.tuning_type, len(c.history) + 1)}
 
 
 def plan_methods(study: StudyConfig, chain: ChainPlan) -> list[MethodCell]:

@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from raysys.config import FULL_FINETUNING, transfer_not_applicable
+from raysys.config import transfer_not_applicable
 from raysys.core import architectures, pet, transfer
 from raysys.core.classifier_loop import evaluate
 from raysys.stages.base import Context
@@ -87,8 +87,7 @@ class PairWeights:
         return encoded_task(self.ctx, self.cell.task)
 
     def not_applicable(self, cell) -> str | None:
-        backbone = self.meta["tuning_type"] in (FULL_FINETUNING, "lora")
-        return transfer_not_applicable(cell.method, backbone, len(cell.history) + 1)
+        return transfer_not_applicable(cell.method, self.meta["tuning_type"], len(cell.history) + 1)
 
     def _inputs(self, cell) -> transfer.TransferInputs:
         w = self._loaded
